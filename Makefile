@@ -1,0 +1,48 @@
+# Two commands a user needs: `make demo` and `make test`. Both install on first use.
+PYTHON311 ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# TFF's C++ worker must never outlive a command (it holds stdout open and CI hangs on it).
+PYTEST := $(PY) -m pytest
+
+.PHONY: install test test-slow test-all demo lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/lock.txt setup.py tff_medical/runtime/loopback_bind.c
+	@command -v $(PYTHON311) >/dev/null 2>&1 || { \
+	  echo "ERROR: Python 3.11 is required (TensorFlow Federated 0.87 supports 3.9-3.11) and '$(PYTHON311)' was not found."; \
+	  echo "Install Python 3.11, or point PYTHON311 at it: make install PYTHON311=/path/to/python3.11"; \
+	  exit 1; }
+	@$(PYTHON311) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
+	  echo "ERROR: '$(PYTHON311)' is not Python 3.11 (TensorFlow Federated 0.87 needs 3.9-3.11)."; exit 1; }
+	test -x $(PY) || $(PYTHON311) -m venv $(VENV)
+	# --no-deps: the lock is complete, and TFF's jaxlib==0.4.14 pin would otherwise fail.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -c 'import tensorflow_federated, tff_medical.runtime.worker as w; w.loopback_shim_path()'
+	touch $(STAMP)
+
+test: install
+	$(PYTEST) -m "not slow" tests
+
+test-slow: install
+	$(PYTEST) -m slow tests
+
+test-all: install
+	$(PYTEST) tests
+
+demo: install
+	$(PY) experiments/demo.py
+
+# Re-resolve the pinned set from requirements/requirements.in (needs network).
+lock:
+	rm -rf /tmp/tff_medical_lock && $(PYTHON311) -m venv /tmp/tff_medical_lock
+	/tmp/tff_medical_lock/bin/pip install --quiet -r requirements/requirements.in setuptools==75.8.0 wheel==0.45.1
+	/tmp/tff_medical_lock/bin/pip install --quiet --no-deps tensorflow-federated==0.87.0
+	{ head -n 2 requirements/lock.txt; /tmp/tff_medical_lock/bin/pip freeze --all | grep -v -E "^(tensorflow.federated|pip)=="; echo tensorflow-federated==0.87.0; } > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info tff_medical/runtime/_loopback_bind*.so
