@@ -1,0 +1,197 @@
+"""The class-aware aggregation factory: types, exact sums, noise statistics, freezing, refusals."""
+
+import collections
+
+import numpy as np
+import pytest
+from scipy import stats
+import tensorflow_federated as tff
+
+from tff_medical import categories
+from tff_medical.aggregation import class_aware
+from tff_medical.errors import PolicyError
+
+CATS = categories.CATEGORY_IDS
+
+
+def _value_type(size):
+  update = tff.StructWithPythonType([('w', tff.TensorType(np.float32, [size]))],
+                                    collections.OrderedDict)
+  return tff.StructWithPythonType([(c, update) for c in CATS], collections.OrderedDict)
+
+
+def _client_values(array):
+  """array[k, c, :] -> one struct per client k."""
+  return [collections.OrderedDict(
+      (c, collections.OrderedDict(w=array[k, i].astype(np.float32))) for i, c in enumerate(CATS))
+          for k in range(array.shape[0])]
+
+
+def _uniform(value):
+  return {c: value for c in CATS}
+
+
+# --- Type signatures (no execution) -------------------------------------------------------------
+
+
+class TestTypeSignatures:
+
+  def test_dp_process_types(self):
+    value_type = _value_type(4)
+    process = class_aware.ClassAwareFactory.dp(_uniform(1.0), 10.0, _uniform(5.0)).create(
+        value_type)
+    state_type = process.initialize.type_signature.result
+    assert state_type.placement is tff.SERVER
+    assert list(state_type.member[class_aware.STATE_INNER]._name_to_index) == list(CATS)
+    assert state_type.member[class_aware.STATE_RELEASED] == tff.TensorType(np.float32, [6])
+    next_type = process.next.type_signature
+    assert next_type.parameter[1] == tff.FederatedType(value_type, tff.CLIENTS)
+    result = next_type.result.result
+    assert result.placement is tff.SERVER
+    assert result.member.is_equivalent_to(value_type[CATS[0]])
+    assert list(next_type.result.measurements.member._name_to_index) == list(CATS)
+
+  def test_non_private_process_types(self):
+    process = class_aware.ClassAwareFactory.non_private().create(_value_type(2))
+    assert process.next.type_signature.result.result.member.is_equivalent_to(
+        _value_type(2)[CATS[0]])
+
+  @pytest.mark.parametrize('value_type', [
+      tff.TensorType(np.float32, [3]),
+      tff.StructWithPythonType([(c, tff.TensorType(np.float32, [3])) for c in CATS[:5]],
+                               collections.OrderedDict),
+      tff.StructWithPythonType(
+          [(c, tff.TensorType(np.float32, [3 if c != 'Hand' else 2])) for c in CATS],
+          collections.OrderedDict),
+  ], ids=['not_struct', 'five_categories', 'mismatched_sub_update'])
+  def test_rejects_wrong_value_types(self, value_type):
+    with pytest.raises(TypeError):
+      class_aware.ClassAwareFactory.non_private().create(value_type)
+
+
+# --- Refusals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(noise_multipliers=dict(_uniform(1.0), HeadCT=0.0)),
+     'noise_multiplier for HeadCT must be positive. Found 0.0.'),
+    (dict(noise_multipliers=dict(_uniform(1.0), CXR=float('nan'))),
+     'noise_multiplier for CXR must be positive. Found nan.'),
+    (dict(clipped_count_stddevs=dict(_uniform(5.0), Hand=0.5)),
+     'clipped_count_stddev for Hand must exceed noise_multiplier / 2 = 0.5. Found 0.5.'),
+    (dict(expected_clients_per_round=0.0), 'expected_clients_per_round must be positive.'),
+    (dict(combination_weights=dict(_uniform(1.0), Hand=-1.0)), 'combination_weights must'),
+], ids=['zero_noise', 'nan_noise', 'count_stddev_too_small', 'no_clients', 'negative_weight'])
+def test_dp_refuses_invalid_parameters(kwargs, message):
+  args = dict(noise_multipliers=_uniform(1.0), expected_clients_per_round=10.0,
+              clipped_count_stddevs=_uniform(5.0))
+  args.update(kwargs)
+  with pytest.raises(PolicyError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    class_aware.ClassAwareFactory.dp(**args)
+
+
+def test_clip_settings_refused():
+  with pytest.raises(PolicyError, match='initial_l2_norm_clip must be positive'):
+    class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.0)
+  with pytest.raises(PolicyError, match='target_unclipped_quantile must be in'):
+    class_aware.AdaptiveClipSettings(target_unclipped_quantile=1.5)
+
+
+# --- Execution ----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures('tff_context')
+class TestExecution:
+
+  def test_non_private_is_sum_over_categories_of_plain_means(self):
+    rng = np.random.default_rng(1)
+    updates = rng.normal(size=(5, 6, 3))
+    process = class_aware.ClassAwareFactory.non_private().create(_value_type(3))
+    output = process.next(process.initialize(), _client_values(updates))
+    np.testing.assert_allclose(output.result['w'], updates.mean(axis=0).sum(axis=0), rtol=1e-5)
+
+  def test_zero_noise_without_clipping_equals_plain_mean(self):
+    """DP machinery with noise 0 and a clip that never binds is exactly plain averaging."""
+    rng = np.random.default_rng(2)
+    num_clients = 7
+    updates = rng.normal(size=(num_clients, 6, 5))
+    weights = {c: w for c, w in zip(CATS, [0.5, 1.0, 2.0, 0.0, 1.5, 3.0])}
+    factories = collections.OrderedDict(
+        (c, tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+            noise_multiplier=0.0, clients_per_round=float(num_clients), clip=1e9)) for c in CATS)
+    process = class_aware.ClassAwareFactory(factories, weights, is_dp=True).create(
+        _value_type(5))
+    output = process.next(process.initialize(), _client_values(updates))
+    expected = sum(weights[c] * updates[:, i].mean(axis=0) for i, c in enumerate(CATS))
+    np.testing.assert_allclose(output.result['w'], expected, rtol=1e-5, atol=1e-6)
+
+  @pytest.mark.parametrize('category', ['HeadCT', 'ChestCT', 'Hand'])
+  def test_released_noise_has_calibrated_stddev(self, category):
+    """All updates zero: what category c releases is pure noise of std z_value*C/m."""
+    size, num_clients, m = 20000, 4, 8.0
+    z = {c: z for c, z in zip(CATS, [7.9, 7.9, 4.3, 4.3, 2.4, 2.4])}
+    count_stddev = {c: 3.0 * z[c] for c in CATS}
+    clip = class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.5)
+    factory = class_aware.ClassAwareFactory.dp(z, m, count_stddev, clip)
+    process = factory.create(_value_type(size))
+    state = class_aware.with_released_categories(process.initialize(), [category])
+    output = process.next(state, _client_values(np.zeros((num_clients, 6, size))))
+    noise = np.asarray(output.result['w'], np.float64)
+    # Independent figure: TF Privacy's split of the effective multiplier (see privacy design).
+    value_z = (z[category]**-2 - (2 * count_stddev[category])**-2)**-0.5
+    expected_std = value_z * clip.initial_l2_norm_clip / m
+    # Two-sided 99.9% chi-square interval for the sample variance of `size` N(0, s^2) draws.
+    low, high = stats.chi2.ppf([0.0005, 0.9995], df=size) / size
+    variance_ratio = np.mean(noise**2) / expected_std**2
+    assert low < variance_ratio < high, (variance_ratio, low, high)
+    assert abs(np.mean(noise)) < 4 * expected_std / np.sqrt(size)
+
+  def test_frozen_category_releases_nothing_and_keeps_its_state(self):
+    rng = np.random.default_rng(3)
+    updates = rng.normal(size=(6, 6, 4))
+    factory = class_aware.ClassAwareFactory.dp(_uniform(1.0), 6.0, _uniform(5.0))
+    process = factory.create(_value_type(4))
+    first = process.next(process.initialize(), _client_values(updates))
+    norms_before = class_aware.clip_norms(first.state)
+    events_before = class_aware.dp_events(first.state)
+    assert all(events_before[c] is not None for c in CATS)
+
+    state = class_aware.with_released_categories(first.state, ['CXR'])
+    second = process.next(state, _client_values(updates))
+    norms_after = class_aware.clip_norms(second.state)
+    events = class_aware.dp_events(second.state)
+    assert [c for c in CATS if events[c] is not None] == ['CXR']
+    for c in CATS:
+      if c == 'CXR':
+        assert norms_after[c] != norms_before[c]
+      else:
+        assert norms_after[c] == norms_before[c]
+
+  def test_frozen_categories_are_absent_from_the_combined_update(self):
+    rng = np.random.default_rng(4)
+    updates = rng.normal(size=(3, 6, 2))
+    process = class_aware.ClassAwareFactory.non_private().create(_value_type(2))
+    state = class_aware.with_released_categories(process.initialize(), ['HeadCT', 'Hand'])
+    output = process.next(state, _client_values(updates))
+    expected = updates[:, 0].mean(axis=0) + updates[:, 5].mean(axis=0)
+    np.testing.assert_allclose(output.result['w'], expected, rtol=1e-5)
+    assert class_aware.released_categories(output.state) == ('HeadCT', 'Hand')
+
+  def test_dp_event_is_the_effective_multiplier(self):
+    """The events TFF records compose to the effective z the accountant is fed."""
+    import dp_accounting  # pylint: disable=g-import-not-at-top
+
+    z, stddev = 2.0, 3.0
+    factory = class_aware.ClassAwareFactory.dp(_uniform(z), 5.0, _uniform(stddev))
+    process = factory.create(_value_type(2))
+    output = process.next(process.initialize(), _client_values(np.zeros((2, 6, 2))))
+    event = class_aware.dp_events(output.state)['ChestCT']
+    multipliers = [e.noise_multiplier for e in event.events]
+    assert all(isinstance(e, dp_accounting.GaussianDpEvent) for e in event.events)
+    effective = sum(m**-2 for m in multipliers)**-0.5
+    assert effective == pytest.approx(z, rel=1e-5)
+
+
+def test_with_released_categories_rejects_unknown():
+  with pytest.raises(PolicyError, match='Knee'):
+    class_aware.with_released_categories({class_aware.STATE_RELEASED: np.ones(6)}, ['Knee'])
