@@ -1,0 +1,248 @@
+"""Classifies image files (PNG, JPEG, DICOM) with an exported SavedModel.
+
+The model is loaded with plain TensorFlow (tf.saved_model.load), as any user of the export
+would. Files are recognised by content, not by name: a DICOM file by 'DICM' at offset 128 (or,
+without that preamble, by pydicom reading pixel data from it), PNG and JPEG by their signatures.
+Each is turned into the 64x64 uint8 grayscale image that training used, by the loaders' own code:
+data/mednist.py for PNG and JPEG, data/dicom.py (Modality LUT, window, square padding) for DICOM.
+
+A file that cannot be read is reported with a reason and the others go on. Reasons for DICOM are
+data/dicom.py's fixed strings: nothing from a DICOM header is ever printed.
+"""
+
+import dataclasses
+import io
+import os
+from typing import Any, Iterable, Iterator, Sequence, TextIO, Union
+
+import numpy as np
+import pydicom
+from pydicom import errors as pydicom_errors
+from pydicom import uid
+import tensorflow as tf
+
+from tff_medical import categories
+from tff_medical.data import dicom
+from tff_medical.data import mednist
+from tff_medical.errors import TffMedicalError
+from tff_medical.export import saved_model
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_JPEG_SIGNATURE = b'\xff\xd8\xff'
+_DICOM_MAGIC_OFFSET = 128
+_BATCH_SIZE = 64
+_SIZE = categories.IMAGE_SIZE
+
+REASON_UNSUPPORTED = 'unsupported format; expected PNG, JPEG or DICOM'
+
+
+class ModelDirError(TffMedicalError):
+  """A --model_dir that is not an export of saved_model.export_saved_model."""
+
+
+class UnreadableImageError(TffMedicalError):
+  """One file cannot be used, for `reason` (a fixed phrase: no header content)."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  path: str
+  category_id: str
+  display_name: str
+  privacy_level: str
+  probability: float
+
+  def line(self) -> str:
+    return (f'{self.path}  {self.display_name}  (privacy: {self.privacy_level})  '
+            f'p={self.probability:.2f}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadFailure:
+  path: str
+  reason: str
+
+  def line(self) -> str:
+    return f'{self.path}: cannot read image ({self.reason})'
+
+
+Result = Union[Prediction, ReadFailure]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """An export's serving function and the object that owns its variables.
+
+  The loaded object is kept because a signature alone does not keep the variables alive.
+  """
+
+  owner: Any
+  serve: Any
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 (N, 64, 64, 1) -> the signature's outputs as numpy arrays."""
+    return {k: v.numpy() for k, v in self.serve(images=tf.constant(images)).items()}
+
+
+def load_model(model_dir: 'str | os.PathLike[str]') -> LoadedModel:
+  """Loads an export with plain TensorFlow and checks its signature; raises ModelDirError."""
+  model_dir = os.fspath(model_dir)
+  if not os.path.isfile(os.path.join(model_dir, 'saved_model.pb')):
+    raise ModelDirError(f'model_dir must be a SavedModel folder (with saved_model.pb). '
+                        f'Found none at {model_dir}.')
+  try:
+    loaded = tf.saved_model.load(model_dir)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise ModelDirError(f'model_dir must hold a loadable SavedModel. Found {model_dir}, which '
+                        f'fails to load: {type(e).__name__}.') from None
+  serve = loaded.signatures.get(saved_model.SIGNATURE_KEY)
+  if serve is None:
+    raise ModelDirError(f'model_dir must have a {saved_model.SIGNATURE_KEY!r} signature. Found '
+                        f'{sorted(loaded.signatures)} in {model_dir}.')
+  _, inputs = serve.structured_input_signature
+  spec = inputs.get(saved_model.INPUT_KEY)
+  outputs = set(serve.structured_outputs)
+  if (spec is None or spec.dtype != tf.uint8 or spec.shape.as_list() != [None, _SIZE, _SIZE, 1]
+      or not outputs >= set(saved_model.OUTPUT_KEYS)):
+    raise ModelDirError(f'model_dir must be an export of tff_medical (input images uint8 '
+                        f'[None, {_SIZE}, {_SIZE}, 1]; outputs {", ".join(saved_model.OUTPUT_KEYS)}'
+                        f'). Found inputs {inputs} and outputs {sorted(outputs)}.')
+  return LoadedModel(owner=loaded, serve=serve)
+
+
+# Reading one file. The pixel pipelines are the loaders' (shared with training); only the choice
+# of pipeline is made here.
+
+
+def _read_dicom(data: bytes, force: bool) -> np.ndarray:
+  # pylint: disable=protected-access
+  # data/dicom.py has no public one-file reader yet; these are the functions its loader uses.
+  with dicom._quiet_pydicom():
+    try:
+      ds = pydicom.dcmread(io.BytesIO(data), specific_tags=list(dicom._TAGS), force=force)
+    except pydicom_errors.InvalidDicomError:
+      raise UnreadableImageError(dicom.REASON_NOT_DICOM) from None
+    except Exception:  # pylint: disable=broad-except
+      # Truncated or malformed files raise many types from the parser.
+      raise UnreadableImageError(dicom.REASON_UNREADABLE) from None
+    try:
+      if not any(tag in ds for tag in dicom._PIXEL_DATA_TAGS):
+        raise UnreadableImageError(dicom.REASON_NO_PIXELS)
+      if force:
+        _set_raw_transfer_syntax(ds)
+      return dicom._pixels(ds)
+    except dicom._Skip as skip:
+      raise UnreadableImageError(skip.reason) from None
+    except UnreadableImageError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      # A header value that does not parse; its text must not be reported.
+      raise UnreadableImageError(dicom.REASON_UNREADABLE) from None
+
+
+def _set_raw_transfer_syntax(ds: pydicom.Dataset) -> None:
+  """States the transfer syntax of a dataset read without file meta, for pydicom's decoder.
+
+  Such a dataset (no preamble) is uncompressed, in the encoding pydicom detected while reading.
+  """
+  if 'TransferSyntaxUID' in getattr(ds, 'file_meta', {}):
+    return
+  implicit_vr, little_endian = ds.original_encoding
+  if implicit_vr:
+    syntax = uid.ImplicitVRLittleEndian
+  else:
+    syntax = uid.ExplicitVRLittleEndian if little_endian else uid.ExplicitVRBigEndian
+  if not hasattr(ds, 'file_meta'):
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+  ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _read_picture(data: bytes, kind: str) -> np.ndarray:
+  try:
+    image, _ = mednist._decode_image(data)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    # PIL raises many types (OSError, SyntaxError, DecompressionBombError...) for bad files.
+    raise UnreadableImageError(f'corrupt or truncated {kind} data') from None
+  return image
+
+
+def read_image(path: str) -> np.ndarray:
+  """The (64, 64) uint8 image of one file, as training would see it.
+
+  Raises:
+    UnreadableImageError: with the reason the file cannot be used.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except IsADirectoryError:
+    raise UnreadableImageError('is a folder, not a file') from None
+  except OSError as e:
+    raise UnreadableImageError(f'cannot open file: {e.strerror}') from None
+  if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b'DICM':
+    return _read_dicom(data, force=False)
+  if data.startswith(_PNG_SIGNATURE):
+    return _read_picture(data, 'PNG')
+  if data.startswith(_JPEG_SIGNATURE):
+    return _read_picture(data, 'JPEG')
+  # DICOM without the preamble (older or raw datasets): accepted only if pixels come out, since
+  # a forced parse of arbitrary bytes rarely fails outright.
+  try:
+    return _read_dicom(data, force=True)
+  except UnreadableImageError:
+    raise UnreadableImageError(REASON_UNSUPPORTED) from None
+
+
+def _batches(paths: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+  for start in range(0, len(paths), size):
+    yield paths[start:start + size]
+
+
+def predict_files(model: LoadedModel, paths: Iterable[str],
+                  batch_size: int = _BATCH_SIZE) -> Iterator[Result]:
+  """Classifies `paths` with `model` (from `load_model`); one result per path, in order."""
+  paths = [os.fspath(p) for p in paths]
+  for chunk in _batches(paths, batch_size):
+    images, results = [], []
+    for path in chunk:
+      try:
+        images.append(read_image(path))
+        results.append(None)  # Filled from the batch below.
+      except UnreadableImageError as e:
+        results.append(ReadFailure(path=path, reason=e.reason))
+    outputs = None
+    if images:
+      outputs = model(np.stack(images)[..., np.newaxis])
+    row = 0
+    for path, result in zip(chunk, results):
+      if result is None:
+        result = Prediction(
+            path=path,
+            category_id=outputs['category_id'][row].decode('utf-8'),
+            display_name=outputs['display_name'][row].decode('utf-8'),
+            privacy_level=outputs['privacy_level'][row].decode('utf-8'),
+            probability=float(outputs['probability'][row]))
+        row += 1
+      yield result
+
+
+def predict_and_print(model_dir: 'str | os.PathLike[str]', paths: Sequence[str],
+                      out: TextIO, err: TextIO) -> int:
+  """Prints one line per file (failures to `err`); returns the number of files that failed.
+
+  Raises:
+    ModelDirError: `model_dir` is not a usable export.
+  """
+  model = load_model(model_dir)
+  failures = 0
+  for result in predict_files(model, paths):
+    if isinstance(result, ReadFailure):
+      failures += 1
+      print(result.line(), file=err, flush=True)
+    else:
+      print(result.line(), file=out, flush=True)
+  return failures
