@@ -11,6 +11,7 @@ drifts toward "always predict c" (see the privacy design note, FedAwS).
 """
 
 import collections
+import functools
 from typing import Callable
 
 import numpy as np
@@ -24,11 +25,16 @@ CATEGORY_IDS = categories.CATEGORY_IDS
 
 def _train_one_category(model, optimizer, initial_trainable, initial_non_trainable, dataset,
                         category_index, batch_size, local_epochs):
-  """Trains `model` from the initial weights on the category's examples; returns its delta."""
-  tf.nest.map_structure(lambda v, t: v.assign(t), model.trainable_variables,
-                        list(initial_trainable))
-  tf.nest.map_structure(lambda v, t: v.assign(t), model.non_trainable_variables,
-                        list(initial_non_trainable))
+  """Trains `model` from the initial weights on the category's examples; returns its update.
+
+  The update is initial - trained, the sign TFF's finalizer expects (it applies the update as a
+  gradient with the server optimizer). Runs inside a tf.function, whose automatic control
+  dependencies order the resets, the training loop and the final read.
+  """
+  for variable, value in zip(model.trainable_variables, initial_trainable):
+    variable.assign(value)
+  for variable, value in zip(model.non_trainable_variables, initial_non_trainable):
+    variable.assign(value)
   category_data = (
       dataset.unbatch()
       .filter(lambda x, y: tf.equal(tf.cast(y, tf.int32), category_index))
@@ -57,10 +63,10 @@ def _train_one_category(model, optimizer, initial_trainable, initial_non_trainab
 
   _, num_examples, loss_sum, correct = category_data.reduce(
       (optimizer_state, tf.constant(0), tf.constant(0.0), tf.constant(0)), step)
-  delta = [v - t for v, t in zip(trainable, initial_trainable)]
-  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
-  delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
-  return delta, num_examples, loss_sum, correct, finite
+  update = [t - tf.identity(v) for v, t in zip(trainable, initial_trainable)]
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
+  update = [tf.where(finite, u, tf.zeros_like(u)) for u in update]
+  return update, num_examples, loss_sum, correct, finite
 
 
 def build_per_category_client_work(
@@ -86,11 +92,7 @@ def build_per_category_client_work(
   def init_fn():
     return tff.federated_value((), tff.SERVER)
 
-  @tff.tensorflow.computation(weights_type, data_type)
-  def client_update(initial_weights, dataset):
-    model = model_fn()
-    initial_trainable = initial_weights.trainable
-    initial_non_trainable = initial_weights.non_trainable
+  def _client_update(model, initial_trainable, initial_non_trainable, dataset):
     updates = collections.OrderedDict()
     counts, losses, corrects, nonfinite = [], [], [], []
     for index, category_id in enumerate(CATEGORY_IDS):
@@ -108,6 +110,12 @@ def build_per_category_client_work(
     if not release_train_metrics:
       metrics = tf.nest.map_structure(tf.zeros_like, metrics)
     return tff.learning.templates.ClientResult(update=updates, update_weight=1.0), metrics
+
+  @tff.tensorflow.computation(weights_type, data_type)
+  def client_update(initial_weights, dataset):
+    model = model_fn()
+    return tf.function(functools.partial(_client_update, model))(
+        list(initial_weights.trainable), list(initial_weights.non_trainable), dataset)
 
   @tff.federated_computation(
       init_fn.type_signature.result,
