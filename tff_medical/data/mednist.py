@@ -124,9 +124,6 @@ def decode_image(data: bytes) -> tuple[np.ndarray, bool]:
     return np.asarray(image, dtype=np.uint8), resized
 
 
-_decode_image = decode_image  # The name export/predict.py used before this was public.
-
-
 class _Buffer:
   """Images appended one at a time without a Python object per image."""
 

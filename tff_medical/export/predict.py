@@ -16,9 +16,6 @@ import os
 from typing import Any, Iterable, Iterator, Sequence, TextIO, Union
 
 import numpy as np
-import pydicom
-from pydicom import errors as pydicom_errors
-from pydicom import uid
 import tensorflow as tf
 
 from tff_medical import categories
@@ -119,51 +116,15 @@ def load_model(model_dir: 'str | os.PathLike[str]') -> LoadedModel:
 
 
 def _read_dicom(data: bytes, force: bool) -> np.ndarray:
-  # pylint: disable=protected-access
-  # data/dicom.py has no public one-file reader yet; these are the functions its loader uses.
-  with dicom._quiet_pydicom():
-    try:
-      ds = pydicom.dcmread(io.BytesIO(data), specific_tags=list(dicom._TAGS), force=force)
-    except pydicom_errors.InvalidDicomError:
-      raise UnreadableImageError(dicom.REASON_NOT_DICOM) from None
-    except Exception:  # pylint: disable=broad-except
-      # Truncated or malformed files raise many types from the parser.
-      raise UnreadableImageError(dicom.REASON_UNREADABLE) from None
-    try:
-      if not any(tag in ds for tag in dicom._PIXEL_DATA_TAGS):
-        raise UnreadableImageError(dicom.REASON_NO_PIXELS)
-      if force:
-        _set_raw_transfer_syntax(ds)
-      return dicom._pixels(ds)
-    except dicom._Skip as skip:
-      raise UnreadableImageError(skip.reason) from None
-    except UnreadableImageError:
-      raise
-    except Exception:  # pylint: disable=broad-except
-      # A header value that does not parse; its text must not be reported.
-      raise UnreadableImageError(dicom.REASON_UNREADABLE) from None
-
-
-def _set_raw_transfer_syntax(ds: pydicom.Dataset) -> None:
-  """States the transfer syntax of a dataset read without file meta, for pydicom's decoder.
-
-  Such a dataset (no preamble) is uncompressed, in the encoding pydicom detected while reading.
-  """
-  if 'TransferSyntaxUID' in getattr(ds, 'file_meta', {}):
-    return
-  implicit_vr, little_endian = ds.original_encoding
-  if implicit_vr:
-    syntax = uid.ImplicitVRLittleEndian
-  else:
-    syntax = uid.ExplicitVRLittleEndian if little_endian else uid.ExplicitVRBigEndian
-  if not hasattr(ds, 'file_meta'):
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-  ds.file_meta.TransferSyntaxUID = syntax
+  try:
+    return dicom.read_dicom_image(io.BytesIO(data), force=force)
+  except dicom.UnusableDicomError as e:
+    raise UnreadableImageError(e.reason) from None
 
 
 def _read_picture(data: bytes, kind: str) -> np.ndarray:
   try:
-    image, _ = mednist._decode_image(data)  # pylint: disable=protected-access
+    image, _ = mednist.decode_image(data)
   except Exception:  # pylint: disable=broad-except
     # PIL raises many types (OSError, SyntaxError, DecompressionBombError...) for bad files.
     raise UnreadableImageError(f'corrupt or truncated {kind} data') from None
