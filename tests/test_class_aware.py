@@ -1,6 +1,7 @@
 """The class-aware aggregation factory: types, exact sums, noise statistics, freezing, refusals."""
 
 import collections
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import tensorflow_federated as tff
 from tff_medical import categories
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
 
 CATS = categories.CATEGORY_IDS
 
@@ -31,6 +33,11 @@ def _uniform(value):
   return {c: value for c in CATS}
 
 
+def _splits(z, m, count_stddev):
+  """The same split for every category (z effective, m clients per round, s count stddev)."""
+  return {c: accounting.adaptive_clip_split(z, m, count_stddev) for c in CATS}
+
+
 # --- Type signatures (no execution) -------------------------------------------------------------
 
 
@@ -38,8 +45,7 @@ class TestTypeSignatures:
 
   def test_dp_process_types(self):
     value_type = _value_type(4)
-    process = class_aware.ClassAwareFactory.dp(_uniform(1.0), 10.0, _uniform(5.0)).create(
-        value_type)
+    process = class_aware.ClassAwareFactory.dp(_splits(1.0, 10.0, 5.0)).create(value_type)
     state_type = process.initialize.type_signature.result
     assert state_type.placement is tff.SERVER
     assert list(state_type.member[class_aware.STATE_INNER]._name_to_index) == list(CATS)
@@ -73,21 +79,30 @@ class TestTypeSignatures:
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(noise_multipliers=dict(_uniform(1.0), HeadCT=0.0)),
-     'noise_multiplier for HeadCT must be positive. Found 0.0.'),
-    (dict(noise_multipliers=dict(_uniform(1.0), CXR=float('nan'))),
-     'noise_multiplier for CXR must be positive. Found nan.'),
-    (dict(clipped_count_stddevs=dict(_uniform(5.0), Hand=0.5)),
-     'clipped_count_stddev for Hand must exceed noise_multiplier / 2 = 0.5. Found 0.5.'),
-    (dict(expected_clients_per_round=0.0), 'expected_clients_per_round must be positive.'),
+    (dict(splits={c: s for c, s in _splits(1.0, 10.0, 5.0).items() if c != 'Hand'}),
+     "splits must map each of ['HeadCT', 'BreastMRI', 'AbdomenCT', 'ChestCT', 'CXR', 'Hand'] "
+     "to an AdaptiveClipSplit. Found ['AbdomenCT', 'BreastMRI', 'CXR', 'ChestCT', 'HeadCT']."),
+    (dict(splits=dict(_splits(1.0, 10.0, 5.0),
+                      CXR=accounting.adaptive_clip_split(1.0, 10.0, 5.0).to_json_dict())),
+     'splits[CXR] must be an AdaptiveClipSplit. Found {'),
+    (dict(splits=dict(_splits(1.0, 10.0, 5.0),
+                      Hand=accounting.adaptive_clip_split(1.0, 12.0, 5.0))),
+     'splits must all have the same expected_clients_per_round (one client sample serves every '
+     'category). Found {'),
     (dict(combination_weights=dict(_uniform(1.0), Hand=-1.0)), 'combination_weights must'),
-], ids=['zero_noise', 'nan_noise', 'count_stddev_too_small', 'no_clients', 'negative_weight'])
+], ids=['missing_category', 'not_a_split', 'different_clients_per_round', 'negative_weight'])
 def test_dp_refuses_invalid_parameters(kwargs, message):
-  args = dict(noise_multipliers=_uniform(1.0), expected_clients_per_round=10.0,
-              clipped_count_stddevs=_uniform(5.0))
+  args = dict(splits=_splits(1.0, 10.0, 5.0))
   args.update(kwargs)
-  with pytest.raises(PolicyError, match=message.replace('(', r'\(').replace('.', r'\.')):
+  with pytest.raises(PolicyError, match=re.escape(message)):
     class_aware.ClassAwareFactory.dp(**args)
+
+
+def test_dp_accepts_splits_in_any_key_order():
+  # A plan read back from JSON saved with sort_keys has its categories in alphabetical order.
+  splits = _splits(1.0, 10.0, 5.0)
+  factory = class_aware.ClassAwareFactory.dp(dict(sorted(splits.items())))
+  assert factory.is_dp
 
 
 def test_clip_settings_refused():
@@ -131,14 +146,16 @@ class TestExecution:
     size, num_clients, m = 20000, 4, 8.0
     z = {c: z for c, z in zip(CATS, [7.9, 7.9, 4.3, 4.3, 2.4, 2.4])}
     count_stddev = {c: 3.0 * z[c] for c in CATS}
+    splits = {c: accounting.adaptive_clip_split(z[c], m, count_stddev[c]) for c in CATS}
     clip = class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.5)
-    factory = class_aware.ClassAwareFactory.dp(z, m, count_stddev, clip)
+    factory = class_aware.ClassAwareFactory.dp(splits, clip)
     process = factory.create(_value_type(size))
     state = class_aware.with_released_categories(process.initialize(), [category])
     output = process.next(state, _client_values(np.zeros((num_clients, 6, size))))
     noise = np.asarray(output.result['w'], np.float64)
-    # Independent figure: TF Privacy's split of the effective multiplier (see privacy design).
-    value_z = (z[category]**-2 - (2 * count_stddev[category])**-2)**-0.5
+    # Independent figure: the value share of z when the count (sensitivity 1 per category) has
+    # multiplier s.
+    value_z = (z[category]**-2 - count_stddev[category]**-2)**-0.5
     expected_std = value_z * clip.initial_l2_norm_clip / m
     # Two-sided 99.9% chi-square interval for the sample variance of `size` N(0, s^2) draws.
     low, high = stats.chi2.ppf([0.0005, 0.9995], df=size) / size
@@ -149,7 +166,7 @@ class TestExecution:
   def test_frozen_category_releases_nothing_and_keeps_its_state(self):
     rng = np.random.default_rng(3)
     updates = rng.normal(size=(6, 6, 4))
-    factory = class_aware.ClassAwareFactory.dp(_uniform(1.0), 6.0, _uniform(5.0))
+    factory = class_aware.ClassAwareFactory.dp(_splits(1.0, 6.0, 5.0))
     process = factory.create(_value_type(4))
     first = process.next(process.initialize(), _client_values(updates))
     norms_before = class_aware.clip_norms(first.state)
@@ -178,18 +195,18 @@ class TestExecution:
     assert class_aware.released_categories(output.state) == ('HeadCT', 'Hand')
 
   def test_dp_event_is_the_effective_multiplier(self):
-    """The events TFF records compose to the effective z the accountant is fed."""
+    """dp_events reports one Gaussian per category: the effective z the accountant is fed."""
     import dp_accounting  # pylint: disable=g-import-not-at-top
 
-    z, stddev = 2.0, 3.0
-    factory = class_aware.ClassAwareFactory.dp(_uniform(z), 5.0, _uniform(stddev))
+    splits = {c: accounting.adaptive_clip_split(1.0 + i, 5.0, 3.0 * (1.0 + i))
+              for i, c in enumerate(CATS)}
+    factory = class_aware.ClassAwareFactory.dp(splits)
     process = factory.create(_value_type(2))
     output = process.next(process.initialize(), _client_values(np.zeros((2, 6, 2))))
-    event = class_aware.dp_events(output.state)['ChestCT']
-    multipliers = [e.noise_multiplier for e in event.events]
-    assert all(isinstance(e, dp_accounting.GaussianDpEvent) for e in event.events)
-    effective = sum(m**-2 for m in multipliers)**-0.5
-    assert effective == pytest.approx(z, rel=1e-5)
+    events = class_aware.dp_events(output.state)
+    for c in CATS:
+      assert isinstance(events[c], dp_accounting.GaussianDpEvent)
+      assert events[c].noise_multiplier == pytest.approx(splits[c].noise_multiplier, rel=1e-5)
 
 
 def test_with_released_categories_rejects_unknown():

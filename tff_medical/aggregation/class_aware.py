@@ -3,9 +3,11 @@
 A client's update arrives as a struct with one sub-update per category (see
 tff_medical.training.client_work). Category c's sub-updates are aggregated by their own inner
 factory: for DP, TFF's DifferentiallyPrivateFactory.gaussian_adaptive with c's noise multiplier,
-so category-c data influences only sub-aggregate c and c's budget governs its noise. The server
-then adds the released sub-aggregates, weighted, into one model update; that is post-processing
-and costs no privacy.
+so category-c data influences only sub-aggregate c and c's budget governs its noise. TFF's
+noise split and DP event assume the clipped count's sensitivity of a whole client; ours is per
+category (see tff_medical.privacy.accounting), so `dp` and `dp_events` translate both ways. The
+server then adds the released sub-aggregates, weighted, into one model update; that is
+post-processing and costs no privacy.
 
 Freezing: the aggregator state carries a 0/1 `released` flag per category, set by the training
 loop from the privacy ledger before each round (`with_released_categories`). For a frozen
@@ -27,6 +29,7 @@ from tensorflow_federated.python.aggregators import differential_privacy
 
 from tff_medical import categories
 from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
 
 STATE_INNER = 'inner'
 STATE_RELEASED = 'released'
@@ -80,37 +83,42 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
 
   @classmethod
   def dp(cls,
-         noise_multipliers: Mapping[str, float],
-         expected_clients_per_round: float,
-         clipped_count_stddevs: Mapping[str, float],
+         splits: Mapping[str, accounting.AdaptiveClipSplit],
          clip: AdaptiveClipSettings = AdaptiveClipSettings(),
          combination_weights: Optional[Mapping[str, float]] = None) -> 'ClassAwareFactory':
     """One gaussian_adaptive DP aggregator per category.
 
-    `noise_multipliers[c]` is the effective multiplier z_c that the accountant is fed (TFF
-    splits it between the value noise and the clipped-count noise). Calibrate it and choose
-    `clipped_count_stddevs` with tff_medical.privacy.accounting.
+    Args:
+      splits: Each category's split of its effective multiplier z_c (the one the accountant is
+        fed), from tff_medical.privacy.accounting (`category_splits`); all six categories, with
+        the same expected clients per round. TFF is given the split's tff_noise_multiplier, not
+        z_c: TFF assumes count sensitivity 0.5, ours is 1 (see accounting).
+      clip: Adaptive clipping settings shared by every category.
+      combination_weights: Weight of each category's sub-aggregate in the combined update.
     """
-    if not (math.isfinite(expected_clients_per_round) and expected_clients_per_round > 0):
-      raise PolicyError('expected_clients_per_round must be positive. '
-                        f'Found {expected_clients_per_round!r}.')
+    # Any key order: a plan read back from JSON may have sorted keys.
+    if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
+      found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
+      raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
+                        f'AdaptiveClipSplit. Found {found!r}.')
+    for category_id in categories.CATEGORY_IDS:
+      if not isinstance(splits[category_id], accounting.AdaptiveClipSplit):
+        raise PolicyError(f'splits[{category_id}] must be an AdaptiveClipSplit. '
+                          f'Found {splits[category_id]!r}.')
+    clients = {c: splits[c].expected_clients_per_round for c in categories.CATEGORY_IDS}
+    if len(set(clients.values())) != 1:
+      raise PolicyError('splits must all have the same expected_clients_per_round (one client '
+                        f'sample serves every category). Found {clients}.')
     factories = collections.OrderedDict()
     for category_id in categories.CATEGORY_IDS:
-      z = noise_multipliers.get(category_id)
-      if z is None or not math.isfinite(z) or z <= 0:
-        raise PolicyError(f'noise_multiplier for {category_id} must be positive. Found {z!r}.')
-      stddev = clipped_count_stddevs.get(category_id)
-      if stddev is None or not 2 * stddev > z:
-        raise PolicyError(
-            f'clipped_count_stddev for {category_id} must exceed noise_multiplier / 2 = {z / 2}. '
-            f'Found {stddev!r}.')
+      split = splits[category_id]
       factories[category_id] = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-          noise_multiplier=float(z),
-          clients_per_round=float(expected_clients_per_round),
+          noise_multiplier=float(split.tff_noise_multiplier),
+          clients_per_round=float(split.expected_clients_per_round),
           initial_l2_norm_clip=float(clip.initial_l2_norm_clip),
           target_unclipped_quantile=float(clip.target_unclipped_quantile),
           learning_rate=float(clip.learning_rate),
-          clipped_count_stddev=float(stddev))
+          clipped_count_stddev=float(split.clipped_count_stddev))
     return cls(factories, combination_weights, is_dp=True)
 
   @classmethod
@@ -224,15 +232,18 @@ def released_categories(state: Any) -> tuple[str, ...]:
 def dp_events(state: Any) -> dict[str, Any]:
   """The DP event each released category's mechanism applied in the round that produced `state`.
 
-  Frozen categories get None: their inner state was kept, so the event in it is an old one.
-  Read from the aggregator state itself, as TFF records it, never from the plan.
+  Each is one GaussianDpEvent at the true per-category multiplier: TFF's recorded event (value
+  and clipped-count Gaussians, count at sensitivity 0.5) converted by accounting.category_event
+  to count sensitivity 1. Frozen categories get None: their inner state was kept, so the event
+  in it is an old one. Read from the aggregator state itself, never from the plan.
   """
   released = released_categories(state)
   events = {}
   for category_id in categories.CATEGORY_IDS:
     if category_id in released:
-      events[category_id] = differential_privacy.extract_dp_event_from_state(
-          _as_dp_state(state[STATE_INNER][category_id]))
+      events[category_id] = accounting.category_event(
+          differential_privacy.extract_dp_event_from_state(
+              _as_dp_state(state[STATE_INNER][category_id])))
     else:
       events[category_id] = None
   return events

@@ -1,0 +1,599 @@
+"""The privacy ledger: what each category has actually spent, round by round.
+
+The caller feeds, after each round, one GaussianDpEvent per released category: the true
+per-category mechanism (class_aware.dp_events, which converts TFF's recorded event with
+accounting.category_event). TFF's own event assumes the clipped count's sensitivity of a whole
+client and would understate the per-category spend, so anything but a single Gaussian is refused.
+The ledger keeps each category's effective noise multiplier per round, so its state is plain
+JSON, and rebuilds the DpEvents from it:
+
+* category c's epsilon: its released rounds, each round_event(Gaussian(z_c,t), sampling);
+* client-level epsilon: per round one sampled event over the composition of every released
+  category (one client sample covers all categories, so they are one Gaussian per round). It is
+  built from the same per-category multipliers, which is conservative: removing a whole client
+  moves each category's clipped count by 0.5, not the 1 they are accounted at.
+
+A category whose next round would take it over its budget is frozen for good ('exhausted'): the
+caller must stop releasing its sub-aggregate, and `record_round` refuses an event for it.
+
+Order of calls per round: `releasable()` before the round (to know what to release), then
+`record_round(events)` before anything from the round is used or saved. `record_round` checks
+everything before it changes anything; if it raises, discard the round's outputs.
+"""
+
+import enum
+import json
+import math
+import numbers
+import os
+import tempfile
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import dp_accounting
+
+from tff_medical import categories
+from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
+from tff_medical.privacy.accounting import Accountant
+from tff_medical.privacy.policy import PrivacyLevel
+from tff_medical.privacy.policy import PrivacyPolicy
+from tff_medical.privacy.sampling import SamplingMethod
+from tff_medical.privacy.sampling import SamplingSpec
+
+SCHEMA_VERSION = 1
+LEDGER_FILENAME = 'privacy_ledger.json'
+_CACHE_LIMIT = 512
+
+
+class CategoryStatus(enum.Enum):
+  ACTIVE = 'active'
+  EXHAUSTED = 'exhausted'
+
+
+_RELATION_NAMES = {
+    SamplingMethod.POISSON: 'add_or_remove_one',
+    SamplingMethod.FIXED_SIZE: 'replace_one',
+}
+
+
+def _finite_positive(field: str, value: Any) -> float:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
+      not math.isfinite(value) or value <= 0):
+    raise PolicyError(f'{field} must be positive. Found {value!r}.')
+  return float(value)
+
+
+def _combined(zs: Sequence[Optional[float]]) -> Optional[float]:
+  """The one Gaussian equivalent to one round's released categories (None if none)."""
+  released = [z for z in zs if z is not None]
+  if not released:
+    return None
+  # Same rule as accounting.effective_noise_multiplier, on the stored multipliers.
+  return accounting.effective_noise_multiplier(
+      dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z) for z in released]))
+
+
+def _runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[float, int], ...]:
+  """Merges consecutive equal multipliers into (z, count) groups, dropping unreleased rounds."""
+  groups: list[list] = []
+  for z, count in values:
+    if z is None or count == 0:
+      continue
+    if groups and groups[-1][0] == z:
+      groups[-1][1] += count
+    else:
+      groups.append([z, count])
+  return tuple((z, n) for z, n in groups)
+
+
+class PrivacyLedger:
+  """Per-category and client-level epsilon of what was released, with hard budgets."""
+
+  def __init__(self,
+               policy: PrivacyPolicy,
+               noise_multipliers: Mapping[str, float],
+               sampling: SamplingSpec,
+               accountant: Union[Accountant, str] = Accountant.RDP):
+    """Starts an empty ledger.
+
+    Args:
+      policy: The budgets (epsilon per category, shared delta).
+      noise_multipliers: Planned effective multiplier per category (all six), used to predict
+        a category's next round before it has released one.
+      sampling: How clients are sampled; must be what the sampler in use draws.
+      accountant: RDP or PLD (PLD needs Poisson sampling).
+    """
+    if not isinstance(policy, PrivacyPolicy):
+      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
+    self._policy = policy
+    self._sampling = sampling
+    self._accountant = accounting.check_sampling_accountant(sampling, accountant)
+    if not isinstance(noise_multipliers, Mapping):
+      raise PolicyError(f'noise_multipliers must be a mapping of category to multiplier. '
+                        f'Found {noise_multipliers!r}.')
+    unknown = sorted(set(noise_multipliers) - set(categories.CATEGORY_IDS))
+    missing = [c for c in categories.CATEGORY_IDS if c not in noise_multipliers]
+    if unknown or missing:
+      raise PolicyError(f'noise_multipliers must have exactly the six categories. Found '
+                        f'unknown {unknown} and missing {missing}.')
+    self._planned = {
+        c: _finite_positive(f'noise_multipliers[{c}]', noise_multipliers[c])
+        for c in categories.CATEGORY_IDS
+    }
+    self._history: list[list] = []  # [round tuple, count]: consecutive equal rounds merged.
+    self._frozen: dict[str, int] = {}  # category -> rounds_completed when it was frozen.
+    self._cache: dict[tuple, float] = {}
+    self._spent = {c: 0.0 for c in categories.CATEGORY_IDS}
+    self._client_epsilon = 0.0
+    self._update_frozen()
+
+  # Accounting, all through accounting.rounds_epsilon (dp_accounting) on rebuilt events.
+
+  def _epsilon_of(self, groups: tuple[tuple[float, int], ...]) -> float:
+    if not groups:
+      return 0.0
+    if groups not in self._cache:
+      if len(self._cache) >= _CACHE_LIMIT:
+        self._cache.clear()
+      self._cache[groups] = accounting.rounds_epsilon(groups, self._sampling,
+                                                      self._policy.delta, self._accountant)
+    return self._cache[groups]
+
+  def _category_runs(self, index: int, extra: Optional[float] = None):
+    values = [(round_[index], count) for round_, count in self._history]
+    if extra is not None:
+      values.append((extra, 1))
+    return _runs(values)
+
+  def _client_runs(self):
+    return _runs([(_combined(round_), count) for round_, count in self._history])
+
+  def _last_applied(self, index: int) -> Optional[float]:
+    for round_, _ in reversed(self._history):
+      if round_[index] is not None:
+        return round_[index]
+    return None
+
+  def _next_multiplier(self, category_id: str) -> float:
+    # The smaller of plan and last applied: the prediction never underestimates the next spend
+    # of a round like the last one or the planned one.
+    last = self._last_applied(categories.LABEL_OF[category_id])
+    planned = self._planned[category_id]
+    return planned if last is None else min(planned, last)
+
+  def _update_frozen(self) -> None:
+    for index, c in enumerate(categories.CATEGORY_IDS):
+      if c in self._frozen:
+        continue
+      after_next = self._epsilon_of(self._category_runs(index, self._next_multiplier(c)))
+      if after_next > self._policy.budget(c).epsilon:
+        self._frozen[c] = self.rounds_completed
+
+  def _recompute(self) -> None:
+    for index, c in enumerate(categories.CATEGORY_IDS):
+      self._spent[c] = self._epsilon_of(self._category_runs(index))
+    client = self._epsilon_of(self._client_runs())
+    # The client-level mechanism dominates every category's, but PLD's discretization could
+    # invert the two estimates by ~1e-4; raising an upper bound keeps it a valid bound.
+    self._client_epsilon = max([client] + list(self._spent.values()))
+
+  # Public API.
+
+  @property
+  def policy(self) -> PrivacyPolicy:
+    return self._policy
+
+  @property
+  def sampling(self) -> SamplingSpec:
+    return self._sampling
+
+  @property
+  def accountant(self) -> Accountant:
+    return self._accountant
+
+  @property
+  def rounds_completed(self) -> int:
+    return sum(count for _, count in self._history)
+
+  def releasable(self) -> tuple[str, ...]:
+    """Categories whose next round keeps them within budget, in CATEGORY_IDS order.
+
+    The others are frozen ('exhausted'), permanently. The next round is predicted as one more
+    round at the smaller of the planned and the last applied multiplier.
+    """
+    self._update_frozen()
+    return tuple(c for c in categories.CATEGORY_IDS if c not in self._frozen)
+
+  def status(self, category_id: str) -> CategoryStatus:
+    self._policy.budget(category_id)  # Raises PolicyError naming an unknown category.
+    return CategoryStatus.EXHAUSTED if category_id in self._frozen else CategoryStatus.ACTIVE
+
+  @property
+  def all_exhausted(self) -> bool:
+    return len(self._frozen) == len(categories.CATEGORY_IDS)
+
+  def epsilon_spent(self, category_id: str) -> float:
+    self._policy.budget(category_id)
+    return self._spent[category_id]
+
+  @property
+  def client_level_epsilon(self) -> float:
+    """Epsilon over all categories together: a client's whole data, not one category's."""
+    return self._client_epsilon
+
+  def rounds_released(self, category_id: str) -> int:
+    self._policy.budget(category_id)
+    index = categories.LABEL_OF[category_id]
+    return sum(count for round_, count in self._history if round_[index] is not None)
+
+  def noise_multiplier(self, category_id: str) -> float:
+    """The effective multiplier last fed to the accountant (the planned one before any)."""
+    self._policy.budget(category_id)
+    last = self._last_applied(categories.LABEL_OF[category_id])
+    return self._planned[category_id] if last is None else last
+
+  def record_round(self, events: Mapping[str, Optional[dp_accounting.DpEvent]]) -> None:
+    """Records the DP events one round applied, per category (None: not released).
+
+    Args:
+      events: Category id -> the round's unsampled GaussianDpEvent for that category's
+        sub-aggregate (class_aware.dp_events), NoOpDpEvent, or None (not released). Missing
+        categories count as None.
+
+    Raises:
+      PolicyError: for an unknown category, an event that is not a single Gaussian (a raw TFF
+        event must go through accounting.category_event first), an event for an exhausted
+        category, or one that would take a category over its budget. Nothing is recorded then:
+        the round must not be released.
+    """
+    if not isinstance(events, Mapping):
+      raise PolicyError(f'events must be a mapping of category id to DpEvent or None. '
+                        f'Found {events!r}.')
+    unknown = sorted(set(events) - set(categories.CATEGORY_IDS))
+    if unknown:
+      raise PolicyError(f'events keys must be category ids ({", ".join(categories.CATEGORY_IDS)}'
+                        f'). Found {unknown}.')
+    round_num = self.rounds_completed + 1
+    zs = []
+    for c in categories.CATEGORY_IDS:
+      event = events.get(c)
+      if event is None:
+        zs.append(None)
+        continue
+      if not isinstance(event, dp_accounting.DpEvent):
+        raise PolicyError(f'events[{c}] must be a DpEvent or None. Found {event!r}.')
+      if not isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.NoOpDpEvent)):
+        # A composition does not say which part is the clipped count, whose per-category
+        # sensitivity differs from what TFF records: only the converted event is accepted.
+        raise PolicyError(f'events[{c}] must be a GaussianDpEvent (convert TFF\'s event with '
+                          f'accounting.category_event). Found {event!r}.')
+      try:
+        zs.append(accounting.effective_noise_multiplier(event))
+      except PolicyError as e:
+        raise PolicyError(f'events[{c}]: {e}') from None
+    for index, (c, z) in enumerate(zip(categories.CATEGORY_IDS, zs)):
+      if z is None:
+        continue
+      target = self._policy.budget(c).epsilon
+      if c in self._frozen:
+        raise PolicyError(
+            f'events[{c}] must be None in round {round_num}: the category is exhausted (frozen '
+            f'after round {self._frozen[c]}, epsilon {self._spent[c]:.6g} of {target:g}). '
+            f'Found {events[c]!r}.')
+      after = self._epsilon_of(self._category_runs(index, z))
+      if after > target:
+        raise PolicyError(
+            f'events[{c}] must keep epsilon within {target:g} in round {round_num}. Found '
+            f'noise multiplier {z:.6g}, which would spend {after:.6g}.')
+    round_ = tuple(zs)
+    if self._history and self._history[-1][0] == round_:
+      self._history[-1][1] += 1
+    else:
+      self._history.append([round_, 1])
+    self._recompute()
+    self._update_frozen()
+
+  def to_json_dict(self) -> dict[str, Any]:
+    """The published ledger (privacy_ledger.json); see `validate_ledger_json`."""
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'accountant': self._accountant.value,
+        'privacy_unit': 'client',
+        'neighboring_relation': _RELATION_NAMES[self._sampling.method],
+        'delta': self._policy.delta,
+        'sampling': dict(self._sampling.to_json_dict(), rate=self._sampling.rate),
+        'rounds_completed': self.rounds_completed,
+        'client_level_epsilon': self._client_epsilon,
+        'categories': {
+            b.id: {
+                'display_name': b.display_name,
+                'privacy_level': b.privacy_level.value,
+                'target_epsilon': b.epsilon,
+                'noise_multiplier': self.noise_multiplier(b.id),
+                'rounds_released': self.rounds_released(b.id),
+                'epsilon_spent': self._spent[b.id],
+                'status': self.status(b.id).value,
+            } for b in self._policy.budgets
+        },
+    }
+
+  def state(self) -> dict[str, Any]:
+    """JSON-able checkpoint state: the history of applied multipliers, not derived figures."""
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'accountant': self._accountant.value,
+        'sampling': self._sampling.to_json_dict(),
+        'policy': self._policy.to_json_dict(),
+        'planned_noise_multipliers': dict(self._planned),
+        'history': [{
+            'count': count,
+            'noise_multipliers': dict(zip(categories.CATEGORY_IDS, round_)),
+        } for round_, count in self._history],
+        'frozen': dict(self._frozen),
+    }
+
+  @classmethod
+  def from_state(cls,
+                 state: Mapping[str, Any],
+                 policy: PrivacyPolicy,
+                 sampling: Optional[SamplingSpec] = None,
+                 accountant: Optional[Union[Accountant, str]] = None) -> 'PrivacyLedger':
+    """Restores a ledger; refuses one saved under another policy, sampling or accountant.
+
+    Args:
+      state: The output of `state()`.
+      policy: The policy of the resumed run; must equal the saved one.
+      sampling: If given, the resumed run's sampling; must equal the saved one.
+      accountant: If given, the resumed run's accountant; must equal the saved one.
+
+    Returns:
+      A ledger identical to the saved one (history, frozen categories, epsilons).
+    """
+    if not isinstance(state, Mapping):
+      raise PolicyError(f'ledger state must be a mapping. Found {state!r}.')
+    if state.get('schema_version') != SCHEMA_VERSION:
+      raise PolicyError(f'ledger state schema_version must be {SCHEMA_VERSION}. '
+                        f'Found {state.get("schema_version")!r}.')
+    if not isinstance(policy, PrivacyPolicy):
+      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
+    differences = _policy_differences(state.get('policy'), policy.to_json_dict())
+    saved_sampling = SamplingSpec.from_json_dict(state.get('sampling'))
+    if sampling is not None:
+      differences += [f'sampling.{d}' for d in saved_sampling.differences(sampling)]
+    saved_accountant = accounting.as_accountant(state.get('accountant'))
+    if accountant is not None and accounting.as_accountant(accountant) is not saved_accountant:
+      differences.append(f'accountant: {saved_accountant.value!r} vs '
+                         f'{accounting.as_accountant(accountant).value!r}')
+    if differences:
+      raise PolicyError('ledger state must match the resumed run. Found differences (saved vs '
+                        f'current): {"; ".join(differences)}.')
+    ledger = cls(policy, state.get('planned_noise_multipliers'), saved_sampling, saved_accountant)
+    ledger._history = _history_from_state(state.get('history'))
+    frozen = state.get('frozen')
+    rounds = ledger.rounds_completed
+    if (not isinstance(frozen, Mapping) or
+        any(c not in categories.CATEGORY_IDS for c in frozen) or any(
+            isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= rounds
+            for r in frozen.values())):
+      raise PolicyError(f'ledger state frozen must map category ids to rounds in 0..{rounds}. '
+                        f'Found {frozen!r}.')
+    ledger._frozen = {c: frozen[c] for c in categories.CATEGORY_IDS if c in frozen}
+    for c, frozen_at in ledger._frozen.items():
+      late = ledger._released_after(categories.LABEL_OF[c], frozen_at)
+      if late:
+        raise PolicyError(f'ledger state history must not release {c} after it was frozen in '
+                          f'round {frozen_at}. Found {late} such rounds.')
+    ledger._recompute()
+    for c in categories.CATEGORY_IDS:
+      target = policy.budget(c).epsilon
+      if ledger._spent[c] > target:
+        raise PolicyError(f'ledger state must keep {c} within its budget {target:g}. '
+                          f'Found epsilon {ledger._spent[c]:.6g}.')
+    ledger._update_frozen()
+    return ledger
+
+  def _released_after(self, index: int, round_num: int) -> int:
+    """How many rounds after `round_num` released the category at `index`."""
+    released, seen = 0, 0
+    for round_, count in self._history:
+      if round_[index] is not None:
+        released += max(0, min(count, seen + count - round_num))
+      seen += count
+    return released
+
+  def save(self, run_dir: str) -> str:
+    """Writes privacy_ledger.json in run_dir atomically; returns its path."""
+    payload = self.to_json_dict()
+    validate_ledger_json(payload)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LEDGER_FILENAME)
+    # A reader (the dashboard) sees the old file or the new one, never half of one.
+    fd, tmp_path = tempfile.mkstemp(dir=run_dir, prefix=f'.{LEDGER_FILENAME}.', suffix='.tmp')
+    try:
+      with os.fdopen(fd, 'w') as f:
+        json.dump(payload, f, indent=2, allow_nan=False)
+        f.write('\n')
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp_path, path)
+    except BaseException:
+      if os.path.exists(tmp_path):
+        os.unlink(tmp_path)
+      raise
+    try:
+      dir_fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+      return path  # Some file systems cannot open directories; the replace is still atomic.
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
+    return path
+
+
+def _policy_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:
+  if not isinstance(saved, Mapping):
+    return [f'policy: {saved!r} vs {current!r}']
+  differences = []
+  if saved.get('delta') != current['delta']:
+    differences.append(f'policy.delta: {saved.get("delta")!r} vs {current["delta"]!r}')
+  saved_by_id = {
+      e.get('id'): e for e in saved.get('categories', []) if isinstance(e, Mapping)
+  }
+  for entry in current['categories']:
+    old = saved_by_id.get(entry['id'], {})
+    for key, value in entry.items():
+      if key != 'id' and old.get(key) != value:
+        differences.append(f'policy.{entry["id"]}.{key}: {old.get(key)!r} vs {value!r}')
+  return differences
+
+
+def _history_from_state(raw: Any) -> list[list]:
+  if not isinstance(raw, list):
+    raise PolicyError(f'ledger state history must be a list. Found {raw!r}.')
+  history: list[list] = []
+  for entry in raw:
+    count = entry.get('count') if isinstance(entry, Mapping) else None
+    zs = entry.get('noise_multipliers') if isinstance(entry, Mapping) else None
+    if (isinstance(count, bool) or not isinstance(count, int) or count < 1 or
+        not isinstance(zs, Mapping) or set(zs) != set(categories.CATEGORY_IDS)):
+      raise PolicyError('ledger state history entries must have a positive count and a '
+                        f'multiplier or null for each category. Found {entry!r}.')
+    round_ = tuple(
+        None if zs[c] is None else _finite_positive(f'history noise_multipliers[{c}]', zs[c])
+        for c in categories.CATEGORY_IDS)
+    if history and history[-1][0] == round_:
+      history[-1][1] += count
+    else:
+      history.append([round_, count])
+  return history
+
+
+# The published ledger's shape.
+
+_TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
+             'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
+_SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
+_CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
+                  'rounds_released', 'epsilon_spent', 'status')
+_TOLERANCE = 1e-9
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          math.isfinite(value))
+
+
+def _check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str]) -> bool:
+  if not isinstance(value, Mapping):
+    problems.append(f'{where} must be an object. Found {value!r}.')
+    return False
+  missing = [k for k in keys if k not in value]
+  extra = sorted(str(k) for k in value if k not in keys)
+  if missing or extra:
+    problems.append(f'{where} must have exactly the keys {", ".join(keys)}. Found missing '
+                    f'{missing} and unexpected {extra}.')
+    return False
+  return True
+
+
+def validate_ledger_json(ledger: Any) -> None:
+  """Checks a published ledger's shape and invariants; raises PolicyError listing every problem.
+
+  Beyond types and keys it checks what must hold for an honest ledger: rate = m / N, the
+  relation that the sampling is accounted under, no category over its target, rounds released
+  within rounds completed, and a client-level epsilon no smaller than any category's.
+  """
+  problems: list[str] = []
+  if not _check_keys('ledger', ledger, _TOP_KEYS, problems):
+    raise PolicyError(' '.join(problems))
+  if not _is_int(ledger['schema_version']) or ledger['schema_version'] != SCHEMA_VERSION:
+    problems.append(f'schema_version must be {SCHEMA_VERSION}. '
+                    f'Found {ledger["schema_version"]!r}.')
+  if ledger['accountant'] not in [a.value for a in Accountant]:
+    problems.append(f'accountant must be one of rdp, pld. Found {ledger["accountant"]!r}.')
+  if ledger['privacy_unit'] != 'client':
+    problems.append(f'privacy_unit must be client. Found {ledger["privacy_unit"]!r}.')
+  delta = ledger['delta']
+  if not _is_number(delta) or not 0 < delta < 1:
+    problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
+  rounds = ledger['rounds_completed']
+  if not _is_int(rounds) or rounds < 0:
+    problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
+    rounds = None
+
+  sampling = ledger['sampling']
+  if _check_keys('sampling', sampling, _SAMPLING_KEYS, problems):
+    method = sampling['method']
+    if method not in _RELATION_NAMES_BY_VALUE:
+      problems.append(f'sampling.method must be one of poisson, fixed_size. Found {method!r}.')
+    else:
+      if ledger['neighboring_relation'] != _RELATION_NAMES_BY_VALUE[method]:
+        problems.append(f'neighboring_relation must be {_RELATION_NAMES_BY_VALUE[method]} for '
+                        f'{method} sampling. Found {ledger["neighboring_relation"]!r}.')
+      if method == 'fixed_size' and ledger['accountant'] == 'pld':
+        problems.append('accountant must be rdp for fixed_size sampling. Found pld.')
+    n, m = sampling['total_clients'], sampling['expected_clients_per_round']
+    if not (_is_int(n) and _is_int(m) and 1 <= m <= n):
+      problems.append('sampling.total_clients and expected_clients_per_round must be integers '
+                      f'with 1 <= m <= N. Found N={n!r}, m={m!r}.')
+    elif not _is_number(sampling['rate']) or not math.isclose(
+        sampling['rate'], m / n, rel_tol=_TOLERANCE):
+      problems.append(f'sampling.rate must be expected_clients_per_round / total_clients '
+                      f'({m / n!r}). Found {sampling["rate"]!r}.')
+
+  client_epsilon = ledger['client_level_epsilon']
+  if not _is_number(client_epsilon) or client_epsilon < 0:
+    problems.append(f'client_level_epsilon must be a non-negative number. '
+                    f'Found {client_epsilon!r}.')
+    client_epsilon = None
+
+  entries = ledger['categories']
+  if not isinstance(entries, Mapping) or list(entries) != list(categories.CATEGORY_IDS):
+    found = list(entries) if isinstance(entries, Mapping) else entries
+    problems.append(f'categories must list {", ".join(categories.CATEGORY_IDS)} in that order. '
+                    f'Found {found!r}.')
+    raise PolicyError(' '.join(problems))
+  for c, entry in entries.items():
+    where = f'categories.{c}'
+    if not _check_keys(where, entry, _CATEGORY_KEYS, problems):
+      continue
+    if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
+      problems.append(f'{where}.display_name must be a non-empty string. '
+                      f'Found {entry["display_name"]!r}.')
+    if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
+      problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
+                      f'Found {entry["privacy_level"]!r}.')
+    if entry['status'] not in [s.value for s in CategoryStatus]:
+      problems.append(f'{where}.status must be active or exhausted. Found {entry["status"]!r}.')
+    for key in ('target_epsilon', 'noise_multiplier'):
+      if not _is_number(entry[key]) or entry[key] <= 0:
+        problems.append(f'{where}.{key} must be a positive number. Found {entry[key]!r}.')
+    released, spent = entry['rounds_released'], entry['epsilon_spent']
+    if not _is_int(released) or released < 0 or (rounds is not None and released > rounds):
+      problems.append(f'{where}.rounds_released must be an integer in 0..rounds_completed '
+                      f'({rounds}). Found {released!r}.')
+      released = None
+    if not _is_number(spent) or spent < 0:
+      problems.append(f'{where}.epsilon_spent must be a non-negative number. Found {spent!r}.')
+      continue
+    if released == 0 and spent != 0:
+      problems.append(f'{where}.epsilon_spent must be 0 with no round released. Found {spent!r}.')
+    if released and spent == 0:
+      problems.append(f'{where}.epsilon_spent must be positive after {released} released '
+                      'rounds. Found 0.')
+    if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+      problems.append(f'{where}.epsilon_spent must not exceed target_epsilon '
+                      f'({entry["target_epsilon"]!r}). Found {spent!r}.')
+    if client_epsilon is not None and client_epsilon < spent * (1 - _TOLERANCE):
+      problems.append(f'client_level_epsilon must be at least {where}.epsilon_spent ({spent!r}).'
+                      f' Found {client_epsilon!r}.')
+  if problems:
+    raise PolicyError(' '.join(problems))
+
+
+_RELATION_NAMES_BY_VALUE = {method.value: name for method, name in _RELATION_NAMES.items()}
