@@ -33,8 +33,9 @@ test-slow: install
 test-all: install
 	$(PYTEST) tests
 
+# The main job: DP training on the embedded data. Rerunning resumes (or reports the finished run).
 demo: install
-	$(PY) experiments/demo.py
+	$(PY) experiments/train.py --config=configs/demo.py --root_output_dir=runs --experiment_name=demo
 
 # Re-resolve the pinned set from requirements/requirements.in (needs network).
 lock:

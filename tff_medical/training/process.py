@@ -1,14 +1,21 @@
-"""The class-aware learning process: distributor, per-category client work, class-aware
-aggregator and server optimizer, composed with tff.learning.templates."""
+"""The class-aware learning process, composed with tff.learning.templates.
 
+Distributor (broadcast), client work, class-aware aggregator, server-optimizer finalizer. The
+client work's client data is each client's per-category sub-updates, computed in-process by
+tff_medical.training.local_training (see there why); TFF then does the federated part: the
+per-category DP aggregation and the server update.
+"""
+
+import collections
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_medical import categories
 from tff_medical.aggregation.class_aware import ClassAwareFactory
 from tff_medical.models import cnn
-from tff_medical.training.client_work import build_per_category_client_work
 
 INPUT_SPEC = (
     tf.TensorSpec(shape=(None,) + cnn.INPUT_SHAPE, dtype=tf.float32),
@@ -28,32 +35,86 @@ def keras_model_fn(build_keras_model: Callable[[], tf.keras.Model]
   return model_fn
 
 
+def sub_update_type(weights_type) -> tff.StructWithPythonType:
+  """{category id: trainable weights} — one client's sub-updates."""
+  return tff.StructWithPythonType(
+      [(c, weights_type.trainable) for c in categories.CATEGORY_IDS], collections.OrderedDict)
+
+
 def build_class_aware_process(
-    model_fn: Callable[[], tff.learning.models.VariableModel],
+    build_keras_model: Callable[[], tf.keras.Model],
     aggregator_factory: ClassAwareFactory,
-    client_optimizer: tff.learning.optimizers.Optimizer,
     server_optimizer: tff.learning.optimizers.Optimizer,
-    batch_size: int,
-    local_epochs: int = 1,
 ) -> tff.learning.templates.LearningProcess:
-  """DP-FedAvg with per-category sub-updates when the factory is DP, plain FedAvg otherwise."""
+  """DP-FedAvg over per-category sub-updates when the factory is DP, plain FedAvg otherwise.
+
+  Composed as tff.learning.templates.compose_learning_process composes its parts (same state,
+  LearningAlgorithmState), except that the client data is each client's sub-update struct:
+  TFF's ClientWorkProcess only admits sequences of raw examples, whose per-client serialization
+  is what the in-process training avoids.
+  """
+  model_fn = keras_model_fn(build_keras_model)
   with tf.Graph().as_default():
     weights_type = tff.learning.models.weights_type_from_model(model_fn())
+  update_type = sub_update_type(weights_type)
 
   @tff.tensorflow.computation
   def initial_model_weights_fn():
     return tff.learning.models.ModelWeights.from_model(model_fn())
 
   distributor = tff.learning.templates.build_broadcast_process(weights_type)
-  client_work = build_per_category_client_work(
-      model_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
-      release_train_metrics=not aggregator_factory.is_dp)
-  result_type = client_work.next.type_signature.result.result.member
-  # compose_learning_process wants a weighted aggregator; the weight (1.0 a client) is dropped,
-  # as DP-FedAvg weighs clients equally.
+  # The weight (1.0 a client) is dropped by as_weighted_aggregator: DP-FedAvg weighs clients
+  # equally.
   aggregator = tff.aggregators.as_weighted_aggregator(aggregator_factory).create(
-      result_type.update, result_type.update_weight)
+      update_type, tff.TensorType(np.float32))
   finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
       server_optimizer, weights_type)
-  return tff.learning.templates.compose_learning_process(
-      initial_model_weights_fn, distributor, client_work, aggregator, finalizer)
+
+  @tff.tensorflow.computation(update_type)
+  def unit_weight(update):
+    del update
+    return tf.constant(1.0)
+
+  @tff.federated_computation()
+  def init_fn():
+    initial_weights = tff.federated_eval(initial_model_weights_fn, tff.SERVER)
+    return tff.federated_zip(tff.learning.templates.LearningAlgorithmState(
+        initial_weights, distributor.initialize(), tff.federated_value((), tff.SERVER),
+        aggregator.initialize(), finalizer.initialize()))
+
+  @tff.federated_computation(init_fn.type_signature.result,
+                             tff.FederatedType(update_type, tff.CLIENTS))
+  def next_fn(state, sub_updates):
+    # Broadcast for the record: the sub-updates were trained from exactly these weights.
+    distributor_output = distributor.next(state.distributor, state.global_model_weights)
+    aggregator_output = aggregator.next(state.aggregator, sub_updates,
+                                        tff.federated_map(unit_weight, sub_updates))
+    finalizer_output = finalizer.next(state.finalizer, state.global_model_weights,
+                                      aggregator_output.result)
+    new_state = tff.federated_zip(tff.learning.templates.LearningAlgorithmState(
+        finalizer_output.result, distributor_output.state, state.client_work,
+        aggregator_output.state, finalizer_output.state))
+    metrics = tff.federated_zip(collections.OrderedDict(
+        distributor=distributor_output.measurements, aggregator=aggregator_output.measurements,
+        finalizer=finalizer_output.measurements))
+    return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+  state_type = init_fn.type_signature.result.member
+
+  @tff.tensorflow.computation(state_type)
+  def get_model_weights(state):
+    return state.global_model_weights
+
+  @tff.tensorflow.computation(state_type, state_type.global_model_weights)
+  def set_model_weights(state, model_weights):
+    return tff.learning.templates.LearningAlgorithmState(
+        model_weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
+
+  return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights,
+                                                set_model_weights)
+
+
+def as_sub_update_structs(sub_updates: list[list[np.ndarray]]) -> collections.OrderedDict:
+  """LocalTrainer's [category][variable] arrays as the struct the process takes a client."""
+  return collections.OrderedDict(
+      (c, list(sub_updates[i])) for i, c in enumerate(categories.CATEGORY_IDS))

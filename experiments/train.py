@@ -1,0 +1,59 @@
+"""Trains a classifier with class-aware DP-FedAvg on a TFF simulation.
+
+  .venv/bin/python experiments/train.py --config=configs/demo.py \
+      [--config.total_rounds=3] [--root_output_dir=runs] [--experiment_name=demo]
+
+Rerunning the same command resumes the run from its last completed round.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+# Imported before absl's main: Keras fails to build a Sequential model when TensorFlow is first
+# imported inside it.
+import tensorflow  # pylint: disable=unused-import
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. configs/demo.py.', lock_config=True)
+_ROOT_OUTPUT_DIR = flags.DEFINE_string('root_output_dir', 'runs', 'Where run directories go.')
+_EXPERIMENT_NAME = flags.DEFINE_string(
+    'experiment_name', None, 'Run directory name under --root_output_dir; default: the config '
+    "file's name.")
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  # pylint: disable=g-import-not-at-top
+  from tff_medical import runtime
+  from tff_medical.errors import ConfigError
+  from tff_medical.errors import TffMedicalError
+  from tff_medical.training import entry
+  # pylint: enable=g-import-not-at-top
+  name = _EXPERIMENT_NAME.value or os.path.splitext(
+      os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
+  try:
+    runtime.install_execution_context()
+    print(entry.train_and_export(_CONFIG.value, os.path.join(_ROOT_OUTPUT_DIR.value, name)))
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  except TffMedicalError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    # Every completed round is checkpointed; nothing of the interrupted one was released.
+    print('\ninterrupted; rerun the same command to resume from the last completed round.',
+          file=sys.stderr)
+    sys.exit(130)
+  finally:
+    runtime.shutdown()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,181 @@
+"""The training program: resume, refusal of incompatible resumes, budget exhaustion, outputs."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tff_medical import categories
+from tff_medical.errors import ConfigError
+from tff_medical.monitoring import audit as audit_lib
+from tff_medical.privacy import accounting
+from tff_medical.privacy import ledger as ledger_lib
+from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.training import config as config_lib
+from tff_medical.training import program
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  spec = importlib.util.spec_from_file_location('smoke', os.path.join(REPO, 'configs',
+                                                                      'smoke.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.num_per_category = 40
+  config.num_clients = 100
+  config.clients_per_round = 10
+  config.total_rounds = 4
+  config.eval_every = 4
+  config.model.conv_filters = (4,)
+  config.clip.max_count_noise_fraction = 1.0
+  config.export = False
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _metric_rounds(run_dir):
+  with open(os.path.join(run_dir, program.METRICS_FILE)) as f:
+    return [int(row['round']) for row in csv.DictReader(f)]
+
+
+def _ledger_json(run_dir):
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, tff_context):
+  del tff_context
+  run_dir = str(tmp_path_factory.mktemp('runs') / 'whole')
+  return program.run(smoke_config(), run_dir)
+
+
+@pytest.mark.usefixtures('tff_context')
+class TestProgram:
+
+  def test_run_directory_holds_every_output(self, uninterrupted):
+    run_dir = uninterrupted.run_dir
+    for name in ('config.json', 'metrics.csv', 'audit_log.jsonl', 'privacy_ledger.json',
+                 'partition_manifest.json', 'tensorboard', 'checkpoints'):
+      assert os.path.exists(os.path.join(run_dir, name)), name
+    assert uninterrupted.rounds_completed == 4
+    ledger_lib.validate_ledger_json(_ledger_json(run_dir))
+    assert _metric_rounds(run_dir) == [1, 2, 3, 4]
+    verified = audit_lib.verify_chain(os.path.join(run_dir, 'audit_log.jsonl'))
+    assert verified.ok and verified.records == 4, verified
+
+  def test_ledger_matches_independent_accounting_and_budget(self, uninterrupted):
+    """epsilon_spent is dp_accounting's figure for the rounds released at the planned z."""
+    ledger = _ledger_json(uninterrupted.run_dir)
+    spec = sampling_lib.SamplingSpec('poisson', ledger['sampling']['total_clients'],
+                                     ledger['sampling']['expected_clients_per_round'])
+    for category_id, entry in ledger['categories'].items():
+      assert entry['epsilon_spent'] <= entry['target_epsilon'] + 1e-9
+      expected = accounting.epsilon(
+          [(accounting.round_event(entry['noise_multiplier'], spec), entry['rounds_released'])],
+          ledger['delta'], 'rdp')
+      # TFF records float32 multipliers; composing its two events differs from one Gaussian at
+      # the effective z in the seventh digit.
+      assert entry['epsilon_spent'] == pytest.approx(expected, rel=1e-6), category_id
+
+  def test_audit_records_name_pseudonymous_participants(self, uninterrupted):
+    log = audit_lib.AuditLog(os.path.join(uninterrupted.run_dir, 'audit_log.jsonl'))
+    for record in log.records():
+      assert record['num_participants'] == len(record['participants'])
+      assert all(p.startswith('client_') for p in record['participants'])
+      assert set(record['epsilon_spent']) == set(categories.CATEGORY_IDS)
+
+  def test_resume_continues_the_ledger_exactly(self, uninterrupted, tmp_path):
+    run_dir = str(tmp_path / 'resumed')
+    first = program.run(smoke_config(), run_dir, stop_after_rounds=2)
+    assert first.rounds_completed == 2 and first.stop_reason == 'stopped'
+    assert _metric_rounds(run_dir) == [1, 2]
+    second = program.run(smoke_config(), run_dir)
+    assert second.rounds_completed == 4
+    assert _metric_rounds(run_dir) == [1, 2, 3, 4]
+    whole, resumed = _ledger_json(uninterrupted.run_dir), _ledger_json(run_dir)
+    assert resumed['rounds_completed'] == whole['rounds_completed'] == 4
+    assert resumed['client_level_epsilon'] == pytest.approx(whole['client_level_epsilon'])
+    for c in categories.CATEGORY_IDS:
+      for field in ('rounds_released', 'epsilon_spent', 'noise_multiplier', 'status'):
+        assert resumed['categories'][c][field] == pytest.approx(whole['categories'][c][field])
+    verified = audit_lib.verify_chain(os.path.join(run_dir, 'audit_log.jsonl'))
+    assert verified.ok and verified.records == 4, verified
+    # The same sampler seed draws the same clients in every round.
+    whole_log = audit_lib.AuditLog(os.path.join(uninterrupted.run_dir, 'audit_log.jsonl'))
+    resumed_log = audit_lib.AuditLog(os.path.join(run_dir, 'audit_log.jsonl'))
+    assert [r['participants'] for r in whole_log.records()] == [
+        r['participants'] for r in resumed_log.records()]
+
+  def test_lost_release_after_checkpoint_is_redone_once(self, tmp_path):
+    """A kill between the checkpoint and the audit append: resume writes the record once."""
+    run_dir = str(tmp_path / 'lost')
+    program.run(smoke_config(), run_dir, stop_after_rounds=2)
+    path = os.path.join(run_dir, 'audit_log.jsonl')
+    with open(path) as f:
+      lines = f.readlines()
+    with open(path, 'w') as f:
+      f.writelines(lines[:1])
+      f.write(lines[1][:25])  # Torn write of round 2's record.
+    program.run(smoke_config(), run_dir, stop_after_rounds=1)
+    verified = audit_lib.verify_chain(path)
+    assert verified.ok and verified.records == 3, verified
+    assert [r['round'] for r in audit_lib.AuditLog(path).records()] == [1, 2, 3]
+
+  @pytest.mark.parametrize('override, section', [
+      ({'policy': 'SCALED'}, 'policy'),
+      ({'clients_per_round': 12}, 'sampling'),
+      ({'num_per_category': 41}, 'dataset'),
+      ({'partition': 'dirichlet'}, 'partition'),
+  ])
+  def test_incompatible_resume_is_refused(self, uninterrupted, tmp_path, override, section):
+    if override.get('policy') == 'SCALED':
+      with open(os.path.join(REPO, 'configs', 'privacy_policy.json')) as f:
+        raw = json.load(f)
+      raw['categories'][0]['epsilon'] = 0.75
+      path = tmp_path / 'policy.json'
+      path.write_text(json.dumps(raw))
+      override = {'policy': str(path)}
+    with pytest.raises(ConfigError, match=f'Cannot resume .*its [a-z, ]*{section}'):
+      program.run(smoke_config(**override), uninterrupted.run_dir)
+
+  def test_exhausted_run_says_so_instead_of_training(self, uninterrupted):
+    before = _metric_rounds(uninterrupted.run_dir)
+    result = program.run(smoke_config(total_rounds=8), uninterrupted.run_dir)
+    assert result.stop_reason == 'budget_exhausted'
+    assert result.rounds_completed == 4
+    assert _metric_rounds(uninterrupted.run_dir) == before
+
+  def test_non_private_run_has_no_ledger_and_releases_train_metrics(self, tmp_path):
+    result = program.run(smoke_config(dp=False, total_rounds=2, eval_every=2),
+                         str(tmp_path / 'nodp'))
+    assert result.ledger is None
+    assert not os.path.exists(os.path.join(result.run_dir, 'privacy_ledger.json'))
+    with open(os.path.join(result.run_dir, program.METRICS_FILE)) as f:
+      row = next(csv.DictReader(f))
+    assert 0.0 <= float(row['train/accuracy']) <= 1.0
+    assert np.isfinite(result.evaluation['accuracy'])
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'dataset': 'mri'}, 'dataset must be one of'),
+    ({'dataset': 'mednist'}, "data_dir must be set for dataset 'mednist'"),
+    ({'clients_per_round': 500}, 'clients_per_round must be at most num_clients'),
+    ({'sampling': 'fixed_size', 'accountant': 'pld'}, "accountant must be 'rdp'"),
+    ({'partition': 'dirichlet', 'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be positive'),
+    ({'total_rounds': 0}, 'total_rounds must be a positive integer'),
+    ({'client.learning_rate': -1.0}, 'client.learning_rate must be positive'),
+])
+def test_contradictory_or_invalid_config_is_refused(override, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(smoke_config(**override))

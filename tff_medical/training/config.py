@@ -1,0 +1,135 @@
+"""Experiment configuration: the fields, their defaults, and the checks that refuse bad ones."""
+
+import math
+
+import ml_collections
+
+from tff_medical.errors import ConfigError
+
+DATASETS = ('phantoms', 'mednist', 'dicom')
+PARTITIONS = ('iid', 'dirichlet')
+ACCOUNTANTS = ('rdp', 'pld')
+SAMPLINGS = ('poisson', 'fixed_size')
+SERVER_OPTIMIZERS = ('sgdm', 'adam')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults; configs/*.py start from this."""
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = 'phantoms'
+  config.data_dir = ''  # mednist: folder or MedNIST.tar.gz; dicom: folder of DICOM files.
+  config.num_per_category = 1000  # phantoms only.
+  config.num_clients = 1000
+  config.partition = 'iid'
+  config.dirichlet_alpha = 0.5
+  config.size_skew = 0.0
+  config.test_fraction = 0.1
+  config.holdout_fraction = 0.1
+  config.seed = 0
+  # Rounds and sampling.
+  config.clients_per_round = 100  # Expected clients per round (Poisson) or exact (fixed_size).
+  config.total_rounds = 50
+  config.sampling = 'poisson'
+  # Privacy.
+  config.dp = True
+  config.accountant = 'rdp'
+  config.policy = ''  # Path of a policy JSON; empty: configs/privacy_policy.json.
+  config.clip = ml_collections.ConfigDict()
+  config.clip.initial_l2_norm_clip = 0.1
+  config.clip.target_unclipped_quantile = 0.5
+  config.clip.learning_rate = 0.2
+  config.clip.max_value_noise_inflation = 1.05
+  # Largest clipped-count noise stddev, as a fraction of clients per round, before a setting is
+  # refused: beyond it the adaptive clip norm would follow noise rather than the update norms.
+  config.clip.max_count_noise_fraction = 0.1
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.conv_filters = (16, 32)
+  config.model.dense_units = 0
+  # Client and server optimizers.
+  config.client = ml_collections.ConfigDict()
+  config.client.learning_rate = 0.05
+  config.client.batch_size = 16
+  config.client.local_epochs = 1
+  config.server = ml_collections.ConfigDict()
+  config.server.optimizer = 'sgdm'
+  config.server.learning_rate = 1.0
+  config.server.momentum = 0.9
+  # Outputs.
+  config.eval_every = 5
+  config.checkpoints_to_keep = 3
+  config.export = True
+  return config
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _positive_int(name: str, value) -> None:
+  _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           f'{name} must be a positive integer. Found {value!r}.')
+
+
+def _fraction(name: str, value, upper_inclusive: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and 0 <= value and (
+      value <= 1 if upper_inclusive else value < 1)
+  _require(ok, f'{name} must be in [0, 1{"]" if upper_inclusive else ")"}. Found {value!r}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses unknown choices, out-of-range values and contradictory settings."""
+  _require(config.dataset in DATASETS,
+           f'dataset must be one of {", ".join(DATASETS)}. Found {config.dataset!r}.')
+  _require(config.dataset == 'phantoms' or bool(config.data_dir),
+           f'data_dir must be set for dataset {config.dataset!r}. Found {config.data_dir!r}.')
+  _require(config.dataset != 'phantoms' or not config.data_dir,
+           'data_dir must be empty for dataset \'phantoms\' (the embedded data is generated). '
+           f'Found {config.data_dir!r}.')
+  for name in ('num_per_category', 'num_clients', 'clients_per_round', 'total_rounds',
+               'eval_every', 'checkpoints_to_keep'):
+    _positive_int(name, config[name])
+  _positive_int('client.batch_size', config.client.batch_size)
+  _positive_int('client.local_epochs', config.client.local_epochs)
+  _require(config.clients_per_round <= config.num_clients,
+           f'clients_per_round must be at most num_clients ({config.num_clients}). '
+           f'Found {config.clients_per_round}.')
+  _require(config.partition in PARTITIONS,
+           f'partition must be one of {", ".join(PARTITIONS)}. Found {config.partition!r}.')
+  _require(config.partition != 'dirichlet' or (
+      isinstance(config.dirichlet_alpha, (int, float)) and config.dirichlet_alpha > 0),
+           f'dirichlet_alpha must be positive. Found {config.dirichlet_alpha!r}.')
+  _require(isinstance(config.size_skew, (int, float)) and config.size_skew >= 0,
+           f'size_skew must be non-negative. Found {config.size_skew!r}.')
+  _fraction('test_fraction', config.test_fraction)
+  _fraction('holdout_fraction', config.holdout_fraction)
+  _require(config.sampling in SAMPLINGS,
+           f'sampling must be one of {", ".join(SAMPLINGS)}. Found {config.sampling!r}.')
+  _require(config.accountant in ACCOUNTANTS,
+           f'accountant must be one of {", ".join(ACCOUNTANTS)}. Found {config.accountant!r}.')
+  _require(not (config.dp and config.sampling == 'fixed_size' and config.accountant == 'pld'),
+           'accountant must be \'rdp\' with sampling \'fixed_size\' (sampling without '
+           'replacement is accounted by RDP only). Found \'pld\'.')
+  _require(isinstance(config.dp, bool), f'dp must be true or false. Found {config.dp!r}.')
+  _require(config.server.optimizer in SERVER_OPTIMIZERS,
+           f'server.optimizer must be one of {", ".join(SERVER_OPTIMIZERS)}. '
+           f'Found {config.server.optimizer!r}.')
+  for name, value in (('client.learning_rate', config.client.learning_rate),
+                      ('server.learning_rate', config.server.learning_rate),
+                      ('clip.initial_l2_norm_clip', config.clip.initial_l2_norm_clip)):
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+             f'{name} must be positive. Found {value!r}.')
+  _fraction('server.momentum', config.server.momentum)
+  _fraction('clip.target_unclipped_quantile', config.clip.target_unclipped_quantile,
+            upper_inclusive=True)
+  _require(config.clip.max_value_noise_inflation > 1.0,
+           'clip.max_value_noise_inflation must be above 1. '
+           f'Found {config.clip.max_value_noise_inflation!r}.')
+  _require(0 < config.clip.max_count_noise_fraction <= 1,
+           'clip.max_count_noise_fraction must be in (0, 1]. '
+           f'Found {config.clip.max_count_noise_fraction!r}.')
+  _require(len(config.model.conv_filters) > 0 and all(
+      isinstance(f, int) and f > 0 for f in config.model.conv_filters),
+           f'model.conv_filters must be positive integers. Found {config.model.conv_filters!r}.')

@@ -1,0 +1,413 @@
+"""The training program: data, partition, calibrated class-aware process, and the round loop.
+
+Every round is committed once, in this order, so that an interruption at any moment (kill -9
+included) loses no round and counts none twice:
+  1. the round runs and the ledger records the DP events read from the aggregator state;
+  2. the whole program state (model, optimizer, aggregator, sampler, ledger, the round's audit
+     record and metrics) is saved as one checkpoint version;
+  3. only then is anything released: privacy_ledger.json, the audit record, metrics.
+A resumed run loads the newest readable checkpoint and re-releases that round's outputs where
+they are missing, so every release corresponds to exactly one checkpointed round.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_medical import categories
+from tff_medical.aggregation import class_aware
+from tff_medical.data import client_data as client_data_lib
+from tff_medical.data import partition as partition_lib
+from tff_medical.data import source as source_lib
+from tff_medical.errors import ConfigError
+from tff_medical.models import cnn
+from tff_medical.monitoring import audit as audit_lib
+from tff_medical.privacy import accounting
+from tff_medical.privacy import ledger as ledger_lib
+from tff_medical.privacy import policy as policy_lib
+from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.training import config as config_lib
+from tff_medical.training import evaluation
+from tff_medical.training import local_training
+from tff_medical.training import process as process_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.csv'
+AUDIT_FILE = 'audit_log.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+MANIFEST_FILE = 'partition_manifest.json'
+# The settings a resumed run must share with the run it continues.
+_FINGERPRINT_SECTIONS = ('policy', 'sampling', 'dataset', 'partition', 'privacy', 'model')
+
+
+@dataclasses.dataclass
+class RunResult:
+  run_dir: str
+  rounds_completed: int
+  stop_reason: str
+  evaluation: dict
+  ledger: Optional[ledger_lib.PrivacyLedger]
+  keras_model: tf.keras.Model
+  policy: policy_lib.PrivacyPolicy
+  saved_model_dir: Optional[str] = None
+
+
+def load_images(config) -> source_lib.LabeledImages:
+  """The configured image source, loaded whole (images are 4 KiB each)."""
+  # pylint: disable=g-import-not-at-top
+  if config.dataset == 'phantoms':
+    from tff_medical.data import phantoms
+    return phantoms.generate(config.num_per_category, seed=config.seed)
+  if config.dataset == 'mednist':
+    from tff_medical.data import mednist
+    return mednist.load_mednist(config.data_dir)
+  from tff_medical.data import dicom
+  return dicom.load_dicom_folder(config.data_dir)
+
+
+def build_keras_model(config) -> tf.keras.Model:
+  return cnn.build_cnn(tuple(config.model.conv_filters), config.model.dense_units,
+                       seed=config.seed)
+
+
+def _server_optimizer(config):
+  if config.server.optimizer == 'adam':
+    return tff.learning.optimizers.build_adam(config.server.learning_rate)
+  return tff.learning.optimizers.build_sgdm(config.server.learning_rate,
+                                            momentum=config.server.momentum or None)
+
+
+@dataclasses.dataclass
+class _Plan:
+  """What calibration decided; saved with the run and reused on resume."""
+
+  noise_multipliers: Optional[dict[str, float]]
+  splits: Optional[dict[str, dict[str, float]]]
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _calibrate(config, policy, sampling_spec) -> _Plan:
+  if not config.dp:
+    return _Plan(None, None)
+  noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
+                                              config.accountant)
+  splits = accounting.category_splits(
+      noise, sampling_spec.expected_clients_per_round,
+      max_value_noise_inflation=config.clip.max_value_noise_inflation,
+      max_count_noise_fraction=config.clip.max_count_noise_fraction)
+  return _Plan(noise, {c: s.to_json_dict() for c, s in splits.items()})
+
+
+def _fingerprint(config, policy, sampling_spec, partition) -> dict[str, Any]:
+  return {
+      'policy': policy.to_json_dict(),
+      'sampling': sampling_spec.to_json_dict(),
+      'dataset': {'dataset': config.dataset, 'data_dir': config.data_dir,
+                  'num_per_category': config.num_per_category
+                                      if config.dataset == 'phantoms' else None},
+      'partition': partition.fingerprint(),
+      'privacy': {'dp': config.dp, 'accountant': config.accountant,
+                  'clip': config.clip.to_dict()},
+      'model': config.model.to_dict(),
+  }
+
+
+def _json_default(value):
+  if isinstance(value, (tuple, np.ndarray)):
+    return list(value)
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f'not JSON serializable: {type(value).__name__}')
+
+
+def _write_json_atomic(path: str, value: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True, default=_json_default)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _weights_list(model_weights) -> list[np.ndarray]:
+  return [np.asarray(w) for w in list(model_weights.trainable) + list(model_weights.non_trainable)]
+
+
+def _update_norm(before, after) -> float:
+  return float(np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64))**2)
+                           for a, b in zip(before.trainable, after.trainable))))
+
+
+class _CheckpointStore:
+  """FileProgramStateManager, tolerant of a version left half-written by a killed process."""
+
+  def __init__(self, root: str, keep_total: int):
+    self._manager = tff.program.FileProgramStateManager(root, prefix='round_',
+                                                        keep_total=keep_total)
+
+  def load_latest(self, structure) -> tuple[Optional[Any], int]:
+    versions = asyncio.run(self._manager.get_versions()) or []
+    for version in sorted(versions, reverse=True):
+      try:
+        return asyncio.run(self._manager.load(version, structure)), version
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint version %d unreadable (%s); trying an older one.', version, e)
+    return None, 0
+
+  def save(self, program_state, version: int) -> None:
+    asyncio.run(self._manager.save(program_state, version))
+
+
+def _decode(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def run(config, run_dir: str, *, progress: bool = False,
+        on_round: Optional[Callable[[dict], None]] = None,
+        stop_after_rounds: Optional[int] = None) -> RunResult:
+  """Trains (or resumes) the configured run in `run_dir`; see the module docstring.
+
+  `stop_after_rounds` ends this invocation after that many new rounds (for tests of resume).
+  """
+  config_lib.validate(config)
+  os.makedirs(run_dir, exist_ok=True)
+  policy = policy_lib.load_policy(config.policy or policy_lib.DEFAULT_POLICY_PATH)
+  images = load_images(config)
+  logging.info('%s', images.report.summary())
+  partition = partition_lib.partition(
+      images.labels, config.num_clients, config.partition, alpha=config.dirichlet_alpha,
+      seed=config.seed, test_fraction=config.test_fraction,
+      holdout_fraction=config.holdout_fraction, size_skew=config.size_skew)
+  sampling_spec = sampling_lib.SamplingSpec(config.sampling, partition.num_clients,
+                                            config.clients_per_round)
+  fingerprint = _fingerprint(config, policy, sampling_spec, partition)
+  plan = _calibrate(config, policy, sampling_spec)
+
+  test_data = client_data_lib.central_dataset(images, partition.test_indices)
+  clip = class_aware.AdaptiveClipSettings(config.clip.initial_l2_norm_clip,
+                                          config.clip.target_unclipped_quantile,
+                                          config.clip.learning_rate)
+
+  def make_process(run_plan: _Plan):
+    if config.dp:
+      factory = class_aware.ClassAwareFactory.dp(
+          {c: accounting.AdaptiveClipSplit.from_json_dict(s) for c, s in run_plan.splits.items()},
+          clip)
+    else:
+      factory = class_aware.ClassAwareFactory.non_private()
+    return process_lib.build_class_aware_process(lambda: build_keras_model(config), factory,
+                                                 _server_optimizer(config))
+
+  learning_process = make_process(plan)
+  trainer = local_training.LocalTrainer(lambda: build_keras_model(config),
+                                        config.client.learning_rate, config.client.batch_size,
+                                        config.client.local_epochs)
+  sampler = sampling_lib.make_sampler(sampling_spec, config.seed)
+  ledger = (ledger_lib.PrivacyLedger(policy, plan.noise_multipliers, sampling_spec,
+                                     config.accountant) if config.dp else None)
+  store = _CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR), config.checkpoints_to_keep)
+
+  def program_state(state, round_num, round_record):
+    return collections.OrderedDict(
+        learning=state, round=np.int64(round_num),
+        ledger=json.dumps(ledger.state() if ledger else None),
+        sampler=json.dumps(sampler.state()),
+        fingerprint=json.dumps(fingerprint, sort_keys=True, default=_json_default),
+        plan=plan.to_json(),
+        round_record=json.dumps(round_record, default=_json_default))
+
+  state = learning_process.initialize()
+  restored, round_num = store.load_latest(program_state(state, 0, {}))
+  last_record = {}
+  if restored is not None:
+    saved_fingerprint = json.loads(_decode(restored['fingerprint']))
+    differs = [s for s in _FINGERPRINT_SECTIONS if saved_fingerprint.get(s) != json.loads(
+        json.dumps(fingerprint[s], sort_keys=True, default=_json_default))]
+    if differs:
+      raise ConfigError(
+          f'Cannot resume the run in {run_dir}: its {", ".join(differs)} '
+          f'{"differs" if len(differs) == 1 else "differ"} from this configuration. Use the '
+          'original settings, or a new --experiment_name for a new run.')
+    saved_plan = json.loads(_decode(restored['plan']))
+    if saved_plan != json.loads(plan.to_json()):
+      # total_rounds changed: keep the calibration the run started with.
+      plan = _Plan(**saved_plan)
+      learning_process = make_process(plan)
+    state = restored['learning']
+    round_num = int(restored['round'])
+    sampler = sampling_lib.sampler_from_state(json.loads(_decode(restored['sampler'])),
+                                              sampling_spec)
+    if ledger is not None:
+      ledger = ledger_lib.PrivacyLedger.from_state(
+          json.loads(_decode(restored['ledger'])), policy, sampling=sampling_spec,
+          accountant=config.accountant)
+    last_record = json.loads(_decode(restored['round_record']))
+    logging.info('Resuming %s after round %d.', run_dir, round_num)
+  else:
+    partition.save_manifest(os.path.join(run_dir, MANIFEST_FILE))
+
+  _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), {
+      'config': json.loads(config.to_json_best_effort()), 'plan': dataclasses.asdict(plan),
+      'data_report': images.report.summary(), 'num_clients': partition.num_clients,
+      'sampling': sampling_spec.to_json_dict()})
+
+  audit = audit_lib.AuditLog(os.path.join(run_dir, AUDIT_FILE))
+  csv_release = tff.program.CSVFileReleaseManager(os.path.join(run_dir, METRICS_FILE),
+                                                  key_fieldname='round')
+  tensorboard_release = tff.program.TensorBoardReleaseManager(
+      os.path.join(run_dir, TENSORBOARD_DIR))
+  keras_model = build_keras_model(config)
+
+  def release(record: dict) -> None:
+    """Publishes a checkpointed round's outputs; repeating it for the same round is harmless."""
+    if ledger is not None:
+      ledger.save(run_dir)
+    if record.get("audit") and (audit.last_round() or 0) < record["round"]:
+      audit.append(record['audit'])
+    metrics = record['metrics']
+    asyncio.run(csv_release.release(metrics, key=record['round']))
+    asyncio.run(tensorboard_release.release(
+        {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)},
+        key=record['round']))
+    if on_round is not None:
+      on_round(record)
+
+  audit.repair_partial_tail()
+  if last_record:
+    release(last_record)
+
+  stop_reason = 'completed'
+  rounds_this_call = 0
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=config.total_rounds, initial=round_num, unit='round',
+                    dynamic_ncols=True)
+  try:
+    while round_num < config.total_rounds:
+      if stop_after_rounds is not None and rounds_this_call >= stop_after_rounds:
+        stop_reason = 'stopped'
+        break
+      released = ledger.releasable() if ledger is not None else categories.CATEGORY_IDS
+      if not released:
+        stop_reason = 'budget_exhausted'
+        break
+      round_num += 1
+      started = time.monotonic()
+      state = state._replace(
+          aggregator=class_aware.with_released_categories(state.aggregator, released))
+      sampled = sampler.sample(round_num)
+      client_ids = [partition.client_ids[i] for i in sampled]
+      before = state.global_model_weights
+      initial = [np.asarray(w) for w in before.trainable]
+      client_outputs = []
+      for position, client_id in zip(sampled, client_ids):
+        indices = partition.train_indices(client_id)
+        client_outputs.append(trainer.train(
+            initial, images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+            images.labels[indices], shuffle_seed=(config.seed, round_num, int(position))))
+      output = learning_process.next(
+          state, [process_lib.as_sub_update_structs(o.sub_updates) for o in client_outputs])
+      state = output.state
+      metrics = {'round': round_num, 'round_seconds': time.monotonic() - started,
+                 'num_clients': len(client_ids),
+                 'update_norm': _update_norm(before, state.global_model_weights)}
+      audit_record = {
+          'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+          'round': round_num, 'participants': client_ids, 'num_participants': len(client_ids),
+          'categories_released': list(released), 'update_norm': metrics['update_norm'],
+          'model_sha256': audit_lib.model_weights_sha256(
+              _weights_list(state.global_model_weights)),
+      }
+      if ledger is not None:
+        ledger.record_round(class_aware.dp_events(state.aggregator))
+        norms = class_aware.clip_norms(state.aggregator)
+        audit_record['clip_norms'] = norms
+        audit_record['epsilon_spent'] = {c: ledger.epsilon_spent(c)
+                                         for c in categories.CATEGORY_IDS}
+        audit_record['client_level_epsilon'] = ledger.client_level_epsilon
+        metrics['client_level_epsilon'] = ledger.client_level_epsilon
+        for c in categories.CATEGORY_IDS:
+          metrics[f'epsilon/{c}'] = ledger.epsilon_spent(c)
+          metrics[f'clip_norm/{c}'] = norms[c]
+          metrics[f'released/{c}'] = int(c in released)
+      else:
+        train = local_training.summarize_train_metrics(client_outputs)
+        metrics.update({f'train/{k}': v for k, v in train.items()})
+      if round_num % config.eval_every == 0 or round_num == config.total_rounds:
+        state.global_model_weights.assign_weights_to(keras_model)
+        result = evaluation.evaluate(keras_model, test_data)
+        metrics.update({f'eval/{k}': v for k, v in result.items() if k != 'confusion_matrix'})
+        metrics['eval/confusion_matrix'] = json.dumps(result['confusion_matrix'])
+      record = {'round': round_num, 'audit': audit_record, 'metrics': metrics}
+      store.save(program_state(state, round_num, record), round_num)
+      release(record)
+      rounds_this_call += 1
+      if bar is not None:
+        bar.set_postfix(round_s=f'{metrics["round_seconds"]:.1f}')
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+
+  state.global_model_weights.assign_weights_to(keras_model)
+  final = evaluation.evaluate(keras_model, test_data)
+  if ledger is not None and ledger.all_exhausted and stop_reason == 'completed':
+    stop_reason = 'budget_exhausted'
+  return RunResult(run_dir=run_dir, rounds_completed=round_num, stop_reason=stop_reason,
+                   evaluation=final, ledger=ledger, keras_model=keras_model, policy=policy)
+
+
+SAVED_MODEL_DIR = 'saved_model'
+MODEL_CARD_FILE = 'model_card.json'
+
+
+def export(result: RunResult) -> str:
+  """Exports the run's final model to run_dir/saved_model and writes run_dir/model_card.json.
+
+  A previous export of the same run is replaced: it is always regenerated from the checkpoint.
+  """
+  # pylint: disable=g-import-not-at-top
+  import shutil
+  from tff_medical.export import saved_model
+  # pylint: enable=g-import-not-at-top
+  export_dir = os.path.join(result.run_dir, SAVED_MODEL_DIR)
+  ledger_json = result.ledger.to_json_dict() if result.ledger is not None else None
+  with open(os.path.join(result.run_dir, CONFIG_FILE)) as f:
+    data_source = json.load(f)['config']['dataset']
+  card = dict(data_source=data_source, rounds=result.rounds_completed,
+              accuracy_per_category={c: result.evaluation[f'accuracy/{c}']
+                                     for c in categories.CATEGORY_IDS})
+  if os.path.exists(export_dir):
+    shutil.rmtree(export_dir)
+  saved_model.export_saved_model(result.keras_model, export_dir, result.policy, ledger_json,
+                                 model_card_extra=card)
+  saved_model.write_model_card(
+      os.path.join(result.run_dir, MODEL_CARD_FILE), result.policy, ledger_json,
+      model_sha256=audit_lib.model_weights_sha256(result.keras_model.get_weights()), **card)
+  return export_dir
+
+
+def config_of_run(run_dir: str):
+  """The ConfigDict a run was started with, from its config.json (for export and resume tools)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(run_dir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f'run_dir must hold a run ({CONFIG_FILE}). Found none in {run_dir}.')
+  with open(path) as f:
+    raw = json.load(f)['config']
+  raw['model']['conv_filters'] = tuple(raw['model']['conv_filters'])
+  return ml_collections.ConfigDict(raw)
