@@ -10,7 +10,7 @@ setuptools.setup(
     ),
     python_requires='>=3.11,<3.12',
     packages=setuptools.find_packages(include=['tff_medical', 'tff_medical.*']),
-    package_data={'tff_medical': ['configs/*.json', 'data/*.json']},
+    package_data={'tff_medical': ['data/*.json', 'monitoring/vendor/*']},
     # Not a Python module: a shared library preloaded into TFF's C++ worker so that its gRPC
     # server binds to loopback only (the worker has no flag for the listen address).
     ext_modules=[

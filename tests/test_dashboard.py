@@ -1,0 +1,686 @@
+"""The run dashboard: compliance checks on tampered runs, the CLI, the page in headless Chromium.
+
+The fast tests build run directories with the project's own writers (PrivacyLedger.save,
+AuditLog.append) on fixed noise multipliers. The browser tests open the dashboard of a small real
+training run from file:// in Debian's Chromium, with every network path closed, and drive it
+over the DevTools protocol on a pipe (--remote-debugging-pipe: no port, no extra package).
+"""
+
+import base64
+import csv
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from tff_medical import categories
+from tff_medical.monitoring import audit as audit_lib
+from tff_medical.monitoring import dashboard
+from tff_medical.privacy import ledger as ledger_lib
+from tff_medical.privacy import policy as policy_lib
+from tff_medical.privacy import sampling as sampling_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(REPO, 'experiments', 'dashboard.py')
+INSTALL_BROWSER = os.path.join(REPO, 'tests', 'install_browser.sh')
+CHROMIUM = os.environ.get('CHROMIUM', '/usr/bin/chromium')
+# The README's picture; refreshed only on request so that a test run leaves the tree clean.
+README_SCREENSHOT = os.path.join(REPO, 'docs', 'dashboard.png')
+UPDATE_SCREENSHOT = os.environ.get('TFF_MEDICAL_UPDATE_SCREENSHOT') == '1'
+CATS = list(categories.CATEGORY_IDS)
+CHART_PANELS = ('accuracy', 'loss', 'epsilon', 'share', 'clip_norm', 'update_norm', 'clients',
+                'participation')
+
+# Multipliers that keep 3 rounds of q = 0.1 within the default policy's budgets.
+_Z = {'HeadCT': 2.5, 'BreastMRI': 2.5, 'AbdomenCT': 1.75, 'ChestCT': 1.75, 'CXR': 1.25,
+      'Hand': 1.25}
+_NUM_CLIENTS = 100
+
+
+def write_synthetic_run(run_dir, rounds=3):
+  """A run directory as the training program writes it, without training."""
+  os.makedirs(run_dir, exist_ok=True)
+  spec = sampling_lib.SamplingSpec('poisson', _NUM_CLIENTS, 10)
+  ledger = ledger_lib.PrivacyLedger(policy_lib.default_policy(), _Z, spec, 'rdp')
+  log = audit_lib.AuditLog(os.path.join(run_dir, audit_lib.AUDIT_LOG_FILENAME))
+  rng = np.random.default_rng(0)
+  rows = []
+  for round_num in range(1, rounds + 1):
+    released = ledger.releasable()
+    ledger.record_round({c: dp_accounting.GaussianDpEvent(_Z[c]) for c in released})
+    clients = [f'client_{i:05d}' for i in sorted(rng.choice(_NUM_CLIENTS, 10, replace=False))]
+    norms = {c: 0.1 / round_num for c in CATS}
+    spent = {c: ledger.epsilon_spent(c) for c in CATS}
+    log.append({
+        'round': round_num, 'participants': clients, 'num_participants': len(clients),
+        'categories_released': list(released), 'clip_norms': norms, 'update_norm': 0.3,
+        'epsilon_spent': spent, 'client_level_epsilon': ledger.client_level_epsilon,
+        'model_sha256': f'{round_num:064x}'})
+    row = {'round': round_num, 'round_seconds': 1.5, 'num_clients': len(clients),
+           'update_norm': 0.3, 'client_level_epsilon': ledger.client_level_epsilon}
+    for c in CATS:
+      row.update({f'epsilon/{c}': spent[c], f'clip_norm/{c}': norms[c],
+                  f'released/{c}': int(c in released)})
+    if round_num % 2 == 0 or round_num == rounds:
+      row['eval/accuracy'] = 0.5
+      row['eval/loss'] = 1.2
+      for c in CATS:
+        row[f'eval/accuracy/{c}'] = 0.5
+        row[f'eval/loss/{c}'] = 1.2
+      row['eval/confusion_matrix'] = json.dumps(np.eye(6, dtype=int).tolist())
+    rows.append(row)
+  ledger.save(run_dir)
+  columns = sorted({k for row in rows for k in row}, key=lambda k: (k != 'round', k))
+  with open(os.path.join(run_dir, dashboard.METRICS_FILE), 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(run_dir, dashboard.CONFIG_FILE), 'w') as f:
+    json.dump({'config': {'dp': True, 'policy': '', 'total_rounds': rounds,
+                          'num_clients': _NUM_CLIENTS},
+               'plan': {'noise_multipliers': _Z, 'splits': None},
+               'num_clients': _NUM_CLIENTS, 'sampling': spec.to_json_dict()}, f)
+  return run_dir
+
+
+def _edit_ledger(run_dir, edit):
+  path = os.path.join(run_dir, ledger_lib.LEDGER_FILENAME)
+  with open(path) as f:
+    ledger = json.load(f)
+  edit(ledger)
+  with open(path, 'w') as f:
+    json.dump(ledger, f)
+
+
+def _checks(run_dir):
+  return {c.id: c for c in dashboard.compliance(run_dir)}
+
+
+@pytest.fixture(scope='module')
+def synthetic_template(tmp_path_factory):
+  return write_synthetic_run(str(tmp_path_factory.mktemp('synthetic') / 'run'))
+
+
+@pytest.fixture
+def synthetic(synthetic_template, tmp_path):
+  return shutil.copytree(synthetic_template, str(tmp_path / 'run'))
+
+
+class TestCompliance:
+
+  def test_an_honest_run_is_green_on_every_item(self, synthetic):
+    checks = _checks(synthetic)
+    assert list(checks) == [dashboard.BUDGET_RESPECTED, dashboard.LEDGER_CONSISTENT,
+                            dashboard.AUDIT_CHAIN, dashboard.NO_IDENTIFIERS]
+    assert all(c.ok for c in checks.values()), checks
+    assert 'client level' in checks[dashboard.LEDGER_CONSISTENT].reason
+
+  def test_recomputed_epsilon_is_the_accountants(self, synthetic):
+    with open(os.path.join(synthetic, ledger_lib.LEDGER_FILENAME)) as f:
+      ledger = json.load(f)
+    for c in CATS:
+      # Independent of the ledger's own cached-RDP path: a fresh accountant per category.
+      assert dashboard.recompute_category_epsilon(ledger, c) == pytest.approx(
+          ledger['categories'][c]['epsilon_spent'], rel=1e-6)
+
+  def test_overspent_ledger_is_red_on_budget_and_consistency(self, synthetic):
+    def overspend(ledger):
+      ledger['categories']['HeadCT']['epsilon_spent'] = 0.7
+    _edit_ledger(synthetic, overspend)
+    checks = _checks(synthetic)
+    assert not checks[dashboard.BUDGET_RESPECTED].ok
+    assert 'HeadCT: spent 0.7 > budget 0.5' in checks[dashboard.BUDGET_RESPECTED].reason
+    assert not checks[dashboard.LEDGER_CONSISTENT].ok
+    assert checks[dashboard.AUDIT_CHAIN].ok and checks[dashboard.NO_IDENTIFIERS].ok
+
+  @pytest.mark.parametrize('field, value', [
+      pytest.param('epsilon_spent', 0.2, id='spend_understated'),
+      pytest.param('noise_multiplier', 2.6, id='multiplier_overstated'),
+      pytest.param('rounds_released', 2, id='rounds_understated'),
+  ])
+  def test_ledger_that_the_accountant_contradicts_is_red(self, synthetic, field, value):
+    # Each edit keeps the ledger's schema valid and within budget: only recomputing catches it.
+    def edit(ledger):
+      ledger['categories']['HeadCT'][field] = value
+    _edit_ledger(synthetic, edit)
+    with open(os.path.join(synthetic, ledger_lib.LEDGER_FILENAME)) as f:
+      ledger_lib.validate_ledger_json(json.load(f))
+    checks = _checks(synthetic)
+    assert not checks[dashboard.LEDGER_CONSISTENT].ok
+    assert 'HeadCT' in checks[dashboard.LEDGER_CONSISTENT].reason
+    assert checks[dashboard.BUDGET_RESPECTED].ok
+
+  def test_raised_target_is_not_the_policys_budget(self, synthetic):
+    def raise_target(ledger):
+      ledger['categories']['HeadCT']['target_epsilon'] = 5.0
+    _edit_ledger(synthetic, raise_target)
+    budget = _checks(synthetic)[dashboard.BUDGET_RESPECTED]
+    assert not budget.ok and "not the policy's 0.5" in budget.reason
+
+  def test_invalid_ledger_is_red_with_the_validators_reason(self, synthetic):
+    def break_rate(ledger):
+      ledger['sampling']['rate'] = 0.5
+    _edit_ledger(synthetic, break_rate)
+    ledger_check = _checks(synthetic)[dashboard.LEDGER_CONSISTENT]
+    assert not ledger_check.ok and 'sampling.rate' in ledger_check.reason
+
+  def test_missing_ledger_is_red(self, synthetic):
+    os.remove(os.path.join(synthetic, ledger_lib.LEDGER_FILENAME))
+    checks = _checks(synthetic)
+    assert not checks[dashboard.BUDGET_RESPECTED].ok
+    assert not checks[dashboard.LEDGER_CONSISTENT].ok
+
+  def test_tampered_audit_record_breaks_the_chain(self, synthetic):
+    path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
+    with open(path) as f:
+      lines = f.readlines()
+    record = json.loads(lines[1])
+    record['update_norm'] = 0.01
+    lines[1] = json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n'
+    with open(path, 'w') as f:
+      f.writelines(lines)
+    chain = _checks(synthetic)[dashboard.AUDIT_CHAIN]
+    assert not chain.ok
+    assert chain.reason.startswith('broken at line 2') and 'record_hash' in chain.reason
+
+  def test_audit_records_cut_from_the_end_break_the_chain(self, synthetic):
+    path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
+    with open(path) as f:
+      lines = f.readlines()
+    with open(path, 'w') as f:
+      f.writelines(lines[:-1])
+    chain = _checks(synthetic)[dashboard.AUDIT_CHAIN]
+    assert not chain.ok and 'expected 3 records' in chain.reason
+
+  def test_audit_log_that_disagrees_with_the_ledger_is_red(self, synthetic):
+    # A forged but well-chained log: rewrite round 3's spend and re-hash the whole chain.
+    path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
+    with open(path) as f:
+      records = [json.loads(line) for line in f]
+    records[-1]['epsilon_spent']['CXR'] = 0.1
+    prev = audit_lib.GENESIS_HASH
+    with open(path, 'w') as f:
+      for record in records:
+        record['prev_hash'] = prev
+        record['record_hash'] = prev = audit_lib.record_hash(record)
+        f.write(json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n')
+    checks = _checks(synthetic)
+    assert checks[dashboard.AUDIT_CHAIN].ok
+    assert not checks[dashboard.LEDGER_CONSISTENT].ok
+    assert 'CXR: audit record of round 3' in checks[dashboard.LEDGER_CONSISTENT].reason
+
+
+class TestIdentifierScan:
+
+  @pytest.mark.parametrize('name, content, kind', [
+      pytest.param('notes.txt', b'PatientName: redacted?\n', 'patient attribute keyword',
+                   id='dicom_keyword'),
+      pytest.param('sub/export.csv', b'image,patient_id\n1,42\n', 'patient attribute keyword',
+                   id='snake_case_keyword'),
+      pytest.param('meta.json', b'{"study": "1.2.840.113619.2.55.3.604688"}', 'UID',
+                   id='dicom_uid'),
+      pytest.param('tags.txt', b'(0010,0020) 12345\n', 'patient tag', id='dicom_tag'),
+      pytest.param('log.txt', b'ok\nloaded DOE^JOHN from disk\n', 'person-name', id='person_name'),
+      pytest.param('scan.dcm', b'\0' * 128 + b'DICM' + bytes(range(256)), 'DICOM file',
+                   id='dicom_file'),
+  ])
+  def test_planted_identifier_turns_the_item_red(self, synthetic, name, content, kind):
+    path = os.path.join(synthetic, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(content)
+    findings = dashboard.scan_for_identifiers(synthetic)
+    assert [f.path for f in findings] == [name] and kind in findings[0].kind, findings
+    check = _checks(synthetic)[dashboard.NO_IDENTIFIERS]
+    assert not check.ok and name in check.reason
+
+  def test_reason_locates_without_repeating_the_identifier(self, synthetic):
+    with open(os.path.join(synthetic, 'log.txt'), 'w') as f:
+      f.write('line one\nPatientID=HOSP-991-22\n')
+    check = _checks(synthetic)[dashboard.NO_IDENTIFIERS]
+    assert 'log.txt:2' in check.reason and 'HOSP-991-22' not in check.reason
+
+  def test_pseudonyms_hashes_and_metric_names_are_not_flagged(self, synthetic):
+    with open(os.path.join(synthetic, 'innocent.txt'), 'w') as f:
+      f.write('client_00042 eval/accuracy/HeadCT 1.2.3 version 0.87.0 x^2 '
+              'no patient identifiers are kept; patients stay anonymous '
+              f'{"ab" * 32} 2.25 1.2.84\n')
+    assert dashboard.scan_for_identifiers(synthetic) == []
+
+  def test_the_dashboard_itself_is_not_scanned(self, synthetic):
+    with open(os.path.join(synthetic, 'notes.txt'), 'w') as f:
+      f.write('PatientName\n')
+    output = dashboard.build_dashboard([synthetic], os.path.join(synthetic, 'dashboard.html'))
+    os.remove(os.path.join(synthetic, 'notes.txt'))
+    # The page names what it found; rescanning must not report the page.
+    assert 'notes.txt' in open(output).read()
+    assert dashboard.scan_for_identifiers(synthetic) == []
+
+
+def _page_data(path):
+  with open(path, encoding='utf-8') as f:
+    page = f.read()
+  match = re.search(r'<script type="application/json" id="dashboard-data">(.*?)</script>', page,
+                    re.S)
+  return page, json.loads(match.group(1))
+
+
+class TestBuild:
+
+  def test_page_is_self_contained_with_the_data_embedded(self, synthetic, tmp_path):
+    output = str(tmp_path / 'out' / 'page.html')
+    assert dashboard.build_dashboard([synthetic], output) == output
+    page, data = _page_data(output)
+    assert "default-src 'none'" in page  # The page may not fetch anything, even by mistake.
+    assert not re.search(r'(?:src|href)\s*=|@import|url\(|<link', page, re.I)
+    assert 'uPlot' in page and data['live'] is False
+    [run] = data['runs']
+    assert run['rounds'] == [1, 2, 3]
+    assert [c['id'] for c in data['categories']] == CATS
+    assert run['ledger']['rounds_completed'] == 3 and len(run['audit_latest']) == 3
+    assert run['participation']['histogram'][0] + run['participation']['distinct_clients'] == 100
+    assert all(c['ok'] for c in run['compliance'])
+    assert not [n for n in os.listdir(tmp_path / 'out') if n != 'page.html']  # No temp left.
+
+  def test_run_text_cannot_break_out_of_the_page(self, synthetic, tmp_path):
+    with open(os.path.join(synthetic, dashboard.CONFIG_FILE)) as f:
+      config = json.load(f)
+    config['config']['note'] = '</script><script>alert(1)</script> @@UPLOT_JS@@'
+    with open(os.path.join(synthetic, dashboard.CONFIG_FILE), 'w') as f:
+      json.dump(config, f)
+    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
+    assert '<script>alert(1)' not in page
+    assert ['config.note', json.dumps(config['config']['note'])] in data['runs'][0]['config']
+
+  def test_live_flag_and_a_run_before_its_first_round(self, tmp_path):
+    run_dir = tmp_path / 'fresh'
+    run_dir.mkdir()
+    (run_dir / 'config.json').write_text(json.dumps({'config': {'dp': True, 'policy': ''}}))
+    _, data = _page_data(dashboard.build_dashboard([str(run_dir)], str(run_dir / 'd.html'),
+                                                   live=True))
+    assert data['live'] is True and data['runs'][0]['rounds'] == []
+
+  def test_missing_run_dir_is_refused(self, tmp_path):
+    with pytest.raises(dashboard.DashboardError, match='Found none at'):
+      dashboard.build_dashboard([str(tmp_path / 'nope')], str(tmp_path / 'd.html'))
+    with pytest.raises(dashboard.DashboardError, match='non-empty list'):
+      dashboard.build_dashboard([], str(tmp_path / 'd.html'))
+
+
+class TestCli:
+
+  def _run(self, *args, cwd=REPO):
+    return subprocess.run([sys.executable, CLI, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+  def test_one_run_defaults_into_the_run_dir(self, synthetic):
+    done = self._run(f'--run_dirs={synthetic}')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == os.path.join(synthetic, 'dashboard.html')
+    assert os.path.isfile(done.stdout.strip())
+
+  def test_several_runs_default_to_the_working_dir_and_errors_exit_1(self, synthetic, tmp_path):
+    other = shutil.copytree(synthetic, str(tmp_path / 'other'))
+    done = self._run(f'--run_dirs={synthetic},{other}', cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'dashboard.html'
+    _, data = _page_data(str(tmp_path / 'dashboard.html'))
+    assert [r['name'] for r in data['runs']] == ['run', 'other']
+    missing = self._run(f'--run_dirs={tmp_path / "missing"}')
+    assert missing.returncode == 1 and 'error: run_dir must be a folder' in missing.stderr
+    stray = self._run(f'--run_dirs={synthetic}', 'extra')
+    assert stray.returncode == 1 and 'Unexpected arguments: extra' in stray.stderr
+
+
+# The browser tests.
+
+
+class Browser:
+  """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4 of the child).
+
+  Networking is closed three ways: a dead proxy, a resolver that maps every host to nothing,
+  and no background services; the page's own CSP forbids any fetch as well.
+  """
+
+  def __init__(self, chromium, log_path):
+    self._profile = tempfile.mkdtemp(prefix='dashboard-chromium-')
+
+    def high(fd):  # Out of the way of fds 3 and 4, which the child's pipe ends must become.
+      moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+      os.close(fd)
+      return moved
+
+    child_in, self._to_child = map(high, os.pipe())
+    self._from_child, child_out = map(high, os.pipe())
+
+    def wire_pipe():
+      os.dup2(child_in, 3)
+      os.dup2(child_out, 4)
+
+    self._log = open(log_path, 'wb')
+    args = [chromium, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+            '--no-first-run', '--disable-background-networking', '--disable-component-update',
+            '--disable-sync', '--disable-extensions', '--hide-scrollbars',
+            f'--user-data-dir={self._profile}', '--proxy-server=127.0.0.1:9',
+            '--host-resolver-rules=MAP * ~NOTFOUND', '--remote-debugging-pipe', 'about:blank']
+    # pylint: disable-next=subprocess-popen-preexec-fn
+    self.process = subprocess.Popen(args, preexec_fn=wire_pipe, close_fds=False,
+                                    stdin=subprocess.DEVNULL, stdout=self._log,
+                                    stderr=subprocess.STDOUT)
+    os.close(child_in)
+    os.close(child_out)
+    self._buffer = b''
+    self._next_id = 0
+    self.events = []
+
+  def _message(self, timeout):
+    deadline = time.monotonic() + timeout
+    while b'\0' not in self._buffer:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        raise TimeoutError('Chromium sent nothing in time')
+      if select.select([self._from_child], [], [], left)[0]:
+        chunk = os.read(self._from_child, 1 << 20)
+        if not chunk:
+          raise EOFError(f'Chromium closed the pipe (exit {self.process.poll()})')
+        self._buffer += chunk
+    message, self._buffer = self._buffer.split(b'\0', 1)
+    return json.loads(message)
+
+  def send(self, method, params=None, session=None, timeout=30):
+    self._next_id += 1
+    message = {'id': self._next_id, 'method': method, 'params': params or {}}
+    if session:
+      message['sessionId'] = session
+    os.write(self._to_child, json.dumps(message).encode() + b'\0')
+    while True:
+      reply = self._message(timeout)
+      if reply.get('id') == self._next_id:
+        if 'error' in reply:
+          raise RuntimeError(f'{method}: {reply["error"]}')
+        return reply.get('result', {})
+      self.events.append(reply)
+
+  def pump(self, seconds):
+    """Collects events for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        return
+      try:
+        self.events.append(self._message(left))
+      except TimeoutError:
+        return
+
+  def open(self, path, width=1400, height=2400):
+    """A new tab showing `path` once its self-check is written; returns the Page."""
+    target = self.send('Target.createTarget', {'url': 'about:blank'})['targetId']
+    session = self.send('Target.attachToTarget', {'targetId': target, 'flatten': True})[
+        'sessionId']
+    for domain in ('Page', 'Runtime', 'Network', 'Log'):
+      self.send(f'{domain}.enable', session=session)
+    self.send('Emulation.setDeviceMetricsOverride', {'width': width, 'height': height,
+                                                     'deviceScaleFactor': 1, 'mobile': False},
+              session=session)
+    page = Page(self, session, len(self.events))
+    self.send('Page.navigate', {'url': 'file://' + os.path.abspath(path)}, session=session)
+    page.self_check()
+    return page
+
+  def close(self):
+    try:
+      self.send('Browser.close', timeout=10)
+    except (OSError, EOFError, TimeoutError, RuntimeError):
+      pass
+    try:
+      self.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      self.process.wait(timeout=10)
+    for fd in (self._to_child, self._from_child):
+      os.close(fd)
+    self._log.close()
+    shutil.rmtree(self._profile, ignore_errors=True)
+
+
+class Page:
+  """One tab: evaluate JS, read its events, move the mouse, take a screenshot."""
+
+  def __init__(self, browser, session, first_event):
+    self._browser = browser
+    self._session = session
+    self._first_event = first_event
+
+  def send(self, method, params=None):
+    return self._browser.send(method, params, session=self._session)
+
+  def evaluate(self, expression):
+    result = self.send('Runtime.evaluate', {'expression': expression, 'returnByValue': True,
+                                            'awaitPromise': True})
+    if 'exceptionDetails' in result:
+      raise AssertionError(f'{expression}: {result["exceptionDetails"]}')
+    return result['result'].get('value')
+
+  def self_check(self, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      try:
+        text = self.evaluate(f"(document.getElementById('{dashboard.SELF_CHECK_ID}') || "
+                             "{}).textContent || ''")
+      except RuntimeError:  # The page is between two documents (navigating, reloading).
+        text = ''
+      if text:
+        return json.loads(text)
+      time.sleep(0.1)
+    raise AssertionError('the page never wrote its self-check')
+
+  def events(self, *methods):
+    return [e for e in self._browser.events[self._first_event:]
+            if e.get('sessionId') == self._session and e['method'] in methods]
+
+  def problems(self):
+    """Console errors and warnings, uncaught exceptions, and log entries at error level."""
+    found = []
+    for event in self.events('Runtime.consoleAPICalled', 'Runtime.exceptionThrown',
+                             'Log.entryAdded'):
+      params = event['params']
+      if event['method'] == 'Runtime.exceptionThrown':
+        found.append(params['exceptionDetails'])
+      elif event['method'] == 'Runtime.consoleAPICalled' and params['type'] in (
+          'error', 'warning', 'assert'):
+        found.append(params['args'])
+      elif event['method'] == 'Log.entryAdded' and params['entry']['level'] in ('error',
+                                                                                'warning'):
+        found.append(params['entry'])
+    return found
+
+  def requests(self):
+    return [e['params']['request']['url'] for e in self.events('Network.requestWillBeSent')]
+
+  def mouse(self, kind, x, y, buttons=0):
+    self.send('Input.dispatchMouseEvent', {
+        'type': kind, 'x': x, 'y': y, 'button': 'left' if kind != 'mouseMoved' else 'none',
+        'buttons': buttons, 'clickCount': 1 if kind != 'mouseMoved' else 0})
+
+  def screenshot(self, path):
+    data = self.send('Page.captureScreenshot', {'format': 'png'})['data']
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(base64.b64decode(data))
+
+
+@pytest.fixture(scope='session')
+def chromium():
+  """Debian's Chromium; installed by tests/install_browser.sh when missing (never skipped)."""
+  if not os.access(CHROMIUM, os.X_OK):
+    subprocess.run(['bash', INSTALL_BROWSER], check=True, timeout=1200)
+  assert os.access(CHROMIUM, os.X_OK), f'{CHROMIUM} missing after {INSTALL_BROWSER}'
+  return CHROMIUM
+
+
+@pytest.fixture(scope='module')
+def browser(chromium, tmp_path_factory):
+  instance = Browser(chromium, str(tmp_path_factory.mktemp('chromium') / 'chromium.log'))
+  yield instance
+  instance.close()
+
+
+def _small_config(**overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.spec_from_file_location('smoke', os.path.join(REPO, 'configs',
+                                                                      'smoke.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.total_rounds = 3
+  config.num_clients = 100
+  config.clients_per_round = 10
+  config.num_per_category = 40
+  config.model.conv_filters = (4,)
+  # 10 clients a round need much clipped-count noise at these multipliers; the clip's quality
+  # is not what this test is about, so allow the most that the config accepts.
+  config.clip.max_count_noise_fraction = 1.0
+  config.export = False
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+@pytest.fixture(scope='module')
+def real_run(tmp_path_factory, tff_context):
+  """A 3-round DP run whose dashboard is rebuilt after every round, as training does."""
+  del tff_context
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+
+  run_dir = str(tmp_path_factory.mktemp('runs') / 'smoke')
+  output = os.path.join(run_dir, dashboard.DASHBOARD_FILENAME)
+  seen = []
+
+  def on_round(record):
+    dashboard.build_dashboard([run_dir], output, live=True)
+    _, data = _page_data(output)
+    seen.append((record['round'], data['live'], data['runs'][0]['rounds']))
+
+  program.run(_small_config(), run_dir, on_round=on_round)
+  dashboard.build_dashboard([run_dir], output, live=False)
+  return run_dir, seen
+
+
+class TestBrowser:
+
+  def test_the_dashboard_is_rebuilt_live_every_round(self, real_run):
+    _, seen = real_run
+    assert seen == [(1, True, [1]), (2, True, [1, 2]), (3, True, [1, 2, 3])]
+
+  def test_every_panel_holds_the_run_offline_and_without_errors(self, real_run, browser):
+    run_dir, _ = real_run
+    page = browser.open(os.path.join(run_dir, dashboard.DASHBOARD_FILENAME))
+    check = page.self_check()
+    assert page.problems() == []
+    assert check['errors'] == [] and check['resources'] == []
+    # Only the page itself was loaded, from the file system.
+    assert page.requests() == ['file://' + os.path.join(run_dir, dashboard.DASHBOARD_FILENAME)]
+    assert check['live'] is False
+    [run] = check['runs']
+    assert run['rounds'] == 3 and run['categories'] == CATS
+    for name in CHART_PANELS:
+      panel = run['panels'][name]
+      assert panel['series'] >= 1 and panel['points'] >= 1, (name, panel)
+      assert panel['rounds'] == 3, (name, panel)
+      assert panel['legend'] == panel['series'], (name, panel)
+    # Six categories (+ budgets) in every per-category chart; eval every 2 rounds plus the last.
+    assert run['panels']['epsilon']['series'] == 1 + 2 * 6
+    assert run['panels']['clip_norm']['series'] == 6
+    assert run['panels']['accuracy']['series'] == 7 and run['panels']['accuracy']['points'] == 2
+    assert run['tables'] == {'budget': 6, 'policy': 6, 'audit': 3,
+                             'config': run['tables']['config']}
+    assert run['tables']['config'] > 10
+    assert run['compliance'] == {dashboard.BUDGET_RESPECTED: True,
+                                 dashboard.LEDGER_CONSISTENT: True, dashboard.AUDIT_CHAIN: True,
+                                 dashboard.NO_IDENTIFIERS: True}
+    assert page.evaluate("document.querySelectorAll('ul.compliance li.ok').length") == 4
+    screenshot = README_SCREENSHOT if UPDATE_SCREENSHOT else os.path.join(run_dir, 'shot.png')
+    page.screenshot(screenshot)
+    with open(screenshot, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  def test_charts_hover_zoom_and_toggle(self, real_run, browser):
+    run_dir, _ = real_run
+    page = browser.open(os.path.join(run_dir, dashboard.DASHBOARD_FILENAME), height=900)
+    find = ("var u = window.dashboardCharts.find(function (c) { "
+            "return /:epsilon$/.test(c.dashboardKey); });")
+    box = page.evaluate(find + "u.over.scrollIntoView({block: 'center'}); "
+                        "var r = u.over.getBoundingClientRect(); "
+                        "[r.left, r.top, r.width, r.height]")
+    left, top, width, height = box
+    # Hover: the legend shows the value under the cursor.
+    page.mouse('mouseMoved', left + width * 0.98, top + height / 2)
+    assert page.evaluate(find + "u.cursor.idx") == 2
+    value = page.evaluate(find + "u.root.querySelectorAll('.u-legend .u-value')[1].textContent")
+    assert float(value) > 0
+    # Drag to zoom into rounds 1..2.
+    before = page.evaluate(find + "[u.scales.x.min, u.scales.x.max]")
+    page.mouse('mouseMoved', left + 2, top + height / 2)
+    page.mouse('mousePressed', left + 2, top + height / 2, buttons=1)
+    page.mouse('mouseMoved', left + width * 0.6, top + height / 2, buttons=1)
+    page.mouse('mouseReleased', left + width * 0.6, top + height / 2)
+    after = page.evaluate(find + "[u.scales.x.min, u.scales.x.max]")
+    assert after[1] < before[1] and after[1] - after[0] < before[1] - before[0], (before, after)
+    # Click a legend entry to hide its series, again to show it.
+    toggle = (find + "u.root.querySelectorAll('.u-legend .u-series')[2]"
+              ".querySelector('th').click(); u.series[2].show")
+    assert page.evaluate(toggle) is False
+    assert page.evaluate(toggle) is True
+    assert page.problems() == []
+
+  def test_tampered_ledger_shows_red_beside_the_honest_run(self, real_run, browser, tmp_path):
+    run_dir, _ = real_run
+    tampered = shutil.copytree(run_dir, str(tmp_path / 'tampered'),
+                               ignore=shutil.ignore_patterns('checkpoints', 'tensorboard'))
+
+    def understate(ledger):
+      ledger['categories']['CXR']['epsilon_spent'] *= 0.5
+    _edit_ledger(tampered, understate)
+    output = dashboard.build_dashboard([run_dir, tampered], str(tmp_path / 'both.html'))
+    page = browser.open(output)
+    check = page.self_check()
+    assert page.problems() == [] and page.requests() == ['file://' + output]
+    honest, bad = check['runs']
+    assert all(honest['compliance'].values())
+    assert bad['compliance'][dashboard.LEDGER_CONSISTENT] is False
+    assert bad['compliance'][dashboard.AUDIT_CHAIN] is True
+    red = page.evaluate("Array.from(document.querySelectorAll('#run-1 ul.compliance li.bad'))"
+                        ".map(function (li) { return li.dataset.check + ': ' + "
+                        "li.querySelector('.reason').textContent; })")
+    assert len(red) == 1 and red[0].startswith(dashboard.LEDGER_CONSISTENT + ': CXR: ledger')
+    # Side by side: one curve per run on each overlay.
+    for name in ('accuracy', 'epsilon', 'loss'):
+      assert check['compare'][name]['series'] == 2, check['compare']
+
+  def test_a_live_page_reloads_until_the_final_write(self, real_run, browser, tmp_path):
+    run_dir, _ = real_run
+    output = str(tmp_path / 'live.html')
+    dashboard.build_dashboard([run_dir], output, live=True, refresh_seconds=0.5)
+    page = browser.open(output)
+    assert page.self_check()['live'] is True
+    browser.pump(1.5)
+    assert len(page.events('Page.loadEventFired')) >= 2
+    dashboard.build_dashboard([run_dir], output, live=False)
+    browser.pump(1.5)  # The next reload picks up the final page, which stops reloading.
+    assert page.self_check()['live'] is False
+    loads = len(page.events('Page.loadEventFired'))
+    browser.pump(1.5)
+    assert len(page.events('Page.loadEventFired')) == loads
+    assert page.problems() == []
