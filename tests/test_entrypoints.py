@@ -120,6 +120,13 @@ def test_train_script_end_to_end_confined_and_clean(tmp_path):
                    'Model:'):
     assert expected in out
   assert 'Traceback' not in err
+  # Export on request from the latest checkpoint replaces the previous export.
+  exported = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'experiments', 'export.py'), f'--run_dir={run_dir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert 'Exported round 2' in exported.stdout
+  assert (run_dir / 'saved_model' / 'saved_model.pb').exists()
 
 
 @pytest.mark.parametrize('args, message', [
