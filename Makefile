@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # TFF's C++ worker must never outlive a command (it holds stdout open and CI hangs on it).
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow test-all demo lock clean
+.PHONY: install test test-slow test-all demo bench lock clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test-all: install
 # The main job: DP training on the embedded data. Rerunning resumes (or reports the finished run).
 demo: install
 	$(PY) experiments/train.py --config=configs/demo.py --root_output_dir=runs --experiment_name=demo
+
+# Rewrites docs/BENCHMARKS.md and docs/benchmarks.json (use an otherwise idle machine).
+bench: install
+	$(PY) experiments/bench.py
 
 # Re-resolve the pinned set from requirements/requirements.in (needs network).
 lock:

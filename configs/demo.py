@@ -19,7 +19,8 @@ def get_config():
   config.model.conv_filters = (8, 16)
   config.client.learning_rate = 0.2
   config.server.optimizer = 'sgdm'
-  config.server.learning_rate = 1.0
+  # Measured at 60 rounds: 45.3% with 0.5 against 29.0% with 1.0 (noise-driven swings).
+  config.server.learning_rate = 0.5
   config.server.momentum = 0.9
   # With ~1.8 images a client, ~72% of sampled clients hold no image of a given category and
   # send a zero sub-update, which counts as unclipped. A target of 0.86 puts the clip near the
