@@ -389,10 +389,10 @@ def test_save_writes_valid_json_atomically(tmp_path, monkeypatch):
   # A failure while writing leaves the previous file whole and no temporary file behind.
   ledger.record_round({'CXR': dp_accounting.GaussianDpEvent(1.5)})
 
-  def broken_dump(*args, **kwargs):
+  def broken_write(*args, **kwargs):
     raise OSError('disk full')
 
-  monkeypatch.setattr(ledger_lib.json, 'dump', broken_dump)
+  monkeypatch.setattr(ledger_lib.fileio.os, 'fsync', broken_write)
   with pytest.raises(OSError, match='disk full'):
     ledger.save(str(tmp_path))
   monkeypatch.undo()

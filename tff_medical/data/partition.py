@@ -34,12 +34,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from tff_medical import fileio
 from tff_medical import categories
+from tff_medical.errors import parse_enum
 from tff_medical.errors import ConfigError
 from tff_medical.errors import DataError
 
@@ -73,23 +74,11 @@ def labels_fingerprint(labels: np.ndarray) -> str:
 
 
 def _as_scheme(scheme: Union[PartitionScheme, str]) -> PartitionScheme:
-  if isinstance(scheme, PartitionScheme):
-    return scheme
-  try:
-    return PartitionScheme(scheme)
-  except ValueError:
-    raise ConfigError(f'scheme must be one of {", ".join(s.value for s in PartitionScheme)}. '
-                      f'Found {scheme!r}.') from None
+  return parse_enum(PartitionScheme, scheme, 'scheme', ConfigError)
 
 
 def as_split(split: Union[Split, str]) -> Split:
-  if isinstance(split, Split):
-    return split
-  try:
-    return Split(split)
-  except ValueError:
-    raise ConfigError(f'split must be one of {", ".join(s.value for s in Split)}. '
-                      f'Found {split!r}.') from None
+  return parse_enum(Split, split, 'split', ConfigError)
 
 
 def _is_int(value: Any) -> bool:
@@ -382,20 +371,8 @@ class Partition:
 
   def save_manifest(self, path: Union[str, 'os.PathLike[str]']) -> None:
     """Writes the manifest as JSON; atomically, so a reader never sees half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        # One string, one write: json.dump's many small writes take seconds at 59,000 clients.
-        f.write(_canonical_json(self.manifest()))
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    # One string, one write: json.dump's many small writes take seconds at 59,000 clients.
+    fileio.write_atomic(path, _canonical_json(self.manifest()))
 
   @classmethod
   def from_manifest(cls, manifest: Mapping[str, Any]) -> 'Partition':

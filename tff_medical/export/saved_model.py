@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import tensorflow as tf
 
+from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import audit
@@ -277,19 +278,7 @@ def _umask_mode(mode: int) -> int:
 
 
 def _write_json_atomically(path: str, payload: Mapping[str, Any]) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.model_card.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(payload, f, indent=2, allow_nan=False)
-      f.write('\n')
-    os.chmod(tmp, _umask_mode(0o666))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + '\n')
 
 
 def write_model_card(path: 'str | os.PathLike[str]',

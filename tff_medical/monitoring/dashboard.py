@@ -30,9 +30,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import audit as audit_lib
@@ -632,22 +632,8 @@ def render_html(data: Mapping[str, Any]) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   # A browser reloading mid-write sees the old page or the new one, never half of one.
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                  suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp_path, 0o644)  # mkstemp makes it 0600; the page is for whoever may read runs.
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.unlink(tmp_path)
-    raise
+  fileio.write_atomic(path, text)
 
 
 def build_dashboard(run_dirs: Sequence[str],

@@ -41,6 +41,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 
 from tff_medical import categories
+from tff_medical.errors import parse_enum
 from tff_medical.errors import PolicyError
 from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingMethod
@@ -66,13 +67,7 @@ EventsArg = Union[dp_accounting.DpEvent,
 
 
 def as_accountant(value: Union[Accountant, str]) -> Accountant:
-  if isinstance(value, Accountant):
-    return value
-  try:
-    return Accountant(value)
-  except ValueError:
-    raise PolicyError(f'accountant must be one of {", ".join(a.value for a in Accountant)}. '
-                      f'Found {value!r}.') from None
+  return parse_enum(Accountant, value, 'accountant', PolicyError)
 
 
 def neighboring_relation(method: SamplingMethod) -> dp_accounting.NeighboringRelation:

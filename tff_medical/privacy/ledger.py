@@ -26,11 +26,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import dp_accounting
 
+from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
@@ -405,30 +405,9 @@ class PrivacyLedger:
     """Writes privacy_ledger.json in run_dir atomically; returns its path."""
     payload = self.to_json_dict()
     validate_ledger_json(payload)
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LEDGER_FILENAME)
     # A reader (the dashboard) sees the old file or the new one, never half of one.
-    fd, tmp_path = tempfile.mkstemp(dir=run_dir, prefix=f'.{LEDGER_FILENAME}.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'w') as f:
-        json.dump(payload, f, indent=2, allow_nan=False)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp_path, path)
-    except BaseException:
-      if os.path.exists(tmp_path):
-        os.unlink(tmp_path)
-      raise
-    try:
-      dir_fd = os.open(run_dir, os.O_RDONLY)
-    except OSError:
-      return path  # Some file systems cannot open directories; the replace is still atomic.
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
-    return path
+    return fileio.write_atomic(os.path.join(run_dir, LEDGER_FILENAME),
+                               json.dumps(payload, indent=2, allow_nan=False) + '\n')
 
 
 def _policy_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
+from tff_medical.errors import parse_enum
 from tff_medical.errors import PolicyError
 
 
@@ -37,13 +38,7 @@ def _non_negative_int(field: str, value: Any) -> int:
 
 
 def _sampling_method(value: Any) -> SamplingMethod:
-  if isinstance(value, SamplingMethod):
-    return value
-  try:
-    return SamplingMethod(value)
-  except ValueError:
-    raise PolicyError(f'sampling method must be one of '
-                      f'{", ".join(m.value for m in SamplingMethod)}. Found {value!r}.') from None
+  return parse_enum(SamplingMethod, value, 'sampling method', PolicyError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_medical import categories
+from tff_medical import fileio
 from tff_medical.aggregation import class_aware
 from tff_medical.data import client_data as client_data_lib
 from tff_medical.data import partition as partition_lib
@@ -133,12 +134,7 @@ def _json_default(value):
 
 
 def _write_json_atomic(path: str, value: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True, default=_json_default)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fileio.write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default))
 
 
 def _weights_list(model_weights) -> list[np.ndarray]:
