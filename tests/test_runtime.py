@@ -116,3 +116,23 @@ def test_computations_run_in_the_installed_context(tff_context):
 
   assert total([1, 2, 3]) == 6
   assert tff_context.running()
+
+
+def test_after_shutdown_computations_refuse_instead_of_starting_tffs_own_worker():
+  code = textwrap.dedent("""
+      import numpy as np
+      import tensorflow_federated as tff
+      from tff_medical import runtime
+      runtime.shutdown()
+      @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+      def mean(x):
+        return tff.federated_mean(x)
+      try:
+        mean([1.0])
+      except Exception as e:  # pylint: disable=broad-except
+        print('REFUSED', type(e).__name__)
+  """)
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert 'REFUSED' in result.stdout, result.stderr[-2000:]
+  assert 'Exception ignored' not in result.stderr

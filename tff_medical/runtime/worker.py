@@ -19,6 +19,7 @@ import glob
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -224,8 +225,17 @@ def install_execution_context(default_num_clients: int = 0) -> LocalWorker:
 
 
 def shutdown() -> None:
-  """Stops the worker (idempotent). Entry points call this in a finally block."""
+  """Stops the worker and leaves TFF without a default context (idempotent).
+
+  Entry points call this in a finally block. Clearing the default context also drops the one
+  TFF installs at import: a computation after shutdown raises instead of silently starting
+  TFF's own, unconfined worker, and that context is not left for interpreter teardown (whose
+  cleanup of it prints an ignored exception).
+  """
   global _worker
   if _worker is not None:
     _worker.stop()
     _worker = None
+  if 'tensorflow_federated' in sys.modules:
+    from tensorflow_federated.python.core.impl.context_stack import set_default_context  # pylint: disable=g-import-not-at-top
+    set_default_context.set_no_default_context()
