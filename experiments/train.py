@@ -13,6 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from absl import logging
 # Imported before absl's main: Keras fails to build a Sequential model when TensorFlow is first
 # imported inside it.
 import tensorflow  # pylint: disable=unused-import
@@ -30,6 +31,9 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    # TFF's program state manager logs every save at INFO, drowning the progress bar.
+    logging.set_verbosity(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   from tff_medical import runtime
   from tff_medical.errors import ConfigError
