@@ -420,21 +420,8 @@ def list_dicom_files(path: 'str | os.PathLike[str]') -> list[str]:
 
   Hidden files and folders and DICOMDIR index files are left out.
   """
-  root = os.fspath(path)
-  paths = []
-  visited = set()
-  # Symlinked folders are followed, each real folder once so that a link loop ends.
-  for directory, subdirs, files in os.walk(root, followlinks=True):
-    real = os.path.realpath(directory)
-    if real in visited:
-      subdirs[:] = []
-      continue
-    visited.add(real)
-    subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-    for name in sorted(files):
-      if not name.startswith('.') and name.upper() != 'DICOMDIR':
-        paths.append(os.path.relpath(os.path.join(directory, name), root))
-  return paths
+  return [p for p in source.visible_files(os.fspath(path))
+          if p.rsplit('/', 1)[-1].upper() != 'DICOMDIR']
 
 
 def load_dicom_folder(

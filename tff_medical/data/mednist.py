@@ -199,29 +199,9 @@ def _assemble(plan: _Plan, buffer: _Buffer, results: dict[str, Union[int, str]],
   return images, labels, [key for key, _, _ in kept]
 
 
-def _folder_paths(root: str) -> list[str]:
-  paths = []
-  visited = set()
-  # Symlinked category folders are followed (a common way to assemble a data set); each real
-  # folder once, so that a link loop cannot recurse forever.
-  for directory, subdirs, files in os.walk(root, followlinks=True):
-    real = os.path.realpath(directory)
-    if real in visited:
-      subdirs[:] = []
-      continue
-    visited.add(real)
-    subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-    rel_dir = os.path.relpath(directory, root)
-    for name in sorted(files):
-      if not name.startswith('.'):
-        rel = name if rel_dir == '.' else os.path.join(rel_dir, name)
-        paths.append(rel.replace(os.sep, '/'))
-  return paths
-
-
 def _load_folder(root: str, report: source.LoadReport):
   """Plans from the listing first, so that only images in category folders are decoded."""
-  plan = _plan(_folder_paths(root))
+  plan = _plan(source.visible_files(root))
 
   def reader(path: str) -> _Reader:
     def read():

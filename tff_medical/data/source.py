@@ -1,6 +1,7 @@
 """What every image source returns: images, labels and a report of what was skipped."""
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -64,3 +65,26 @@ class LabeledImages:
   def category_counts(self) -> dict[str, int]:
     counts = np.bincount(self.labels, minlength=categories.NUM_CATEGORIES)
     return {c: int(counts[i]) for i, c in enumerate(categories.CATEGORY_IDS)}
+
+
+def visible_files(root: str) -> list[str]:
+  """Files under `root`, '/'-separated and relative to it, in a stable walk order.
+
+  Hidden files and folders are left out. Symlinked folders are followed (a common way to
+  assemble a data set), each real folder once, so that a link loop cannot recurse forever.
+  """
+  paths = []
+  visited = set()
+  for directory, subdirs, files in os.walk(root, followlinks=True):
+    real = os.path.realpath(directory)
+    if real in visited:
+      subdirs[:] = []
+      continue
+    visited.add(real)
+    subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+    rel_dir = os.path.relpath(directory, root)
+    for name in sorted(files):
+      if not name.startswith('.'):
+        rel = name if rel_dir == '.' else os.path.join(rel_dir, name)
+        paths.append(rel.replace(os.sep, '/'))
+  return paths
