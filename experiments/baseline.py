@@ -31,8 +31,22 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the phantoms and of training.',
 _DIFFICULTY = flags.DEFINE_float(
     'difficulty', None, 'Phantom difficulty in [0, 1]; default: the generator\'s default.',
     lower_bound=0.0, upper_bound=1.0)
+_CONV_FILTERS = flags.DEFINE_list(
+    'conv_filters', ['16', '32'], 'Filters of each conv block (the build_cnn default).')
+_INPUT_POOLING = flags.DEFINE_enum('input_pooling', '1', ['1', '2', '4', '8'],
+                                   'Average-pool the input by this factor first.')
+_HEAD = flags.DEFINE_enum('head', 'gap', ['gap', 'flatten'], 'Classifier head.')
 _OUTPUT_DIR = flags.DEFINE_string(
     'output_dir', None, 'If set, results.json (metrics and these flags) is written there.')
+
+
+def _model_kwargs() -> dict:
+  try:
+    filters = tuple(int(f) for f in _CONV_FILTERS.value)
+  except ValueError:
+    raise app.UsageError(f'--conv_filters must be integers. Found {_CONV_FILTERS.value}.')
+  return {'conv_filters': filters, 'input_pooling': int(_INPUT_POOLING.value),
+          'head': _HEAD.value}
 
 
 def main(argv):
@@ -44,7 +58,7 @@ def main(argv):
   result = centralized.phantom_baseline(
       _NUM_PER_CATEGORY.value, _TEST_PER_CATEGORY.value, epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
-      difficulty=difficulty)
+      difficulty=difficulty, model_kwargs=_model_kwargs())
   wall_seconds = time.perf_counter() - start
   print(f'phantoms: difficulty {difficulty}, seed {_SEED.value}')
   print(result.summary())
@@ -58,6 +72,7 @@ def main(argv):
                      'learning_rate', 'seed')
     }
     hyperparameters['difficulty'] = difficulty
+    hyperparameters['model'] = _model_kwargs()
     with open(path, 'w') as f:
       json.dump({'flags': hyperparameters, 'result': result.to_json_dict(),
                  'wall_seconds': wall_seconds}, f, indent=2)

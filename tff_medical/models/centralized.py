@@ -7,7 +7,7 @@ import dataclasses
 import math
 import numbers
 import time
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -72,8 +72,9 @@ def _positive_int(name: str, value: Any) -> int:
 
 def train_centralized(train: source.LabeledImages, test: source.LabeledImages, *,
                       epochs: int = 5, batch_size: int = 32, learning_rate: float = 3e-3,
-                      seed: int = 0) -> CentralizedResult:
-  """Trains cnn.build_cnn() with Adam on `train` and evaluates it on `test`."""
+                      seed: int = 0, model_kwargs: Optional[Mapping[str, Any]] = None
+                      ) -> CentralizedResult:
+  """Trains cnn.build_cnn(**model_kwargs) with Adam on `train` and evaluates it on `test`."""
   epochs = _positive_int('epochs', epochs)
   batch_size = _positive_int('batch_size', batch_size)
   if not (isinstance(learning_rate, numbers.Real) and math.isfinite(learning_rate) and
@@ -82,7 +83,7 @@ def train_centralized(train: source.LabeledImages, test: source.LabeledImages, *
   if not len(train) or not len(test):
     raise ConfigError(f'train and test need images. Found {len(train)} and {len(test)}.')
   tf.keras.utils.set_random_seed(seed)  # Python, numpy and TF: reruns give the same model.
-  model = cnn.build_cnn(seed=seed)
+  model = cnn.build_cnn(seed=seed, **dict(model_kwargs or {}))
   model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
                 loss=tf.keras.losses.SparseCategoricalCrossentropy(),
                 metrics=['accuracy'])
@@ -107,11 +108,12 @@ def train_centralized(train: source.LabeledImages, test: source.LabeledImages, *
 
 def phantom_baseline(num_per_category: int, test_per_category: int, *, epochs: int = 5,
                      batch_size: int = 32, learning_rate: float = 3e-3, seed: int = 0,
-                     difficulty: float = phantoms.DEFAULT_DIFFICULTY) -> CentralizedResult:
+                     difficulty: float = phantoms.DEFAULT_DIFFICULTY,
+                     model_kwargs: Optional[Mapping[str, Any]] = None) -> CentralizedResult:
   """Centralized accuracy on phantoms: train and test drawn from disjoint streams of `seed`."""
   train = phantoms.generate(num_per_category, seed, difficulty=difficulty,
                             stream=phantoms.TRAIN_STREAM)
   test = phantoms.generate(test_per_category, seed, difficulty=difficulty,
                            stream=phantoms.TEST_STREAM)
   return train_centralized(train, test, epochs=epochs, batch_size=batch_size,
-                           learning_rate=learning_rate, seed=seed)
+                           learning_rate=learning_rate, seed=seed, model_kwargs=model_kwargs)
