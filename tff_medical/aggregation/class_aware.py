@@ -122,6 +122,22 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     return cls(factories, combination_weights, is_dp=True)
 
   @classmethod
+  def shared_noise(cls,
+                   splits: Mapping[str, accounting.AdaptiveClipSplit],
+                   clip: AdaptiveClipSettings = AdaptiveClipSettings(),
+                   combination_weights: Optional[Mapping[str, float]] = None,
+                   category_fractions: Optional[Mapping[str, float]] = None):
+    """The shared-noise ("Scale") alternative to `dp`: per-category clips, one noise draw.
+
+    See tff_medical.aggregation.shared_noise; splits must share one clipped_count_stddev
+    (tff_medical.privacy.shared_noise.shared_noise_splits). Returns a SharedNoiseFactory, whose
+    state the helpers of this module (with_released_categories, dp_events, ...) also read.
+    """
+    from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
+    return shared_noise.SharedNoiseFactory.from_splits(splits, clip, combination_weights,
+                                                       category_fractions)
+
+  @classmethod
   def non_private(
       cls, combination_weights: Optional[Mapping[str, float]] = None) -> 'ClassAwareFactory':
     """Plain mean of each category's sub-updates over the round's clients: DP off."""
@@ -134,16 +150,7 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     return self._is_dp
 
   def create(self, value_type) -> tff.templates.AggregationProcess:
-    if not isinstance(value_type, tff.StructType) or [
-        name for name, _ in tff.structure.iter_elements(value_type)
-    ] != list(categories.CATEGORY_IDS):
-      raise TypeError(f'value_type must be a struct with one field per category '
-                      f'{list(categories.CATEGORY_IDS)}. Found {value_type}.')
-    update_type = value_type[categories.CATEGORY_IDS[0]]
-    for category_id in categories.CATEGORY_IDS:
-      if not value_type[category_id].is_equivalent_to(update_type):
-        raise TypeError(f'every category sub-update must have type {update_type}. '
-                        f'Found {value_type[category_id]} for {category_id}.')
+    update_type = check_category_struct(value_type)
     processes = collections.OrderedDict(
         (c, self._factories[c].create(update_type)) for c in categories.CATEGORY_IDS)
     num = categories.NUM_CATEGORIES
@@ -213,6 +220,21 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
+def check_category_struct(value_type) -> tff.Type:
+  """The sub-update type of a {category: sub-update} struct; TypeError for any other type."""
+  if not isinstance(value_type, tff.StructType) or [
+      name for name, _ in tff.structure.iter_elements(value_type)
+  ] != list(categories.CATEGORY_IDS):
+    raise TypeError(f'value_type must be a struct with one field per category '
+                    f'{list(categories.CATEGORY_IDS)}. Found {value_type}.')
+  update_type = value_type[categories.CATEGORY_IDS[0]]
+  for category_id in categories.CATEGORY_IDS:
+    if not value_type[category_id].is_equivalent_to(update_type):
+      raise TypeError(f'every category sub-update must have type {update_type}. '
+                      f'Found {value_type[category_id]} for {category_id}.')
+  return update_type
+
+
 def with_released_categories(state: Any, released: Sequence[str]) -> Any:
   """The aggregator state with exactly the categories in `released` active for the next round."""
   unknown = [c for c in released if c not in categories.LABEL_OF]
@@ -237,6 +259,9 @@ def dp_events(state: Any) -> dict[str, Any]:
   to count sensitivity 1. Frozen categories get None: their inner state was kept, so the event
   in it is an old one. Read from the aggregator state itself, never from the plan.
   """
+  from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
+  if shared_noise.is_shared_noise_state(state):
+    return shared_noise.dp_events(state)
   released = released_categories(state)
   events = {}
   for category_id in categories.CATEGORY_IDS:
@@ -251,6 +276,9 @@ def dp_events(state: Any) -> dict[str, Any]:
 
 def clip_norms(state: Any) -> dict[str, float]:
   """Each category's current adaptive clip norm (public: it is a DP output)."""
+  from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
+  if shared_noise.is_shared_noise_state(state):
+    return shared_noise.clip_norms(state)
   norms = {}
   for category_id in categories.CATEGORY_IDS:
     dp_state = _as_dp_state(state[STATE_INNER][category_id])
