@@ -1,0 +1,672 @@
+"""The example-level privacy ledger (privacy_unit 'example'): per site, per category.
+
+Each site runs DP-SGD on its own examples (tff_medical.training.dp_sgd). A round at a site is
+`steps` DP-SGD steps; for category c each step is PoissonSampledDpEvent(q_k, Gaussian(z_k,c)),
+q_k = b / n_k the site's example sampling rate. The site reports one event per category per
+round, SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), steps), or None for a
+frozen category; the ledger checks q against the site's sampling, keeps (z, steps) per round and
+rebuilds the epsilons through accounting.rounds_epsilon (dp_accounting), as PrivacyLedger does.
+
+Relation: add or remove one category-c example at one site. Every example is held and used by
+one site only, and the other sites' updates do not depend on it, so the guarantee of everything
+released is, per category, the worst site's: the ledger's top-level figure for c is the largest
+over the sites ('whole_guarantee': 'worst_site'). 'example_level_epsilon' is the figure for an
+example of any category (the largest over the categories).
+
+Budget enforcement as for client level, per site: before a round, a category whose next round
+(the site's local steps at the smaller of the planned and the last applied multiplier) would
+take it over its budget at that site is frozen there for good; its examples then contribute to
+no step (clip 0) and `record_round` refuses an event for it.
+"""
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import dp_accounting
+
+from tff_medical import categories
+from tff_medical import fileio
+from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
+from tff_medical.privacy.accounting import Accountant
+from tff_medical.privacy.policy import PrivacyLevel
+from tff_medical.privacy.policy import PrivacyPolicy
+from tff_medical.privacy.sampling import SamplingMethod
+from tff_medical.privacy.sampling import SamplingSpec
+
+SCHEMA_VERSION = 1
+PRIVACY_UNIT = 'example'
+WHOLE_GUARANTEE = 'worst_site'
+STATEMENT = ('Per category, the guarantee of everything released is the worst site\'s: each '
+             'example is held and used by one site only, and the other sites\' updates do not '
+             'depend on it. The top-level figures are the largest over the sites.')
+CLIENT_LEDGER_FILENAME = 'privacy_ledger_client.json'
+_RATE_TOLERANCE = 1e-9
+
+
+def _finite_positive(field: str, value: Any) -> float:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
+      not math.isfinite(value) or value <= 0):
+    raise PolicyError(f'{field} must be positive. Found {value!r}.')
+  return float(value)
+
+
+def _positive_int(field: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise PolicyError(f'{field} must be a positive integer. Found {value!r}.')
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+  """What the ledger needs of a site: its example sampling and planned multipliers."""
+
+  sampling: SamplingSpec  # Poisson: total_clients = the site's examples, expected = batch.
+  noise_multipliers: Mapping[str, float]
+
+  def __post_init__(self):
+    if not isinstance(self.sampling, SamplingSpec) or (
+        self.sampling.method is not SamplingMethod.POISSON):
+      raise PolicyError(f'a site\'s example sampling must be a Poisson SamplingSpec. '
+                        f'Found {self.sampling!r}.')
+    if (not isinstance(self.noise_multipliers, Mapping) or
+        set(self.noise_multipliers) != set(categories.CATEGORY_IDS)):
+      raise PolicyError(f'noise_multipliers must have exactly the six categories. '
+                        f'Found {self.noise_multipliers!r}.')
+    object.__setattr__(self, 'noise_multipliers', {
+        c: _finite_positive(f'noise_multipliers[{c}]', self.noise_multipliers[c])
+        for c in categories.CATEGORY_IDS})
+
+
+def parse_step_event(event: dp_accounting.DpEvent) -> tuple[float, float, int]:
+  """(q, z, steps) of SelfComposed(PoissonSampled(q, Gaussian(z)), steps); PolicyError else."""
+  inner = getattr(event, 'event', None)
+  gaussian = getattr(inner, 'event', None)
+  if not (isinstance(event, dp_accounting.SelfComposedDpEvent) and
+          isinstance(inner, dp_accounting.PoissonSampledDpEvent) and
+          isinstance(gaussian, dp_accounting.GaussianDpEvent)):
+    raise PolicyError('a site\'s round event must be SelfComposedDpEvent(PoissonSampledDpEvent('
+                      f'q, GaussianDpEvent(z)), steps). Found {event!r}.')
+  z = accounting.effective_noise_multiplier(gaussian)
+  return float(inner.sampling_probability), z, _positive_int('steps', event.count)
+
+
+def _runs(values):
+  """Merges consecutive equal multipliers into (z, steps) groups, dropping unreleased rounds."""
+  groups: list[list] = []
+  for z, steps in values:
+    if z is None or steps == 0:
+      continue
+    if groups and groups[-1][0] == z:
+      groups[-1][1] += steps
+    else:
+      groups.append([z, steps])
+  return tuple((z, n) for z, n in groups)
+
+
+class _Site:
+  """One site's history: [multipliers per category (None: frozen), steps, rounds] entries."""
+
+  def __init__(self, spec: SiteSpec):
+    self.spec = spec
+    self.history: list[list] = []
+    self.frozen: dict[str, int] = {}
+
+  def runs(self, index: int, extra: Optional[tuple[float, int]] = None):
+    values = [(zs[index], steps) for zs, steps, _ in self.history]
+    if extra is not None:
+      values.append(extra)
+    return _runs(values)
+
+  def last_applied(self, index: int) -> Optional[float]:
+    for zs, _, _ in reversed(self.history):
+      if zs[index] is not None:
+        return zs[index]
+    return None
+
+  def append(self, zs: tuple, steps: int) -> None:
+    # Merge only rounds of equal multipliers and equal steps, so rounds are counted exactly.
+    if self.history and self.history[-1][0] == zs and self.history[-1][1] % self.history[-1][
+        2] == 0 and self.history[-1][1] // self.history[-1][2] == steps:
+      self.history[-1][1] += steps
+      self.history[-1][2] += 1
+    else:
+      self.history.append([zs, steps, 1])
+
+  @property
+  def rounds(self) -> int:
+    return sum(r for _, _, r in self.history)
+
+  @property
+  def steps(self) -> int:
+    return sum(s for _, s, _ in self.history)
+
+  def rounds_released(self, index: int) -> int:
+    return sum(r for zs, _, r in self.history if zs[index] is not None)
+
+  def steps_released(self, index: int) -> int:
+    return sum(s for zs, s, _ in self.history if zs[index] is not None)
+
+
+class ExampleLevelLedger:
+  """Per-site, per-category epsilon of example-level DP-SGD, with hard budgets per site."""
+
+  def __init__(self,
+               policy: PrivacyPolicy,
+               sites: Mapping[str, SiteSpec],
+               local_steps: int,
+               accountant: Union[Accountant, str] = Accountant.RDP,
+               site_sampling: Optional[SamplingSpec] = None):
+    """Starts an empty ledger.
+
+    Args:
+      policy: The budgets (epsilon per category, shared delta).
+      sites: Site id -> its example sampling and planned multipliers.
+      local_steps: DP-SGD steps a site takes per round (predicts the next round's spend).
+      accountant: RDP or PLD.
+      site_sampling: How sites are drawn into rounds, for the record (the example-level
+        guarantee does not count on it: a site is accounted for the rounds it took part in).
+    """
+    if not isinstance(policy, PrivacyPolicy):
+      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
+    if not isinstance(sites, Mapping) or not sites:
+      raise PolicyError(f'sites must be a non-empty mapping of site id to SiteSpec. '
+                        f'Found {sites!r}.')
+    for site_id, spec in sites.items():
+      if not isinstance(site_id, str) or not isinstance(spec, SiteSpec):
+        raise PolicyError(f'sites must map site ids (str) to SiteSpec. Found {site_id!r}: '
+                          f'{spec!r}.')
+    self._policy = policy
+    self._accountant = accounting.check_sampling_accountant(
+        next(iter(sites.values())).sampling, accountant)
+    self._local_steps = _positive_int('local_steps', local_steps)
+    if site_sampling is None:
+      site_sampling = SamplingSpec('poisson', len(sites), len(sites))
+    if not isinstance(site_sampling, SamplingSpec) or site_sampling.total_clients != len(sites):
+      raise PolicyError(f'site_sampling must be a SamplingSpec over the {len(sites)} sites. '
+                        f'Found {site_sampling!r}.')
+    self._site_sampling = site_sampling
+    self._sites = {site_id: _Site(spec) for site_id, spec in sites.items()}
+    self._rounds = 0
+    self._cache: dict[tuple, float] = {}
+    for site_id in self._sites:
+      self._update_frozen(site_id)
+
+  def _epsilon(self, site: _Site, groups) -> float:
+    if not groups:
+      return 0.0
+    key = (site.spec.sampling, groups)
+    if key not in self._cache:
+      if len(self._cache) > 2048:
+        self._cache.clear()
+      self._cache[key] = accounting.rounds_epsilon(groups, site.spec.sampling,
+                                                   self._policy.delta, self._accountant)
+    return self._cache[key]
+
+  def _site(self, site_id: str) -> _Site:
+    if site_id not in self._sites:
+      raise PolicyError(f'site must be one of the ledger\'s sites. Found {site_id!r}.')
+    return self._sites[site_id]
+
+  def _next_multiplier(self, site: _Site, index: int) -> float:
+    last = site.last_applied(index)
+    planned = site.spec.noise_multipliers[categories.CATEGORY_IDS[index]]
+    return planned if last is None else min(planned, last)
+
+  def _update_frozen(self, site_id: str) -> None:
+    site = self._sites[site_id]
+    for index, c in enumerate(categories.CATEGORY_IDS):
+      if c in site.frozen:
+        continue
+      after = self._epsilon(site, site.runs(index, (self._next_multiplier(site, index),
+                                                    self._local_steps)))
+      if after > self._policy.budget(c).epsilon:
+        site.frozen[c] = self._rounds
+
+  # Public API.
+
+  @property
+  def policy(self) -> PrivacyPolicy:
+    return self._policy
+
+  @property
+  def accountant(self) -> Accountant:
+    return self._accountant
+
+  @property
+  def sites(self) -> tuple[str, ...]:
+    return tuple(self._sites)
+
+  @property
+  def local_steps(self) -> int:
+    return self._local_steps
+
+  @property
+  def rounds_completed(self) -> int:
+    return self._rounds
+
+  def releasable(self, site_id: str) -> tuple[str, ...]:
+    """Categories whose next round at this site keeps them within budget (others frozen)."""
+    self._site(site_id)
+    self._update_frozen(site_id)
+    return tuple(c for c in categories.CATEGORY_IDS if c not in self._sites[site_id].frozen)
+
+  @property
+  def all_exhausted(self) -> bool:
+    return all(len(s.frozen) == categories.NUM_CATEGORIES for s in self._sites.values())
+
+  def site_epsilon(self, site_id: str, category_id: str) -> float:
+    index = categories.label_of(category_id)
+    site = self._site(site_id)
+    return self._epsilon(site, site.runs(index))
+
+  def epsilon_spent(self, category_id: str) -> float:
+    """The whole federation's figure for the category: the worst site's."""
+    return max(self.site_epsilon(s, category_id) for s in self._sites)
+
+  @property
+  def example_level_epsilon(self) -> float:
+    """For one example of any category: the largest category figure."""
+    return max(self.epsilon_spent(c) for c in categories.CATEGORY_IDS)
+
+  def site_status(self, site_id: str, category_id: str) -> str:
+    categories.label_of(category_id)
+    return 'exhausted' if category_id in self._site(site_id).frozen else 'active'
+
+  def record_round(self, site_events: Mapping[str, Mapping[str, Optional[dp_accounting.DpEvent]]]
+                  ) -> None:
+    """Records one round: the events of every site that took part (absent sites: none).
+
+    Raises:
+      PolicyError: for an unknown site or category, a malformed event, a sampling rate that is
+        not the site's, an event for a frozen category, or one that would exceed a budget.
+        Nothing is recorded then: the round must not be released.
+    """
+    if not isinstance(site_events, Mapping):
+      raise PolicyError(f'site_events must map site ids to per-category events. '
+                        f'Found {site_events!r}.')
+    staged = {}
+    for site_id, events in site_events.items():
+      site = self._site(site_id)
+      if not isinstance(events, Mapping):
+        raise PolicyError(f'site_events[{site_id}] must map categories to events. '
+                          f'Found {events!r}.')
+      unknown = sorted(set(events) - set(categories.CATEGORY_IDS))
+      if unknown:
+        raise PolicyError(f'site_events[{site_id}] keys must be category ids. Found {unknown}.')
+      zs, steps_seen = [], set()
+      for index, c in enumerate(categories.CATEGORY_IDS):
+        event = events.get(c)
+        if event is None or isinstance(event, dp_accounting.NoOpDpEvent):
+          zs.append(None)
+          continue
+        try:
+          q, z, steps = parse_step_event(event)
+        except PolicyError as e:
+          raise PolicyError(f'site_events[{site_id}][{c}]: {e}') from None
+        if not math.isclose(q, site.spec.sampling.rate, rel_tol=_RATE_TOLERANCE):
+          raise PolicyError(f'site_events[{site_id}][{c}] sampling probability must be the '
+                            f'site\'s rate {site.spec.sampling.rate!r}. Found {q!r}.')
+        if c in site.frozen:
+          raise PolicyError(f'site_events[{site_id}][{c}] must be None: the category is '
+                            f'exhausted at this site. Found {event!r}.')
+        after = self._epsilon(site, site.runs(index, (z, steps)))
+        target = self._policy.budget(c).epsilon
+        if after > target:
+          raise PolicyError(f'site_events[{site_id}][{c}] must keep epsilon within {target:g}. '
+                            f'Found noise multiplier {z:.6g} over {steps} steps, which would '
+                            f'spend {after:.6g}.')
+        zs.append(z)
+        steps_seen.add(steps)
+      if len(steps_seen) > 1:
+        raise PolicyError(f'site_events[{site_id}] must all count the same steps (one batch '
+                          f'serves every category). Found {sorted(steps_seen)}.')
+      staged[site_id] = (tuple(zs), steps_seen.pop() if steps_seen else 0)
+    for site_id, (zs, steps) in staged.items():
+      if steps:
+        self._sites[site_id].append(zs, steps)
+    self._rounds += 1
+    for site_id in self._sites:
+      self._update_frozen(site_id)
+
+  def to_json_dict(self, client_level_epsilon: Optional[float] = None,
+                   client_level_ledger: Optional[str] = None) -> dict[str, Any]:
+    """The published ledger; see `validate_example_ledger_json`.
+
+    Args:
+      client_level_epsilon: When client-level noise is stacked on top, its ledger's figure.
+      client_level_ledger: The file name of that ledger.
+    """
+    site_entries = {}
+    for site_id, site in self._sites.items():
+      site_entries[site_id] = {
+          'sampling': dict(site.spec.sampling.to_json_dict(), rate=site.spec.sampling.rate),
+          'rounds_participated': site.rounds,
+          'steps_completed': site.steps,
+          'categories': {
+              c: {
+                  'target_epsilon': self._policy.budget(c).epsilon,
+                  'noise_multiplier': (site.last_applied(i) or site.spec.noise_multipliers[c]),
+                  'rounds_released': site.rounds_released(i),
+                  'steps_released': site.steps_released(i),
+                  'epsilon_spent': self._epsilon(site, site.runs(i)),
+                  'status': self.site_status(site_id, c),
+              } for i, c in enumerate(categories.CATEGORY_IDS)
+          },
+      }
+    whole = {}
+    for b in self._policy.budgets:
+      entries = [s['categories'][b.id] for s in site_entries.values()]
+      worst = max(entries, key=lambda e: (e['epsilon_spent'], -e['noise_multiplier']))
+      whole[b.id] = {
+          'display_name': b.display_name,
+          'privacy_level': b.privacy_level.value,
+          'target_epsilon': b.epsilon,
+          'noise_multiplier': worst['noise_multiplier'],
+          'rounds_released': max(e['rounds_released'] for e in entries),
+          'epsilon_spent': worst['epsilon_spent'],
+          'status': ('exhausted' if all(e['status'] == 'exhausted' for e in entries)
+                     else 'active'),
+      }
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'accountant': self._accountant.value,
+        'privacy_unit': PRIVACY_UNIT,
+        'neighboring_relation': 'add_or_remove_one',
+        'delta': self._policy.delta,
+        'sampling': dict(self._site_sampling.to_json_dict(), rate=self._site_sampling.rate),
+        'rounds_completed': self._rounds,
+        'local_steps_per_round': self._local_steps,
+        'whole_guarantee': WHOLE_GUARANTEE,
+        'statement': STATEMENT,
+        'example_level_epsilon': max(e['epsilon_spent'] for e in whole.values()),
+        'client_level_epsilon': client_level_epsilon,
+        'client_level_ledger': client_level_ledger,
+        'categories': {b.id: whole[b.id] for b in self._policy.budgets},
+        'sites': site_entries,
+    }
+
+  def save(self, run_dir: str, **kwargs) -> str:
+    """Writes privacy_ledger.json atomically (kwargs: see `to_json_dict`); returns its path."""
+    from tff_medical.privacy import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
+    payload = self.to_json_dict(**kwargs)
+    validate_example_ledger_json(payload)
+    return fileio.write_atomic(os.path.join(run_dir, ledger_lib.LEDGER_FILENAME),
+                               json.dumps(payload, indent=2, allow_nan=False) + '\n')
+
+  def state(self) -> dict[str, Any]:
+    """JSON-able checkpoint state: applied multipliers per round, not derived figures."""
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'privacy_unit': PRIVACY_UNIT,
+        'accountant': self._accountant.value,
+        'policy': self._policy.to_json_dict(),
+        'local_steps': self._local_steps,
+        'site_sampling': self._site_sampling.to_json_dict(),
+        'rounds_completed': self._rounds,
+        'sites': {
+            site_id: {
+                'sampling': site.spec.sampling.to_json_dict(),
+                'planned_noise_multipliers': dict(site.spec.noise_multipliers),
+                'history': [{'noise_multipliers': dict(zip(categories.CATEGORY_IDS, zs)),
+                             'steps': steps, 'rounds': rounds}
+                            for zs, steps, rounds in site.history],
+                'frozen': dict(site.frozen),
+            } for site_id, site in self._sites.items()
+        },
+    }
+
+  @classmethod
+  def from_state(cls, state: Mapping[str, Any], policy: PrivacyPolicy,
+                 sites: Optional[Mapping[str, SiteSpec]] = None,
+                 accountant: Optional[Union[Accountant, str]] = None) -> 'ExampleLevelLedger':
+    """Restores a ledger; refuses one saved under another policy, sites or accountant."""
+    if not isinstance(state, Mapping) or state.get('privacy_unit') != PRIVACY_UNIT or state.get(
+        'schema_version') != SCHEMA_VERSION:
+      raise PolicyError(f'example ledger state must be a mapping with privacy_unit example and '
+                        f'schema_version {SCHEMA_VERSION}. Found {state!r:.200}.')
+    if not isinstance(policy, PrivacyPolicy) or state.get('policy') != policy.to_json_dict():
+      raise PolicyError('example ledger state must have been saved under the same policy.')
+    saved_accountant = accounting.as_accountant(state.get('accountant'))
+    if accountant is not None and accounting.as_accountant(accountant) is not saved_accountant:
+      raise PolicyError(f'example ledger state accountant must be '
+                        f'{accounting.as_accountant(accountant).value}. '
+                        f'Found {saved_accountant.value}.')
+    raw_sites = state.get('sites')
+    if not isinstance(raw_sites, Mapping):
+      raise PolicyError(f'example ledger state sites must be a mapping. Found {raw_sites!r}.')
+    saved_specs = {
+        site_id: SiteSpec(SamplingSpec.from_json_dict(raw.get('sampling')),
+                          raw.get('planned_noise_multipliers'))
+        for site_id, raw in raw_sites.items()}
+    if sites is not None and dict(sites) != saved_specs:
+      raise PolicyError('example ledger state must match the resumed run\'s sites (examples, '
+                        'batch size, planned multipliers).')
+    ledger = cls(policy, saved_specs, state.get('local_steps'), saved_accountant,
+                 SamplingSpec.from_json_dict(state.get('site_sampling')))
+    for site_id, raw in raw_sites.items():
+      site = ledger._sites[site_id]
+      for entry in raw.get('history', []):
+        zs = entry['noise_multipliers']
+        site.history.append([
+            tuple(None if zs[c] is None else _finite_positive('noise_multiplier', zs[c])
+                  for c in categories.CATEGORY_IDS),
+            _positive_int('steps', entry['steps']), _positive_int('rounds', entry['rounds'])])
+      frozen = raw.get('frozen', {})
+      if not isinstance(frozen, Mapping) or any(c not in categories.CATEGORY_IDS
+                                                for c in frozen):
+        raise PolicyError(f'example ledger state frozen must map category ids to rounds. '
+                          f'Found {frozen!r}.')
+      site.frozen = {c: int(frozen[c]) for c in categories.CATEGORY_IDS if c in frozen}
+      for index, c in enumerate(categories.CATEGORY_IDS):
+        spent = ledger._epsilon(site, site.runs(index))
+        if spent > policy.budget(c).epsilon:
+          raise PolicyError(f'example ledger state must keep {c} within its budget at site '
+                            f'{site_id}. Found epsilon {spent:.6g}.')
+    rounds = state.get('rounds_completed')
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < max(
+        s.rounds for s in ledger._sites.values()):
+      raise PolicyError(f'example ledger state rounds_completed must be an integer at least '
+                        f'every site\'s rounds. Found {rounds!r}.')
+    ledger._rounds = rounds
+    for site_id in ledger._sites:
+      ledger._update_frozen(site_id)
+    return ledger
+
+
+# The published ledger's shape.
+
+_TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
+             'sampling', 'rounds_completed', 'local_steps_per_round', 'whole_guarantee',
+             'statement', 'example_level_epsilon', 'client_level_epsilon', 'client_level_ledger',
+             'categories', 'sites')
+_CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
+                  'rounds_released', 'epsilon_spent', 'status')
+_SITE_KEYS = ('sampling', 'rounds_participated', 'steps_completed', 'categories')
+_SITE_CATEGORY_KEYS = ('target_epsilon', 'noise_multiplier', 'rounds_released',
+                       'steps_released', 'epsilon_spent', 'status')
+_SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
+_TOLERANCE = 1e-9
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          math.isfinite(value))
+
+
+def _keys(where: str, value: Any, keys: Sequence[str], problems: list[str]) -> bool:
+  if not isinstance(value, Mapping):
+    problems.append(f'{where} must be an object. Found {value!r}.')
+    return False
+  missing = [k for k in keys if k not in value]
+  extra = sorted(str(k) for k in value if k not in keys)
+  if missing or extra:
+    problems.append(f'{where} must have exactly the keys {", ".join(keys)}. Found missing '
+                    f'{missing} and unexpected {extra}.')
+    return False
+  return True
+
+
+def validate_example_ledger_json(ledger: Any) -> None:
+  """Checks an example-level ledger's shape and invariants; PolicyError listing every problem.
+
+  Beyond keys and types: each site's rate = b / n, no category over its target at any site,
+  steps and rounds released within what the site took, and the top-level figures are the worst
+  site's (whole_guarantee 'worst_site'), with example_level_epsilon their largest.
+  """
+  problems: list[str] = []
+  if not _keys('ledger', ledger, _TOP_KEYS, problems):
+    raise PolicyError(' '.join(problems))
+  if ledger['schema_version'] != SCHEMA_VERSION:
+    problems.append(f'schema_version must be {SCHEMA_VERSION}. '
+                    f'Found {ledger["schema_version"]!r}.')
+  if ledger['privacy_unit'] != PRIVACY_UNIT:
+    problems.append(f'privacy_unit must be example. Found {ledger["privacy_unit"]!r}.')
+  if ledger['accountant'] not in [a.value for a in Accountant]:
+    problems.append(f'accountant must be one of rdp, pld. Found {ledger["accountant"]!r}.')
+  if ledger['neighboring_relation'] != 'add_or_remove_one':
+    problems.append(f'neighboring_relation must be add_or_remove_one (Poisson example '
+                    f'sampling). Found {ledger["neighboring_relation"]!r}.')
+  if ledger['whole_guarantee'] != WHOLE_GUARANTEE:
+    problems.append(f'whole_guarantee must be {WHOLE_GUARANTEE}. '
+                    f'Found {ledger["whole_guarantee"]!r}.')
+  if not isinstance(ledger['statement'], str) or not ledger['statement'].strip():
+    problems.append('statement must be a non-empty string.')
+  delta = ledger['delta']
+  if not _is_number(delta) or not 0 < delta < 1:
+    problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
+  rounds = ledger['rounds_completed']
+  if not _is_int(rounds) or rounds < 0:
+    problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
+    rounds = None
+  site_sampling = ledger['sampling']
+  if _keys('sampling', site_sampling, _SAMPLING_KEYS, problems):
+    n, m = site_sampling['total_clients'], site_sampling['expected_clients_per_round']
+    if isinstance(ledger['sites'], Mapping) and n != len(ledger['sites']):
+      problems.append(f'sampling.total_clients must be the number of sites '
+                      f'({len(ledger["sites"])}). Found {n!r}.')
+    if not (_is_int(m) and _is_int(n) and 1 <= m <= n) or not _is_number(
+        site_sampling['rate']) or not math.isclose(site_sampling['rate'], m / n,
+                                                   rel_tol=_TOLERANCE):
+      problems.append(f'sampling must have integers 1 <= m <= N and rate m / N. '
+                      f'Found {site_sampling!r}.')
+  if not _is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
+    problems.append(f'local_steps_per_round must be a positive integer. '
+                    f'Found {ledger["local_steps_per_round"]!r}.')
+  client = ledger['client_level_epsilon']
+  if client is not None and (not _is_number(client) or client < 0):
+    problems.append(f'client_level_epsilon must be null or a non-negative number. '
+                    f'Found {client!r}.')
+  if (client is None) != (ledger['client_level_ledger'] is None):
+    problems.append('client_level_epsilon and client_level_ledger must both be set (client-'
+                    'level noise stacked) or both be null. Found '
+                    f'{client!r} and {ledger["client_level_ledger"]!r}.')
+  sites = ledger['sites']
+  if not isinstance(sites, Mapping) or not sites:
+    problems.append(f'sites must be a non-empty object. Found {sites!r}.')
+    raise PolicyError(' '.join(problems))
+  per_category: dict[str, list] = {c: [] for c in categories.CATEGORY_IDS}
+  for site_id, site in sites.items():
+    where = f'sites.{site_id}'
+    if not _keys(where, site, _SITE_KEYS, problems):
+      continue
+    sampling = site['sampling']
+    if _keys(f'{where}.sampling', sampling, _SAMPLING_KEYS, problems):
+      n, b = sampling['total_clients'], sampling['expected_clients_per_round']
+      if sampling['method'] != 'poisson':
+        problems.append(f'{where}.sampling.method must be poisson. Found {sampling["method"]!r}.')
+      if not (_is_int(n) and _is_int(b) and 1 <= b <= n):
+        problems.append(f'{where}.sampling examples and batch must be integers with 1 <= b <= '
+                        f'n. Found n={n!r}, b={b!r}.')
+      elif not _is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
+                                                                rel_tol=_TOLERANCE):
+        problems.append(f'{where}.sampling.rate must be {b / n!r}. Found {sampling["rate"]!r}.')
+    site_rounds, steps = site['rounds_participated'], site['steps_completed']
+    if not _is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
+                                                       site_rounds > rounds):
+      problems.append(f'{where}.rounds_participated must be in 0..rounds_completed. '
+                      f'Found {site_rounds!r}.')
+      site_rounds = None
+    if not _is_int(steps) or steps < 0:
+      problems.append(f'{where}.steps_completed must be a non-negative integer. Found {steps!r}.')
+      steps = None
+    entries = site['categories']
+    if not isinstance(entries, Mapping) or list(entries) != list(categories.CATEGORY_IDS):
+      problems.append(f'{where}.categories must list the six categories in order.')
+      continue
+    for c, entry in entries.items():
+      cw = f'{where}.categories.{c}'
+      if not _keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
+        continue
+      per_category[c].append(entry)
+      for key in ('target_epsilon', 'noise_multiplier'):
+        if not _is_number(entry[key]) or entry[key] <= 0:
+          problems.append(f'{cw}.{key} must be a positive number. Found {entry[key]!r}.')
+      if entry['status'] not in ('active', 'exhausted'):
+        problems.append(f'{cw}.status must be active or exhausted. Found {entry["status"]!r}.')
+      released, steps_released = entry['rounds_released'], entry['steps_released']
+      if not _is_int(released) or released < 0 or (site_rounds is not None and
+                                                   released > site_rounds):
+        problems.append(f'{cw}.rounds_released must be in 0..rounds_participated. '
+                        f'Found {released!r}.')
+      if not _is_int(steps_released) or steps_released < 0 or (steps is not None and
+                                                               steps_released > steps):
+        problems.append(f'{cw}.steps_released must be in 0..steps_completed. '
+                        f'Found {steps_released!r}.')
+      spent = entry['epsilon_spent']
+      if not _is_number(spent) or spent < 0:
+        problems.append(f'{cw}.epsilon_spent must be a non-negative number. Found {spent!r}.')
+        continue
+      if (steps_released == 0) != (spent == 0):
+        problems.append(f'{cw}.epsilon_spent must be 0 exactly when no step was released. '
+                        f'Found {spent!r} after {steps_released!r} steps.')
+      if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+        problems.append(f'{cw}.epsilon_spent must not exceed target_epsilon '
+                        f'({entry["target_epsilon"]!r}). Found {spent!r}.')
+
+  whole = ledger['categories']
+  if not isinstance(whole, Mapping) or list(whole) != list(categories.CATEGORY_IDS):
+    problems.append(f'categories must list {", ".join(categories.CATEGORY_IDS)} in that order.')
+    raise PolicyError(' '.join(problems))
+  largest = 0.0
+  for c, entry in whole.items():
+    where = f'categories.{c}'
+    if not _keys(where, entry, _CATEGORY_KEYS, problems):
+      continue
+    if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
+      problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
+                      f'Found {entry["privacy_level"]!r}.')
+    if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
+      problems.append(f'{where}.display_name must be a non-empty string.')
+    spent = entry['epsilon_spent']
+    site_entries = [e for e in per_category[c] if _is_number(e.get('epsilon_spent'))]
+    if not _is_number(spent):
+      problems.append(f'{where}.epsilon_spent must be a number. Found {spent!r}.')
+      continue
+    largest = max(largest, spent)
+    if site_entries:
+      worst = max(e['epsilon_spent'] for e in site_entries)
+      if not math.isclose(spent, worst, rel_tol=_TOLERANCE, abs_tol=1e-15):
+        problems.append(f'{where}.epsilon_spent must be the worst site\'s ({worst!r}). '
+                        f'Found {spent!r}.')
+      all_exhausted = all(e.get('status') == 'exhausted' for e in site_entries)
+      if entry['status'] != ('exhausted' if all_exhausted else 'active'):
+        problems.append(f'{where}.status must be exhausted exactly when every site has it '
+                        f'exhausted. Found {entry["status"]!r}.')
+    if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+      problems.append(f'{where}.epsilon_spent must not exceed target_epsilon. Found {spent!r}.')
+  example = ledger['example_level_epsilon']
+  if not _is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
+                                                 abs_tol=1e-15):
+    problems.append(f'example_level_epsilon must be the largest category figure ({largest!r}). '
+                    f'Found {example!r}.')
+  if problems:
+    raise PolicyError(' '.join(problems))

@@ -1,0 +1,198 @@
+"""privacy_unit 'example' in the training program: site plans, server aggregation, ledgers.
+
+Kept apart from program.py so that the client-level path stays as it was. The pieces:
+
+* `calibrate`: one dp_sgd.SitePlan per site (its examples per category, q = b / n_k, planned
+  steps = example_dp.local_steps x total_rounds), and, when client-level noise is stacked, the
+  client-level multiplier and split.
+* `make_factory`: the server aggregation. Each site returns ONE combined update, in the first
+  category slot (zeros in the others). Without stacking: ClassAwareFactory.non_private, whose
+  per-slot means add up to the plain mean of the site updates (the example guarantee needs no
+  server noise; a deployment may compute the same mean by secure summation). With stacking:
+  ClassAwareFactory.dp whose first slot gets the noise of the strictest category (z = max_c z_c,
+  calibrated for the client sampling and total_rounds) and combination weights (1, 0, ..., 0),
+  so the five empty slots contribute neither data nor noise. A site's combined update depends
+  on all its categories, so every category is accounted with that first slot's event, a
+  whole-client guarantee at least as strong as each category's target.
+* `RunLedger`: the example ledger (privacy_ledger.json) and, when stacked, the client-level one
+  (privacy_ledger_client.json), behind the calls program.run makes of a ledger.
+"""
+
+import dataclasses
+import json
+import os
+import secrets
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from tff_medical import categories
+from tff_medical import fileio
+from tff_medical.aggregation import class_aware
+from tff_medical.errors import ConfigError
+from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
+from tff_medical.privacy import example_ledger
+from tff_medical.privacy import ledger as ledger_lib
+from tff_medical.privacy.sampling import SamplingSpec
+from tff_medical.training import dp_sgd
+
+FIRST = categories.CATEGORY_IDS[0]
+
+
+def is_example(config) -> bool:
+  return config.get('privacy_unit', 'client') == 'example'
+
+
+def stacked(config) -> bool:
+  return is_example(config) and bool(config.example_dp.stack_client_level)
+
+
+def calibrate(config, policy, labels: np.ndarray, partition,
+              sampling_spec: SamplingSpec) -> dict[str, Any]:
+  """{'sites': {site id: SitePlan JSON}, 'client_noise_multiplier', 'client_split'}."""
+  sites = {}
+  steps = config.example_dp.local_steps * config.total_rounds
+  by_size: dict[int, dp_sgd.SitePlan] = {}
+  for site_id in partition.client_ids:
+    counts = np.bincount(np.asarray(labels)[partition.train_indices(site_id)],
+                         minlength=categories.NUM_CATEGORIES)
+    counts = {c: int(counts[i]) for i, c in enumerate(categories.CATEGORY_IDS)}
+    size = sum(counts.values())
+    if size < config.client.batch_size:
+      raise ConfigError(f'client.batch_size must be at most every site\'s training examples '
+                        f'(site {site_id} has {size}). Found {config.client.batch_size}.')
+    if size not in by_size:
+      # Calibration (seconds) depends on the site's size only (q = b / n), not on its mix.
+      by_size[size] = dp_sgd.plan_site(policy, counts, config.client.batch_size, steps,
+                                       config.example_dp.l2_norm_clip, config.accountant)
+    noise = by_size[size].noise_multipliers
+    plan = dataclasses.replace(by_size[size], category_counts=counts,
+                               scale=dp_sgd.data_weighted_scale(noise, counts))
+    sites[site_id] = plan.to_json_dict()
+  result = {'sites': sites, 'client_noise_multiplier': None, 'client_split': None}
+  if stacked(config):
+    noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
+                                                config.accountant)
+    z = max(noise.values())
+    split = accounting.choose_clipped_count_stddev(
+        z, sampling_spec.expected_clients_per_round,
+        max_value_noise_inflation=config.clip.max_value_noise_inflation,
+        max_count_noise_fraction=config.clip.max_count_noise_fraction)
+    result.update(client_noise_multiplier=z, client_split=split.to_json_dict())
+  return result
+
+
+def site_plans(example_plan: Mapping[str, Any]) -> dict[str, dp_sgd.SitePlan]:
+  return {site_id: dp_sgd.SitePlan.from_json_dict(raw)
+          for site_id, raw in example_plan['sites'].items()}
+
+
+def make_factory(example_plan: Mapping[str, Any],
+                 clip: class_aware.AdaptiveClipSettings) -> class_aware.ClassAwareFactory:
+  if example_plan.get('client_split') is None:
+    return class_aware.ClassAwareFactory.non_private()
+  split = accounting.AdaptiveClipSplit.from_json_dict(example_plan['client_split'])
+  weights = {c: 1.0 if c == FIRST else 0.0 for c in categories.CATEGORY_IDS}
+  return class_aware.ClassAwareFactory.dp({c: split for c in categories.CATEGORY_IDS}, clip,
+                                          combination_weights=weights)
+
+
+class RunLedger:
+  """The example ledger plus, when stacked, the client-level ledger, as program.run uses one."""
+
+  def __init__(self, policy, example_plan: Mapping[str, Any], local_steps: int, accountant,
+               sampling_spec: SamplingSpec, state: Optional[Mapping[str, Any]] = None):
+    plans = site_plans(example_plan)
+    specs = {site_id: example_ledger.SiteSpec(plan.sampling, plan.noise_multipliers)
+             for site_id, plan in plans.items()}
+    self.plans = plans
+    z = example_plan.get('client_noise_multiplier')
+    if state is None:
+      self.example = example_ledger.ExampleLevelLedger(policy, specs, local_steps, accountant,
+                                                       sampling_spec)
+      self.client = (None if z is None else ledger_lib.PrivacyLedger(
+          policy, {c: z for c in categories.CATEGORY_IDS}, sampling_spec, accountant))
+    else:
+      self.example = example_ledger.ExampleLevelLedger.from_state(state['example'], policy,
+                                                                  specs, accountant)
+      self.client = (None if state.get('client') is None else ledger_lib.PrivacyLedger.from_state(
+          state['client'], policy, sampling=sampling_spec, accountant=accountant))
+    # Amplification by sampling assumes nobody outside the site knows which examples a batch
+    # drew, so the Poisson draws are seeded by a per-run secret kept in the checkpoint only (not
+    # by the public config seed): a resumed run repeats them, an observer cannot.
+    self._sampling_secret = (secrets.randbits(64) if state is None else
+                             int(state['sampling_secret']))
+    self._client_released = self._client_releasable()
+
+  def sampling_seed(self, round_num: int, position: int) -> tuple[int, int, int]:
+    return (self._sampling_secret, int(round_num), int(position))
+
+  def _client_releasable(self) -> tuple[str, ...]:
+    return categories.CATEGORY_IDS if self.client is None else self.client.releasable()
+
+  def state(self) -> dict[str, Any]:
+    return {'example': self.example.state(),
+            'client': None if self.client is None else self.client.state(),
+            'sampling_secret': self._sampling_secret}
+
+  def site_releasable(self, site_id: str) -> tuple[str, ...]:
+    """Categories the site may still train on: within its example budget and the client one."""
+    return tuple(c for c in self.example.releasable(site_id) if c in self._client_released)
+
+  def releasable(self) -> tuple[str, ...]:
+    """Categories some site may still train on."""
+    self._client_released = self._client_releasable()
+    return tuple(c for c in categories.CATEGORY_IDS
+                 if any(c in self.site_releasable(s) for s in self.example.sites))
+
+  def record(self, site_outputs: Mapping[str, dp_sgd.ExampleOutput], aggregator_state) -> None:
+    """Records the round: each site's DP-SGD events, and the stacked client-level event."""
+    client_events = None
+    if self.client is not None:
+      event = class_aware.dp_events(aggregator_state)[FIRST]
+      if event is None:
+        raise PolicyError(f'the stacked client-level aggregator must release its {FIRST} slot.')
+      # The combined update carries every category the sites trained on this round.
+      trained = set()
+      for output in site_outputs.values():
+        trained.update(c for c, e in output.dp_events.items() if e is not None)
+      client_events = {c: event if c in trained else None for c in categories.CATEGORY_IDS}
+    self.example.record_round({s: o.dp_events for s, o in site_outputs.items()})
+    if client_events is not None:
+      self.client.record_round(client_events)
+
+  def epsilon_spent(self, category_id: str) -> float:
+    return self.example.epsilon_spent(category_id)
+
+  def status(self, category_id: str) -> ledger_lib.CategoryStatus:
+    exhausted = all(self.example.site_status(s, category_id) == 'exhausted'
+                    for s in self.example.sites) or category_id not in self._client_released
+    return ledger_lib.CategoryStatus.EXHAUSTED if exhausted else ledger_lib.CategoryStatus.ACTIVE
+
+  @property
+  def client_level_epsilon(self) -> float:
+    """The stacked client-level figure; without stacking, the example-level one."""
+    return (self.client.client_level_epsilon if self.client is not None else
+            self.example.example_level_epsilon)
+
+  @property
+  def all_exhausted(self) -> bool:
+    return not self.releasable()
+
+  def to_json_dict(self) -> dict[str, Any]:
+    if self.client is None:
+      return self.example.to_json_dict()
+    return self.example.to_json_dict(self.client.client_level_epsilon,
+                                     example_ledger.CLIENT_LEDGER_FILENAME)
+
+  def save(self, run_dir: str) -> None:
+    if self.client is not None:
+      payload = self.client.to_json_dict()
+      ledger_lib.validate_ledger_json(payload)
+      fileio.write_atomic(os.path.join(run_dir, example_ledger.CLIENT_LEDGER_FILENAME),
+                          json.dumps(payload, indent=2, allow_nan=False) + '\n')
+    payload = self.to_json_dict()
+    example_ledger.validate_example_ledger_json(payload)
+    fileio.write_atomic(os.path.join(run_dir, ledger_lib.LEDGER_FILENAME),
+                        json.dumps(payload, indent=2, allow_nan=False) + '\n')
