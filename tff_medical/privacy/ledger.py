@@ -11,7 +11,11 @@ JSON, and rebuilds the DpEvents from it:
 * client-level epsilon: per round one sampled event over the composition of every released
   category (one client sample covers all categories, so they are one Gaussian per round). It is
   built from the same per-category multipliers, which is conservative: removing a whole client
-  moves each category's clipped count by 0.5, not the 1 they are accounted at.
+  moves each category's clipped count by 0.5, not the 1 they are accounted at. How the
+  categories combine depends on the noise mechanism (`noise_mechanism`): independent Gaussians
+  per category (default, 'per_category_noise': 1/z**2 = sum 1/z_c**2) or one shared Gaussian
+  ('shared_noise', tff_medical.aggregation.shared_noise: 1/z = sum 1/z_c, see
+  tff_medical.privacy.shared_noise).
 
 A category whose next round would take it over its budget is frozen for good ('exhausted'): the
 caller must stop releasing its sub-aggregate, and `record_round` refuses an event for it.
@@ -34,6 +38,7 @@ from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import shared_noise
 from tff_medical.privacy.accounting import Accountant
 from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
@@ -63,8 +68,12 @@ def _finite_positive(field: str, value: Any) -> float:
   return float(value)
 
 
-def _combined(zs: Sequence[Optional[float]]) -> Optional[float]:
+def _combined(zs: Sequence[Optional[float]],
+              mechanism: shared_noise.NoiseMechanism = shared_noise.NoiseMechanism
+              .PER_CATEGORY_NOISE) -> Optional[float]:
   """The one Gaussian equivalent to one round's released categories (None if none)."""
+  if mechanism is shared_noise.NoiseMechanism.SHARED_NOISE:
+    return shared_noise.client_noise_multiplier(zs, mechanism)
   released = [z for z in zs if z is not None]
   if not released:
     return None
@@ -93,7 +102,9 @@ class PrivacyLedger:
                policy: PrivacyPolicy,
                noise_multipliers: Mapping[str, float],
                sampling: SamplingSpec,
-               accountant: Union[Accountant, str] = Accountant.RDP):
+               accountant: Union[Accountant, str] = Accountant.RDP,
+               noise_mechanism: Union[shared_noise.NoiseMechanism, str] = (
+                   shared_noise.NoiseMechanism.PER_CATEGORY_NOISE)):
     """Starts an empty ledger.
 
     Args:
@@ -102,12 +113,15 @@ class PrivacyLedger:
         a category's next round before it has released one.
       sampling: How clients are sampled; must be what the sampler in use draws.
       accountant: RDP or PLD (PLD needs Poisson sampling).
+      noise_mechanism: How the aggregator noises the categories (per_category_noise or
+        shared_noise); decides how they combine into the client-level epsilon.
     """
     if not isinstance(policy, PrivacyPolicy):
       raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
     self._policy = policy
     self._sampling = sampling
     self._accountant = accounting.check_sampling_accountant(sampling, accountant)
+    self._mechanism = shared_noise.as_noise_mechanism(noise_mechanism)
     if not isinstance(noise_multipliers, Mapping):
       raise PolicyError(f'noise_multipliers must be a mapping of category to multiplier. '
                         f'Found {noise_multipliers!r}.')
@@ -146,7 +160,7 @@ class PrivacyLedger:
     return _runs(values)
 
   def _client_runs(self):
-    return _runs([(_combined(round_), count) for round_, count in self._history])
+    return _runs([(_combined(round_, self._mechanism), count) for round_, count in self._history])
 
   def _last_applied(self, index: int) -> Optional[float]:
     for round_, _ in reversed(self._history):
@@ -190,6 +204,10 @@ class PrivacyLedger:
   @property
   def accountant(self) -> Accountant:
     return self._accountant
+
+  @property
+  def noise_mechanism(self) -> shared_noise.NoiseMechanism:
+    return self._mechanism
 
   @property
   def rounds_completed(self) -> int:
@@ -295,7 +313,7 @@ class PrivacyLedger:
 
   def to_json_dict(self) -> dict[str, Any]:
     """The published ledger (privacy_ledger.json); see `validate_ledger_json`."""
-    return {
+    published = {
         'schema_version': SCHEMA_VERSION,
         'accountant': self._accountant.value,
         'privacy_unit': 'client',
@@ -316,12 +334,17 @@ class PrivacyLedger:
             } for b in self._policy.budgets
         },
     }
+    if self._mechanism is not shared_noise.NoiseMechanism.PER_CATEGORY_NOISE:
+      # Only when not the default: the published shape of per-category ledgers is unchanged.
+      published['noise_mechanism'] = self._mechanism.value
+    return published
 
   def state(self) -> dict[str, Any]:
     """JSON-able checkpoint state: the history of applied multipliers, not derived figures."""
     return {
         'schema_version': SCHEMA_VERSION,
         'accountant': self._accountant.value,
+        'noise_mechanism': self._mechanism.value,
         'sampling': self._sampling.to_json_dict(),
         'policy': self._policy.to_json_dict(),
         'planned_noise_multipliers': dict(self._planned),
@@ -337,7 +360,9 @@ class PrivacyLedger:
                  state: Mapping[str, Any],
                  policy: PrivacyPolicy,
                  sampling: Optional[SamplingSpec] = None,
-                 accountant: Optional[Union[Accountant, str]] = None) -> 'PrivacyLedger':
+                 accountant: Optional[Union[Accountant, str]] = None,
+                 noise_mechanism: Optional[Union[shared_noise.NoiseMechanism, str]] = None
+                ) -> 'PrivacyLedger':
     """Restores a ledger; refuses one saved under another policy, sampling or accountant.
 
     Args:
@@ -345,6 +370,8 @@ class PrivacyLedger:
       policy: The policy of the resumed run; must equal the saved one.
       sampling: If given, the resumed run's sampling; must equal the saved one.
       accountant: If given, the resumed run's accountant; must equal the saved one.
+      noise_mechanism: If given, the resumed run's noise mechanism; must equal the saved one
+        (a state without one was saved by per-category noise).
 
     Returns:
       A ledger identical to the saved one (history, frozen categories, epsilons).
@@ -364,10 +391,17 @@ class PrivacyLedger:
     if accountant is not None and accounting.as_accountant(accountant) is not saved_accountant:
       differences.append(f'accountant: {saved_accountant.value!r} vs '
                          f'{accounting.as_accountant(accountant).value!r}')
+    saved_mechanism = shared_noise.as_noise_mechanism(
+        state.get('noise_mechanism', shared_noise.NoiseMechanism.PER_CATEGORY_NOISE.value))
+    if (noise_mechanism is not None and
+        shared_noise.as_noise_mechanism(noise_mechanism) is not saved_mechanism):
+      differences.append(f'noise_mechanism: {saved_mechanism.value!r} vs '
+                         f'{shared_noise.as_noise_mechanism(noise_mechanism).value!r}')
     if differences:
       raise PolicyError('ledger state must match the resumed run. Found differences (saved vs '
                         f'current): {"; ".join(differences)}.')
-    ledger = cls(policy, state.get('planned_noise_multipliers'), saved_sampling, saved_accountant)
+    ledger = cls(policy, state.get('planned_noise_multipliers'), saved_sampling, saved_accountant,
+                 saved_mechanism)
     ledger._history = _history_from_state(state.get('history'))
     frozen = state.get('frozen')
     rounds = ledger.rounds_completed
@@ -452,6 +486,8 @@ def _history_from_state(raw: Any) -> list[list]:
 
 _TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
              'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
+# Optional top-level keys: absent in ledgers written before they existed.
+_OPTIONAL_TOP_KEYS = ('noise_mechanism',)
 _SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
 _CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
                   'rounds_released', 'epsilon_spent', 'status')
@@ -467,12 +503,13 @@ def _is_number(value: Any) -> bool:
           math.isfinite(value))
 
 
-def _check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str]) -> bool:
+def _check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str],
+                optional: Sequence[str] = ()) -> bool:
   if not isinstance(value, Mapping):
     problems.append(f'{where} must be an object. Found {value!r}.')
     return False
   missing = [k for k in keys if k not in value]
-  extra = sorted(str(k) for k in value if k not in keys)
+  extra = sorted(str(k) for k in value if k not in keys and k not in optional)
   if missing or extra:
     problems.append(f'{where} must have exactly the keys {", ".join(keys)}. Found missing '
                     f'{missing} and unexpected {extra}.')
@@ -486,10 +523,19 @@ def validate_ledger_json(ledger: Any) -> None:
   Beyond types and keys it checks what must hold for an honest ledger: rate = m / N, the
   relation that the sampling is accounted under, no category over its target, rounds released
   within rounds completed, and a client-level epsilon no smaller than any category's.
+  A ledger with privacy_unit 'example' is checked by example_ledger.validate_example_ledger_json.
   """
+  if isinstance(ledger, Mapping) and ledger.get('privacy_unit') == 'example' and 'sites' in ledger:
+    from tff_medical.privacy import example_ledger  # pylint: disable=g-import-not-at-top
+    example_ledger.validate_example_ledger_json(ledger)
+    return
   problems: list[str] = []
-  if not _check_keys('ledger', ledger, _TOP_KEYS, problems):
+  if not _check_keys('ledger', ledger, _TOP_KEYS, problems, _OPTIONAL_TOP_KEYS):
     raise PolicyError(' '.join(problems))
+  mechanisms = [m.value for m in shared_noise.NoiseMechanism]
+  if 'noise_mechanism' in ledger and ledger['noise_mechanism'] not in mechanisms:
+    problems.append(f'noise_mechanism must be one of {", ".join(mechanisms)}. '
+                    f'Found {ledger["noise_mechanism"]!r}.')
   if not _is_int(ledger['schema_version']) or ledger['schema_version'] != SCHEMA_VERSION:
     problems.append(f'schema_version must be {SCHEMA_VERSION}. '
                     f'Found {ledger["schema_version"]!r}.')

@@ -5,12 +5,18 @@ import math
 import ml_collections
 
 from tff_medical.errors import ConfigError
+from tff_medical.models import cnn
 
 DATASETS = ('phantoms', 'mednist', 'dicom')
 PARTITIONS = ('iid', 'dirichlet')
 ACCOUNTANTS = ('rdp', 'pld')
 SAMPLINGS = ('poisson', 'fixed_size')
 SERVER_OPTIMIZERS = ('sgdm', 'adam')
+# client: class-aware DP-FedAvg protects a whole client; example: DP-SGD inside each site
+# protects each example (tff_medical.training.dp_sgd).
+PRIVACY_UNITS = ('client', 'example')
+# tff_medical.privacy.shared_noise.NoiseMechanism values.
+DP_MECHANISMS = ('per_category_noise', 'shared_noise')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,7 +40,19 @@ def base_config() -> ml_collections.ConfigDict:
   # Privacy.
   config.dp = True
   config.accountant = 'rdp'
+  # per_category_noise: one Gaussian per category (class_aware.ClassAwareFactory.dp);
+  # shared_noise: per-category clips under one Gaussian (IDP-SGD "Scale",
+  # tff_medical.aggregation.shared_noise). Same per-category budgets either way.
+  config.dp_mechanism = 'per_category_noise'
   config.policy = ''  # Path of a policy JSON; empty: configs/privacy_policy.json.
+  config.privacy_unit = 'client'
+  # privacy_unit 'example' only: each site (client) runs DP-SGD on Poisson batches of expected
+  # size client.batch_size; per-category clip norms under one noise draw (dp_sgd).
+  config.example_dp = ml_collections.ConfigDict()
+  config.example_dp.l2_norm_clip = 1.0
+  config.example_dp.local_steps = 10  # DP-SGD steps per site and round.
+  # Also add client-level noise on the server (both guarantees, both ledgers kept).
+  config.example_dp.stack_client_level = False
   config.clip = ml_collections.ConfigDict()
   config.clip.initial_l2_norm_clip = 0.1
   config.clip.target_unclipped_quantile = 0.5
@@ -47,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.conv_filters = (16, 32)
   config.model.dense_units = 0
+  config.model.input_pooling = 1  # Average-pool the 64x64 input by this factor first.
+  config.model.head = 'gap'  # 'gap' or 'flatten' (see tff_medical.models.cnn).
   # Client and server optimizers.
   config.client = ml_collections.ConfigDict()
   config.client.learning_rate = 0.05
@@ -113,6 +133,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'accountant must be \'rdp\' with sampling \'fixed_size\' (sampling without '
            'replacement is accounted by RDP only). Found \'pld\'.')
   _require(isinstance(config.dp, bool), f'dp must be true or false. Found {config.dp!r}.')
+  privacy_unit = config.get('privacy_unit', 'client')
+  _require(privacy_unit in PRIVACY_UNITS,
+           f'privacy_unit must be one of {", ".join(PRIVACY_UNITS)}. Found {privacy_unit!r}.')
+  if privacy_unit == 'example':
+    _require(config.dp is True, 'dp must be true with privacy_unit \'example\' (dp false '
+             'trains without any privacy). Found False.')
+    example = config.example_dp
+    _require(isinstance(example.l2_norm_clip, (int, float)) and
+             not isinstance(example.l2_norm_clip, bool) and math.isfinite(example.l2_norm_clip)
+             and example.l2_norm_clip > 0,
+             f'example_dp.l2_norm_clip must be positive. Found {example.l2_norm_clip!r}.')
+    _positive_int('example_dp.local_steps', example.local_steps)
+    _require(isinstance(example.stack_client_level, bool),
+             'example_dp.stack_client_level must be true or false. '
+             f'Found {example.stack_client_level!r}.')
+  _require(config.get('dp_mechanism', DP_MECHANISMS[0]) in DP_MECHANISMS,
+           f'dp_mechanism must be one of {", ".join(DP_MECHANISMS)}. '
+           f'Found {config.get("dp_mechanism")!r}.')
   _require(config.server.optimizer in SERVER_OPTIMIZERS,
            f'server.optimizer must be one of {", ".join(SERVER_OPTIMIZERS)}. '
            f'Found {config.server.optimizer!r}.')
@@ -133,3 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(len(config.model.conv_filters) > 0 and all(
       isinstance(f, int) and f > 0 for f in config.model.conv_filters),
            f'model.conv_filters must be positive integers. Found {config.model.conv_filters!r}.')
+  input_pooling = config.model.get('input_pooling', 1)
+  _require(input_pooling in (1, 2, 4, 8),
+           f'model.input_pooling must be 1, 2, 4 or 8. Found {input_pooling!r}.')
+  _require(config.model.get('head', 'gap') in cnn.HEADS,
+           f'model.head must be one of {", ".join(cnn.HEADS)}. '
+           f'Found {config.model.get("head")!r}.')

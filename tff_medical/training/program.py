@@ -36,8 +36,11 @@ from tff_medical.privacy import accounting
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.privacy import shared_noise
 from tff_medical.training import config as config_lib
+from tff_medical.training import dp_sgd
 from tff_medical.training import evaluation
+from tff_medical.training import example_level
 from tff_medical.training import local_training
 from tff_medical.training import process as process_lib
 
@@ -78,7 +81,8 @@ def load_images(config) -> source_lib.LabeledImages:
 
 def build_keras_model(config) -> tf.keras.Model:
   return cnn.build_cnn(tuple(config.model.conv_filters), config.model.dense_units,
-                       seed=config.seed)
+                       seed=config.seed, input_pooling=config.model.get('input_pooling', 1),
+                       head=config.model.get('head', 'gap'))
 
 
 def _server_optimizer(config):
@@ -94,9 +98,14 @@ class _Plan:
 
   noise_multipliers: Optional[dict[str, float]]
   splits: Optional[dict[str, dict[str, float]]]
+  # privacy_unit 'example' only (example_level.calibrate); absent from client-level plans.
+  example: Optional[dict[str, Any]] = None
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    value = dataclasses.asdict(self)
+    if value['example'] is None:
+      del value['example']  # Client-level plans stay as saved before the option.
+    return json.dumps(value, sort_keys=True)
 
 
 def _calibrate(config, policy, sampling_spec) -> _Plan:
@@ -104,15 +113,23 @@ def _calibrate(config, policy, sampling_spec) -> _Plan:
     return _Plan(None, None)
   noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
                                               config.accountant)
-  splits = accounting.category_splits(
+  # Shared noise: one clipped count, so one count stddev for every category's split.
+  splits_fn = (shared_noise.shared_noise_splits if _dp_mechanism(config) == 'shared_noise' else
+               accounting.category_splits)
+  splits = splits_fn(
       noise, sampling_spec.expected_clients_per_round,
       max_value_noise_inflation=config.clip.max_value_noise_inflation,
       max_count_noise_fraction=config.clip.max_count_noise_fraction)
   return _Plan(noise, {c: s.to_json_dict() for c, s in splits.items()})
 
 
+def _dp_mechanism(config) -> str:
+  # A config.json written before dp_mechanism existed has none: per-category noise.
+  return config.get('dp_mechanism', 'per_category_noise')
+
+
 def _fingerprint(config, policy, sampling_spec, partition) -> dict[str, Any]:
-  return {
+  fingerprint = {
       'policy': policy.to_json_dict(),
       'sampling': sampling_spec.to_json_dict(),
       'dataset': {'dataset': config.dataset, 'data_dir': config.data_dir,
@@ -123,6 +140,10 @@ def _fingerprint(config, policy, sampling_spec, partition) -> dict[str, Any]:
                   'clip': config.clip.to_dict()},
       'model': config.model.to_dict(),
   }
+  if _dp_mechanism(config) != 'per_category_noise':
+    # Only when not the default, so that runs saved before the option still resume.
+    fingerprint['privacy']['dp_mechanism'] = _dp_mechanism(config)
+  return fingerprint
 
 
 def _json_default(value):
@@ -189,7 +210,14 @@ def run(config, run_dir: str, *, progress: bool = False,
   sampling_spec = sampling_lib.SamplingSpec(config.sampling, partition.num_clients,
                                             config.clients_per_round)
   fingerprint = _fingerprint(config, policy, sampling_spec, partition)
-  plan = _calibrate(config, policy, sampling_spec)
+  example = example_level.is_example(config)
+  if example:
+    fingerprint['privacy']['privacy_unit'] = 'example'
+    fingerprint['privacy']['example_dp'] = config.example_dp.to_dict()
+    plan = _Plan(None, None, example_level.calibrate(config, policy, images.labels, partition,
+                                                     sampling_spec))
+  else:
+    plan = _calibrate(config, policy, sampling_spec)
 
   test_data = client_data_lib.central_dataset(images, partition.test_indices)
   clip = class_aware.AdaptiveClipSettings(config.clip.initial_l2_norm_clip,
@@ -197,8 +225,12 @@ def run(config, run_dir: str, *, progress: bool = False,
                                           config.clip.learning_rate)
 
   def make_process(run_plan: _Plan):
-    if config.dp:
-      factory = class_aware.ClassAwareFactory.dp(
+    if example:
+      factory = example_level.make_factory(run_plan.example, clip)
+    elif config.dp:
+      make_dp = (class_aware.ClassAwareFactory.shared_noise
+                 if _dp_mechanism(config) == 'shared_noise' else class_aware.ClassAwareFactory.dp)
+      factory = make_dp(
           {c: accounting.AdaptiveClipSplit.from_json_dict(s) for c, s in run_plan.splits.items()},
           clip)
     else:
@@ -210,9 +242,16 @@ def run(config, run_dir: str, *, progress: bool = False,
   trainer = local_training.LocalTrainer(lambda: build_keras_model(config),
                                         config.client.learning_rate, config.client.batch_size,
                                         config.client.local_epochs)
+  if example:
+    trainer = dp_sgd.DPSGDTrainer(lambda: build_keras_model(config), config.client.learning_rate,
+                                  config.example_dp.local_steps)
   sampler = sampling_lib.make_sampler(sampling_spec, config.seed)
   ledger = (ledger_lib.PrivacyLedger(policy, plan.noise_multipliers, sampling_spec,
-                                     config.accountant) if config.dp else None)
+                                     config.accountant, _dp_mechanism(config))
+            if config.dp and not example else None)
+  if example:
+    ledger = example_level.RunLedger(policy, plan.example, config.example_dp.local_steps,
+                                     config.accountant, sampling_spec)
   store = _CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR), config.checkpoints_to_keep)
 
   def program_state(state, round_num, round_record):
@@ -245,10 +284,14 @@ def run(config, run_dir: str, *, progress: bool = False,
     round_num = int(restored['round'])
     sampler = sampling_lib.sampler_from_state(json.loads(_decode(restored['sampler'])),
                                               sampling_spec)
-    if ledger is not None:
+    if example:
+      ledger = example_level.RunLedger(policy, plan.example, config.example_dp.local_steps,
+                                       config.accountant, sampling_spec,
+                                       state=json.loads(_decode(restored['ledger'])))
+    elif ledger is not None:
       ledger = ledger_lib.PrivacyLedger.from_state(
           json.loads(_decode(restored['ledger'])), policy, sampling=sampling_spec,
-          accountant=config.accountant)
+          accountant=config.accountant, noise_mechanism=_dp_mechanism(config))
     last_record = json.loads(_decode(restored['round_record']))
     logging.info('Resuming %s after round %d.', run_dir, round_num)
   else:
@@ -303,17 +346,33 @@ def run(config, run_dir: str, *, progress: bool = False,
       round_num += 1
       started = time.monotonic()
       state = state._replace(
-          aggregator=class_aware.with_released_categories(state.aggregator, released))
+          aggregator=class_aware.with_released_categories(
+              state.aggregator,
+              # Example level: one combined update in the first slot, always aggregated.
+              categories.CATEGORY_IDS if example else released))
       sampled = sampler.sample(round_num)
       client_ids = [partition.client_ids[i] for i in sampled]
       before = state.global_model_weights
       initial = [np.asarray(w) for w in before.trainable]
       client_outputs = []
+      site_outputs = {}
       for position, client_id in zip(sampled, client_ids):
         indices = partition.train_indices(client_id)
+        if example:
+          site_released = ledger.site_releasable(client_id)
+          if not site_released:
+            continue  # Every category is exhausted at this site: it sends nothing.
+          site_outputs[client_id] = trainer.train(
+              initial, images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+              images.labels[indices], plan=ledger.plans[client_id], released=site_released,
+              sampling_seed=ledger.sampling_seed(round_num, int(position)))
+          client_outputs.append(site_outputs[client_id])
+          continue
         client_outputs.append(trainer.train(
             initial, images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
             images.labels[indices], shuffle_seed=(config.seed, round_num, int(position))))
+      if example:
+        client_ids = list(site_outputs)
       output = learning_process.next(
           state, [process_lib.as_sub_update_structs(o.sub_updates) for o in client_outputs])
       state = output.state
@@ -327,7 +386,18 @@ def run(config, run_dir: str, *, progress: bool = False,
           'model_sha256': audit_lib.model_weights_sha256(
               _weights_list(state.global_model_weights)),
       }
-      if ledger is not None:
+      if example:
+        ledger.record(site_outputs, state.aggregator)
+        audit_record['epsilon_spent'] = {c: ledger.epsilon_spent(c)
+                                         for c in categories.CATEGORY_IDS}
+        metrics['example_level_epsilon'] = ledger.example.example_level_epsilon
+        if ledger.client is not None:
+          audit_record['client_level_epsilon'] = ledger.client.client_level_epsilon
+          metrics['client_level_epsilon'] = ledger.client.client_level_epsilon
+        for c in categories.CATEGORY_IDS:
+          metrics[f'epsilon/{c}'] = ledger.epsilon_spent(c)
+          metrics[f'released/{c}'] = int(c in released)
+      elif ledger is not None:
         ledger.record_round(class_aware.dp_events(state.aggregator))
         norms = class_aware.clip_norms(state.aggregator)
         audit_record['clip_norms'] = norms
@@ -384,7 +454,9 @@ def export(result: RunResult) -> str:
   with open(os.path.join(result.run_dir, CONFIG_FILE)) as f:
     data_source = json.load(f)['config']['dataset']
   card = dict(data_source=data_source, rounds=result.rounds_completed,
-              accuracy_per_category={c: result.evaluation[f'accuracy/{c}']
+              # NaN: not measured (a cross-silo coordinator without its own evaluation set).
+              accuracy_per_category={c: (result.evaluation[f'accuracy/{c}'] if np.isfinite(
+                  result.evaluation[f'accuracy/{c}']) else None)
                                      for c in categories.CATEGORY_IDS})
   if os.path.exists(export_dir):
     shutil.rmtree(export_dir)
