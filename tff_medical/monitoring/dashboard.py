@@ -32,6 +32,9 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import dp_accounting
+import numpy as np
+
 from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import TffMedicalError
@@ -40,6 +43,7 @@ from tff_medical.privacy import accounting
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.privacy import shared_noise
 
 DASHBOARD_FILENAME = 'dashboard.html'
 SELF_CHECK_ID = 'dashboard-self-check'
@@ -215,12 +219,32 @@ def check_budgets(ledger_json: Any,
 
 
 @functools.lru_cache(maxsize=256)
+def _one_round_rdp(z: float, sampling_json: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(orders, RDP) of one round, from a fresh dp_accounting accountant (not the ledger's code).
+
+  Cached because the page is rebuilt every round: a curve costs ~0.1 s, and RDP composes by
+  addition, so n rounds are n times the curve (what RdpAccountant.compose(event, n) computes).
+  """
+  spec = sampling_lib.SamplingSpec.from_json_dict(json.loads(sampling_json))
+  fresh = accounting.make_accountant(accounting.Accountant.RDP, spec.method)
+  fresh.compose(accounting.round_event(z, spec))
+  return tuple(fresh.orders), tuple(fresh.rdp)
+
+
+@functools.lru_cache(maxsize=256)
 def _accountant_epsilon(groups: tuple[tuple[float, int], ...], sampling_json: str, delta: float,
                         accountant: str) -> float:
-  # Cached because the page is rebuilt every round and categories often share a multiplier.
+  if not groups:
+    return 0.0
+  if accountant == accounting.Accountant.RDP.value:
+    orders, total = None, 0.0
+    for z, n in groups:
+      orders, curve = _one_round_rdp(z, sampling_json)
+      total = total + n * np.asarray(curve)
+    return float(dp_accounting.rdp.compute_epsilon(np.asarray(orders), total, delta)[0])
   spec = sampling_lib.SamplingSpec.from_json_dict(json.loads(sampling_json))
   events = [(accounting.round_event(z, spec), n) for z, n in groups]
-  return accounting.epsilon(events, delta, accountant) if events else 0.0
+  return accounting.epsilon(events, delta, accountant)
 
 
 def _sampling_key(ledger_json: Mapping[str, Any]) -> str:
@@ -250,14 +274,15 @@ def recompute_client_epsilon(ledger_json: Mapping[str, Any],
   """Client-level epsilon from the categories released in each round (one Gaussian a round).
 
   A round releasing categories with multipliers z_i is one Gaussian with 1/z^2 = sum 1/z_i^2
-  (they share the client sample); rounds are composed by a fresh accountant. Like the ledger,
+  (they share the client sample), or 1/z = sum 1/z_i under shared noise; rounds are composed by a fresh accountant. Like the ledger,
   the result is raised to the largest category epsilon (PLD discretization may invert them).
   """
+  mechanism = ledger_json.get('noise_mechanism', shared_noise.NoiseMechanism.PER_CATEGORY_NOISE)
   counts: dict[float, int] = collections.Counter()
   for round_categories in released:
     zs = [ledger_json['categories'][c]['noise_multiplier'] for c in round_categories]
     if zs:
-      counts[sum(z**-2 for z in zs)**-0.5] += 1
+      counts[shared_noise.client_noise_multiplier(zs, mechanism)] += 1
   client = _accountant_epsilon(tuple(sorted(counts.items())), _sampling_key(ledger_json),
                                ledger_json['delta'], ledger_json['accountant'])
   return max([client] + [e['epsilon_spent'] for e in ledger_json['categories'].values()])
