@@ -1,0 +1,78 @@
+"""Runs one site: trains on its own images and sends only masked, clipped updates.
+
+  .venv/bin/python experiments/site.py --site_dir=pki/sites/site-a \
+      --coordinator=127.0.0.1:9092 --dataset=mednist --data_dir=/data/site-a
+
+--dataset: mednist (a folder with one subfolder per category, or MedNIST.tar.gz), dicom (a
+folder of DICOM files) or phantoms (synthetic, for trials). The images never leave this
+process. The site exits when the coordinator has been unreachable for --max_wait_seconds.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ['FLWR_TELEMETRY_ENABLED'] = '0'
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import tensorflow  # pylint: disable=unused-import,g-import-not-at-top
+
+_SITE_DIR = flags.DEFINE_string('site_dir', None, "This site's folder from provisioning.")
+_COORDINATOR = flags.DEFINE_string('coordinator', '127.0.0.1:9092',
+                                   "The coordinator's Fleet API address (host:port).")
+_DATASET = flags.DEFINE_enum('dataset', 'mednist', ['mednist', 'dicom', 'phantoms'],
+                             'Kind of local data.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'Local data folder (mednist, dicom).')
+_NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 20, 'phantoms only.')
+_SEED = flags.DEFINE_integer('seed', 0, 'phantoms: data seed; also the local shuffling seed.')
+_MAX_WAIT = flags.DEFINE_float('max_wait_seconds', 300.0,
+                               'Give up after the coordinator is unreachable this long.')
+_FAULT = flags.DEFINE_enum('fault', 'none', ['none', 'crash', 'nan', 'huge'],
+                           'Testing only: misbehave (see tff_medical.crosssilo.site_runtime).')
+_FAULT_ROUND = flags.DEFINE_integer('fault_round', 0, 'Testing only: round of --fault=crash.')
+flags.mark_flags_as_required(['site_dir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from tff_medical.crosssilo import site_runtime
+  from tff_medical.errors import TffMedicalError
+  from tff_medical.training import program
+  # pylint: enable=g-import-not-at-top
+  if _DATASET.value != 'phantoms' and not _DATA_DIR.value:
+    raise app.UsageError(f'--data_dir is required for --dataset={_DATASET.value}.')
+  try:
+    images = program.load_images(ml_collections.ConfigDict({
+        'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
+        'num_per_category': _NUM_PER_CATEGORY.value, 'seed': _SEED.value}))
+    print(f'site: {len(images)} local images; connecting to {_COORDINATOR.value}', flush=True)
+    result = site_runtime.run_site(
+        _SITE_DIR.value, _COORDINATOR.value, images, site_seed=_SEED.value,
+        max_wait_seconds=_MAX_WAIT.value, fault=site_runtime.Fault(_FAULT.value),
+        fault_round=_FAULT_ROUND.value)
+  except TffMedicalError as e:
+    print(f'error: {e}', file=sys.stderr)
+    _exit(1)
+  if not result.joined:
+    print(f'error: could not take part in any round at {_COORDINATOR.value}: the coordinator '
+          'is unreachable, or refused this site (certificate not signed by its CA, expired, or '
+          'key not enrolled).', file=sys.stderr)
+    _exit(2)
+  print(f'site: done after {result.rounds} rounds.', flush=True)
+  _exit(0)
+
+
+def _exit(code: int) -> None:
+  # A gRPC channel that Flower leaves open can deadlock in its finalizer at interpreter
+  # shutdown (grpc 1.74), so the site would never exit: nothing is left to clean up here.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,594 @@
+"""Cross-silo deployment: SecAgg+ with our DP math, mutual TLS + node auth, faults.
+
+Fast tier: the protocol runs in-process (a test double stands in for the SuperLink and routes
+Flower messages to real ClientApps with flwr's secaggplus_mod), the SuperLink runs for real for
+the certificate tests. Slow tier: coordinator and three site processes on loopback.
+"""
+
+import copy
+import csv
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from tff_medical import categories
+
+flwr = pytest.importorskip('flwr')
+
+from flwr.common import Context, DEFAULT_TTL, Message, Metadata, RecordSet  # pylint: disable=g-import-not-at-top
+from flwr.common.secure_aggregation import quantization  # pylint: disable=g-import-not-at-top
+from flwr.common.secure_aggregation.secaggplus_constants import Key  # pylint: disable=g-import-not-at-top
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # pylint: disable=g-import-not-at-top
+from flwr.common.secure_aggregation.secaggplus_constants import Stage  # pylint: disable=g-import-not-at-top
+from flwr.common import bytes_to_ndarray  # pylint: disable=g-import-not-at-top
+
+from tff_medical.aggregation import class_aware  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import coordinator  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import mechanism  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import provisioning  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import secagg  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import site_runtime  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import site_worker  # pylint: disable=g-import-not-at-top
+from tff_medical.crosssilo import transport  # pylint: disable=g-import-not-at-top
+from tff_medical.privacy import accounting  # pylint: disable=g-import-not-at-top
+from tff_medical.training import config as config_lib  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class InProcessDriver:
+  """Visible test double for the SuperLink + Driver: delivers each message to a ClientApp.
+
+  Messages are deep-copied as serialization would; every reply is kept (what the coordinator
+  receives). A node listed in `drop_at` stops answering from that SecAgg+ stage on, as a site
+  that dies does.
+  """
+
+  def __init__(self, apps, drop_at=None):
+    self.apps = dict(apps)
+    self.contexts = {n: Context(node_id=n, node_config={}, state=RecordSet(), run_config={})
+                     for n in apps}
+    self.replies = []
+    self.drop_at = dict(drop_at or {})
+    self.dead = set()
+
+  def get_node_ids(self):
+    return [n for n in self.apps if n not in self.dead]
+
+  def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+    del ttl
+    return Message(metadata=Metadata(run_id=1, message_id='', src_node_id=0,
+                                     dst_node_id=dst_node_id, reply_to_message='',
+                                     group_id=group_id, ttl=DEFAULT_TTL,
+                                     message_type=message_type), content=content)
+
+  def send_and_receive(self, messages, timeout=None):
+    del timeout
+    out = []
+    for message in messages:
+      message = copy.deepcopy(message)
+      message.metadata._message_id = uuid.uuid4().hex  # pylint: disable=protected-access
+      node = message.metadata.dst_node_id
+      stage = message.content.configs_records[RECORD_KEY_CONFIGS][Key.STAGE]
+      if node in self.dead or self.drop_at.get(node) == stage:
+        self.dead.add(node)
+        continue
+      reply = self.apps[node](message, self.contexts[node])
+      self.replies.append((stage, node, reply))
+      out.append(reply)
+    return out
+
+  def uploads(self):
+    """{node: [masked arrays]} the coordinator received in the collect stage."""
+    return {node: [bytes_to_ndarray(b) for b in
+                   reply.content.configs_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+            for stage, node, reply in self.replies if stage == Stage.COLLECT_MASKED_VECTORS}
+
+
+def _vectors(n=3, d=200, seed=0):
+  rng = np.random.default_rng(seed)
+  return {11 * (i + 1): rng.uniform(-1, 1, d) for i in range(n)}
+
+
+def _apps(vectors):
+  return {node: secagg.make_site_app(lambda w, c, v=v: v) for node, v in vectors.items()}
+
+
+def test_secure_round_releases_only_the_sum_and_masks_each_upload():
+  vectors = _vectors()
+  driver = InProcessDriver(_apps(vectors))
+  result = secagg.run_secure_round(driver, list(vectors), 1, [np.zeros(2)], {'round': 1},
+                                   threshold=2, timeout=None)
+  resolution = 2 * mechanism.CLIPPING_RANGE / mechanism.QUANTIZATION_RANGE
+  assert result.contributors == 3
+  np.testing.assert_allclose(result.vector, sum(vectors.values()), atol=3 * resolution)
+  uploads = driver.uploads()
+  assert sorted(uploads) == sorted(vectors)
+  for node, vector in vectors.items():
+    masked = uploads[node][1].astype(np.float64)  # [0] is the weight factor.
+    quantized = quantization.quantize([vector], mechanism.CLIPPING_RANGE,
+                                      mechanism.QUANTIZATION_RANGE)[0]
+    # Unmasked, an entry is in [0, 2**22]; masked, it is uniform on [0, 2**32).
+    assert np.mean(np.abs(masked - quantized) > mechanism.QUANTIZATION_RANGE) > 0.95
+    assert abs(masked.mean() / mechanism.MODULUS_RANGE - 0.5) < 6 * np.sqrt(1 / 12 / masked.size)
+    assert abs(np.corrcoef(masked, vector)[0, 1]) < 6 / np.sqrt(masked.size)
+
+
+def test_secure_round_completes_with_survivors_above_threshold():
+  vectors = _vectors()
+  nodes = list(vectors)
+  driver = InProcessDriver(_apps(vectors), drop_at={nodes[2]: Stage.COLLECT_MASKED_VECTORS})
+  result = secagg.run_secure_round(driver, nodes, 1, [np.zeros(2)], {}, threshold=2,
+                                   timeout=None)
+  assert result.contributors == 2
+  assert sorted(result.node_ids) == sorted(nodes[:2])
+  np.testing.assert_allclose(result.vector, vectors[nodes[0]] + vectors[nodes[1]], atol=1e-5)
+  # A site that drops after uploading (unmask stage) is still in the sum: its mask is rebuilt.
+  driver = InProcessDriver(_apps(vectors), drop_at={nodes[2]: Stage.UNMASK})
+  result = secagg.run_secure_round(driver, nodes, 2, [np.zeros(2)], {}, threshold=2,
+                                   timeout=None)
+  np.testing.assert_allclose(result.vector, sum(vectors.values()), atol=1e-5)
+
+
+def test_secure_round_is_abandoned_below_threshold():
+  vectors = _vectors()
+  nodes = list(vectors)
+  driver = InProcessDriver(_apps(vectors), drop_at={
+      nodes[1]: Stage.COLLECT_MASKED_VECTORS, nodes[2]: Stage.COLLECT_MASKED_VECTORS})
+  assert secagg.run_secure_round(driver, nodes, 1, [np.zeros(2)], {}, threshold=2,
+                                 timeout=None) is None
+
+
+def _plan(z=0.5, m=3):
+  splits = accounting.category_splits({c: z for c in categories.CATEGORY_IDS}, m,
+                                      max_count_noise_fraction=1.0)
+  return mechanism.MechanismPlan(splits, class_aware.AdaptiveClipSettings(0.5, 0.5, 0.2))
+
+
+def test_quantized_round_trip_matches_tf_privacy_records():
+  plan = _plan()
+  queries = mechanism.category_queries(plan)
+  states = mechanism.initial_states(queries)
+  params = mechanism.sample_params(queries, states)
+  shapes = [(3, 4), (5,)]
+  rng = np.random.default_rng(1)
+  sites = [[[rng.normal(0, s, shape).astype(np.float32) for shape in shapes]
+            for s in (0.01, 0.1, 1.0, 0.2, 0.0, 3.0)] for _ in range(3)]
+  encoded = [mechanism.encode_site_records(queries, params, s) for s in sites]
+  # Flower's quantization of each site, integer sum, and the workflow's dequantization.
+  quantized = [quantization.quantize([e], mechanism.CLIPPING_RANGE,
+                                     mechanism.QUANTIZATION_RANGE)[0] for e in encoded]
+  for q, e in zip(quantized, encoded):  # The rounded record is within the clip norm.
+    back = quantization.dequantize([q], mechanism.CLIPPING_RANGE,
+                                   mechanism.QUANTIZATION_RANGE)[0]
+    d = mechanism.num_parameters(shapes)
+    for i in range(categories.NUM_CATEGORIES):
+      assert np.linalg.norm(back[i * (d + 1):i * (d + 1) + d]) <= 1.0 + 1e-12
+  total = quantization.dequantize([np.sum(quantized, axis=0)], mechanism.CLIPPING_RANGE,
+                                  mechanism.QUANTIZATION_RANGE)[0]
+  total -= (len(sites) - 1) * mechanism.CLIPPING_RANGE  # As the workflow does.
+  clip = {c: mechanism.clip_norm(queries[c], states[c]) for c in categories.CATEGORY_IDS}
+  decoded = mechanism.decode_secure_sum(total, 3, clip, shapes)
+  # Independent: clip each sub-update to the norm with numpy, and count the unclipped ones.
+  for i, c in enumerate(categories.CATEGORY_IDS):
+    want = [np.zeros(shape) for shape in shapes]
+    bits = 0.0
+    for site in sites:
+      norm = np.sqrt(sum(np.sum(v.astype(np.float64)**2) for v in site[i]))
+      scale = min(1.0, clip[c] / norm) if norm > 0 else 1.0
+      want = [w + v * scale for w, v in zip(want, site[i])]
+      bits += 0.5 if norm <= clip[c] else -0.5
+    for got, expected in zip(decoded.values[c], want):
+      np.testing.assert_allclose(got, expected, atol=1e-4 * clip[c])
+    assert decoded.bits[c] == pytest.approx(bits, abs=1e-4)
+
+
+def test_decode_bounds_what_a_site_can_inject():
+  shapes = [(10,)]
+  d = 10
+  clip = {c: 0.5 for c in categories.CATEGORY_IDS}
+  wild = np.full(mechanism.encoded_length(shapes), 1e6)
+  decoded = mechanism.decode_secure_sum(wild, 3, clip, shapes)
+  for c in categories.CATEGORY_IDS:
+    assert np.linalg.norm(np.concatenate(decoded.values[c])) == pytest.approx(3 * 0.5, rel=1e-6)
+    assert decoded.bits[c] == 1.5
+  with pytest.raises(ValueError):
+    mechanism.decode_secure_sum(np.full(6 * (d + 1), np.nan), 3, clip, shapes)
+
+
+def test_noise_on_the_secure_sum_has_the_planned_stddev():
+  plan = _plan(z=2.0, m=20)
+  queries = mechanism.category_queries(plan)
+  states = mechanism.initial_states(queries)
+  shapes = [(4000,)]
+  zero = mechanism.DecodedSum({c: [np.zeros(4000, np.float32)] for c in categories.CATEGORY_IDS},
+                              {c: 0.0 for c in categories.CATEGORY_IDS}, 20,
+                              {c: False for c in categories.CATEGORY_IDS})
+  result = mechanism.noised_round(queries, states, zero, ['HeadCT'])
+  split = plan.splits['HeadCT']
+  # NormalizedQuery divides by m; value noise stddev is z_v * C.
+  want = split.value_noise_multiplier * 0.5 / 20
+  got = float(np.std(result.update[0]))
+  assert got == pytest.approx(want, rel=6 / np.sqrt(2 * 4000))
+  assert result.events['HeadCT'].noise_multiplier == pytest.approx(2.0, rel=1e-4)
+  assert all(result.events[c] is None for c in categories.CATEGORY_IDS if c != 'HeadCT')
+
+
+def test_rate_one_accounting_is_the_plain_gaussian():
+  spec = coordinator.sampling_spec(4)
+  assert spec.rate == 1.0
+  z, rounds, delta = 3.0, 7, 1e-5
+  ours = accounting.rounds_epsilon([(z, rounds)], spec, delta)
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+  assert ours == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+  halved = accounting.rounds_epsilon(
+      [(z, rounds)], accounting.SamplingSpec('poisson', 8, 4), delta)
+  assert halved < ours  # Amplification would only apply if sites were sampled.
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(num_sites=1), 'num_sites'),
+    (dict(num_sites=3, threshold=1), 'threshold'),
+    (dict(num_sites=3, threshold=4), 'threshold'),
+    (dict(num_sites=3, eval_dataset='site_data'), 'eval_dataset'),
+])
+def test_deployment_refuses_bad_settings(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    coordinator.Deployment(pki_dir='pki', **kwargs)
+
+
+def _policy(tmp_path, epsilon):
+  with open(os.path.join(REPO, 'configs', 'privacy_policy.json')) as f:
+    raw = json.load(f)
+  for c in raw['categories']:
+    c['epsilon'] = epsilon
+  path = tmp_path / 'policy.json'
+  path.write_text(json.dumps(raw))
+  return str(path)
+
+
+def _config(tmp_path, rounds=2, epsilon=1000.0):
+  """Tiny model, one local step (FedSGD-like: what learns in a few rounds), weak privacy."""
+  config = config_lib.base_config()
+  config.policy = _policy(tmp_path, epsilon)
+  config.total_rounds = rounds
+  config.model.conv_filters = (8, 16)
+  config.client.learning_rate = 0.3
+  config.client.batch_size = 64
+  config.client.local_epochs = 1
+  config.server.optimizer = 'sgdm'
+  config.server.learning_rate = 1.0
+  config.server.momentum = 0.9
+  config.clip.initial_l2_norm_clip = 1.0
+  config.clip.max_count_noise_fraction = 1.0
+  config.eval_every = 1
+  config.checkpoints_to_keep = 5
+  config.seed = 3
+  return config
+
+
+def _phantom_sites(n=3, per_category=10):
+  from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
+  return [phantoms.generate(per_category, seed=100 + i) for i in range(n)]
+
+
+def _independent_epsilon(z_rounds, delta):
+  acc = dp_accounting.rdp.RdpAccountant()
+  for z in z_rounds:
+    acc.compose(dp_accounting.GaussianDpEvent(z))
+  return acc.get_epsilon(delta)
+
+
+@pytest.fixture(scope='module')
+def in_process_run(tmp_path_factory):
+  """Coordinator math + SecAgg+ in-process: 3 sites, site 3 sends NaN, 2 rounds, then resume."""
+  tmp_path = tmp_path_factory.mktemp('inproc')
+  config = _config(tmp_path, rounds=2)
+  sites = _phantom_sites()
+  workers = [site_worker.SiteWorker(images, i) for i, images in enumerate(sites[:2])]
+  workers.append(site_worker.SiteWorker(sites[2], 2,
+                                        tamper=site_runtime._tamper(site_runtime.Fault.NAN)))  # pylint: disable=protected-access
+  apps = {101 + i: secagg.make_site_app(w.fit) for i, w in enumerate(workers)}
+  deployment = coordinator.Deployment(pki_dir='unused', num_sites=3, threshold=2,
+                                      eval_dataset='phantoms', eval_num_per_category=20)
+  run_dir = str(tmp_path / 'run')
+  drivers = []
+
+  def driver_factory():
+    drivers.append(InProcessDriver(apps))
+    return drivers[-1]
+
+  result = coordinator.run(config, deployment, run_dir, driver_factory=driver_factory)
+  return dict(config=config, deployment=deployment, run_dir=run_dir, result=result,
+              drivers=drivers, apps=apps, tmp_path=tmp_path)
+
+
+def test_in_process_run_writes_the_run_directory_and_an_exact_ledger(in_process_run):
+  result, run_dir = in_process_run['result'], in_process_run['run_dir']
+  assert result.rounds_completed == 2
+  for name in ('config.json', 'metrics.csv', 'audit_log.jsonl', 'privacy_ledger.json',
+               'checkpoints'):
+    assert os.path.exists(os.path.join(run_dir, name)), name
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    ledger_json = json.load(f)
+  assert {k: ledger_json['sampling'][k] for k in ('method', 'total_clients', 'rate')} == {
+      'method': 'poisson', 'total_clients': 3, 'rate': 1.0}
+  plan = json.load(open(os.path.join(run_dir, 'config.json')))['plan']
+  delta = result.policy.delta
+  for c in categories.CATEGORY_IDS:
+    z = plan['noise_multipliers'][c]
+    want = _independent_epsilon([z, z], delta)
+    assert result.ledger.epsilon_spent(c) == pytest.approx(want, rel=1e-4)
+  from tff_medical.monitoring import audit  # pylint: disable=g-import-not-at-top
+  assert audit.verify_run_dir(run_dir).ok
+
+
+def test_a_nan_site_cannot_corrupt_the_model(in_process_run):
+  result = in_process_run['result']
+  assert all(np.all(np.isfinite(w)) for w in result.keras_model.get_weights())
+  with open(os.path.join(in_process_run['run_dir'], 'metrics.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['num_clients']) for r in rows] == [3, 3]
+  assert all(np.isfinite(float(r['update_norm'])) for r in rows)
+  print('in-process accuracy per round', [r.get('eval/accuracy') for r in rows])
+
+
+def test_in_process_run_resumes_without_restarting_the_budget(in_process_run):
+  config = copy.deepcopy(in_process_run['config'])
+  config.total_rounds = 3  # The budget was calibrated for 2: a resumed run must not reset it.
+  plan = json.load(open(os.path.join(in_process_run['run_dir'], 'config.json')))['plan']
+  result = coordinator.run(config, in_process_run['deployment'], in_process_run['run_dir'],
+                           driver_factory=lambda: InProcessDriver(in_process_run['apps']))
+  assert (result.rounds_completed, result.stop_reason) == (2, 'budget_exhausted')
+  for c in categories.CATEGORY_IDS:  # The run kept its calibration and its spend.
+    z = plan['noise_multipliers'][c]
+    assert result.ledger.epsilon_spent(c) == pytest.approx(
+        _independent_epsilon([z] * 2, result.policy.delta), rel=1e-4)
+    assert result.ledger.epsilon_spent(c) <= result.policy.budget(c).epsilon
+  with open(os.path.join(in_process_run['run_dir'], 'audit_log.jsonl')) as f:
+    assert [json.loads(line)['round'] for line in f] == [1, 2]
+
+
+# Real SuperLink: mutual TLS and node authentication ---------------------------------------
+
+
+def _free_ports(n):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  return [portpicker.pick_unused_port() for _ in range(n)]
+
+
+@pytest.fixture(scope='module')
+def pki_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('pki'))
+  provisioning.provision(root, ['site-a', 'site-b', 'site-c'])
+  return root
+
+
+@pytest.fixture(scope='module')
+def superlink(pki_dir, tmp_path_factory):
+  fleet, driver = _free_ports(2)
+  logs = tmp_path_factory.mktemp('superlink')
+  link = transport.SuperLink(pki_dir, f'127.0.0.1:{fleet}', f'127.0.0.1:{driver}',
+                             str(logs / 'superlink.log'), str(logs / 'ffs'))
+  link.start()
+  try:
+    yield link
+  finally:
+    link.stop()
+
+
+def _bad_credentials(pki_dir, tmp_path):
+  """Folders with: an expired certificate, one from a foreign CA (both trusting our CA)."""
+  now = datetime.datetime.now(datetime.timezone.utc)
+  expired = str(tmp_path / 'expired')
+  provisioning.issue_certificate(pki_dir, expired, 'site:expired',
+                                 not_valid_before=now - datetime.timedelta(days=10),
+                                 not_valid_after=now - datetime.timedelta(days=1))
+  foreign_ca = str(tmp_path / 'foreign_pki')
+  provisioning.create_authority(foreign_ca)
+  foreign = str(tmp_path / 'foreign')
+  provisioning.issue_certificate(foreign_ca, foreign, 'site:foreign')
+  with open(os.path.join(pki_dir, 'ca', 'ca.pem'), 'rb') as f:
+    (tmp_path / 'foreign' / 'ca.pem').write_bytes(f.read())
+  return {'expired': expired, 'foreign': foreign}
+
+
+def _tls_ready(address, credentials, timeout=5.0):
+  import grpc  # pylint: disable=g-import-not-at-top
+  channel = grpc.secure_channel(address, credentials)
+  try:
+    grpc.channel_ready_future(channel).result(timeout=timeout)
+    return True
+  except grpc.FutureTimeoutError:
+    return False
+  finally:
+    channel.close()
+
+
+def test_superlink_refuses_missing_expired_and_foreign_certificates(superlink, pki_dir,
+                                                                    tmp_path):
+  import grpc  # pylint: disable=g-import-not-at-top
+  address = superlink.fleet_address
+  site = provisioning.site_dir(pki_dir, 'site-a')
+  assert _tls_ready(address, transport.channel_credentials(site))
+  # A refused handshake never becomes ready; a good one does in milliseconds on loopback.
+  for folder in _bad_credentials(pki_dir, tmp_path).values():
+    assert not _tls_ready(address, transport.channel_credentials(folder), timeout=2.0)
+  with open(os.path.join(site, 'ca.pem'), 'rb') as f:  # No client certificate at all.
+    assert not _tls_ready(address, grpc.ssl_channel_credentials(f.read()), timeout=2.0)
+
+
+def _create_node(address, site_folder, keys):
+  """Flower's own Fleet connection (as a SuperNode opens it): registers, returns the node id."""
+  import grpc  # pylint: disable=g-import-not-at-top
+  from flwr.client.grpc_rere_client import connection  # pylint: disable=g-import-not-at-top
+  from flwr.common.retry_invoker import RetryInvoker, exponential  # pylint: disable=g-import-not-at-top
+  original = connection.create_channel
+  transport.present_client_certificate(site_folder)
+  try:
+    invoker = RetryInvoker(exponential, grpc.RpcError, max_tries=1, max_time=10)
+    with connection.grpc_request_response(address, False, invoker,
+                                          root_certificates=b'unused',
+                                          authentication_keys=keys) as conn:
+      node_id = conn[2]()
+      conn[3]()  # delete_node
+      return node_id
+  finally:
+    connection.create_channel = original
+
+
+def test_only_enrolled_node_keys_join(superlink, pki_dir, tmp_path):
+  import grpc  # pylint: disable=g-import-not-at-top
+  site = provisioning.site_dir(pki_dir, 'site-b')
+  keys = (provisioning.load_private_key(os.path.join(site, 'auth_key')),
+          provisioning.load_public_key(os.path.join(site, 'auth_key.pub')))
+  assert _create_node(superlink.fleet_address, site, keys) > 0
+  stranger = str(tmp_path / 'stranger')
+  provisioning.write_auth_keys(stranger)  # A valid certificate, but a key nobody enrolled.
+  stranger_keys = (provisioning.load_private_key(os.path.join(stranger, 'auth_key')),
+                   provisioning.load_public_key(os.path.join(stranger, 'auth_key.pub')))
+  try:
+    node_id = _create_node(superlink.fleet_address, site, stranger_keys)
+  except grpc.RpcError as e:  # Refused: Flower's interceptor answers UNAUTHENTICATED.
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+  else:
+    assert not node_id, f'an unenrolled key was given node {node_id}'
+
+
+def test_provisioning_writes_private_keys_owner_only(pki_dir):
+  for name in ('ca/ca.key', 'coordinator/key.pem', 'coordinator/auth_key',
+               'sites/site-a/key.pem', 'sites/site-a/auth_key'):
+    assert os.stat(os.path.join(pki_dir, name)).st_mode & 0o077 == 0, name
+  with open(os.path.join(pki_dir, 'coordinator', 'enrolled_sites.csv')) as f:
+    assert len([line for line in f if line.strip()]) == 3
+  with pytest.raises(ValueError, match='site name'):
+    provisioning.enroll_site(pki_dir, '../evil')
+
+
+# End to end: coordinator and site processes on loopback -----------------------------------
+
+
+def _spawn(args, log_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', FLWR_TELEMETRY_ENABLED='0',
+             PYTHONPATH=REPO)
+  log = open(log_path, 'wb')  # pylint: disable=consider-using-with
+  return subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process):
+  if process.poll() is None:
+    os.killpg(process.pid, signal.SIGKILL)
+  process.wait(timeout=30)
+
+
+def _tff_workers(sessions):
+  """PIDs of TFF C++ workers started in `sessions` (there must be none: no side starts one)."""
+  pids = []
+  for pid in os.listdir('/proc'):
+    if pid.isdigit():
+      try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+          command = f.read()
+        with open(f'/proc/{pid}/stat') as f:
+          session = int(f.read().rsplit(')', 1)[1].split()[4])
+      except (OSError, ValueError, IndexError):
+        continue
+      if b'worker_binary' in command and session in sessions:
+        pids.append(int(pid))
+  return pids
+
+
+@pytest.mark.slow
+def test_coordinator_and_three_sites_on_loopback(pki_dir, tmp_path):
+  """3 sites (own phantom data each); site-c dies in round 3 (the round completes with 2),
+  site-b dies in round 5 (1 left < threshold 2: abandoned, nothing spent); a 4th process with an
+  expired certificate is refused. Checks model, ledger, masking and the run directory."""
+  from tff_medical.training import evaluation, program  # pylint: disable=g-import-not-at-top
+  config_path = tmp_path / 'config.py'
+  policy = _policy(tmp_path, 1000.0)
+  config_path.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+      'def get_config():\n'
+      '  import pathlib, test_crosssilo\n'
+      f'  config = test_crosssilo._config(pathlib.Path({str(tmp_path)!r}), rounds=6)\n'
+      f'  config.policy = {policy!r}\n'
+      '  return config\n')
+  fleet, driver = _free_ports(2)
+  bad = _bad_credentials(pki_dir, tmp_path)
+  for name in ('auth_key', 'auth_key.pub'):  # Enrolled key, expired certificate.
+    with open(os.path.join(pki_dir, 'sites', 'site-a', name), 'rb') as f:
+      (tmp_path / 'expired' / name).write_bytes(f.read())
+  root = tmp_path / 'runs'
+  address = f'127.0.0.1:{fleet}'
+  processes = []
+  try:
+    processes.append(_spawn([
+        'experiments/coordinator.py', f'--config={config_path}', f'--pki_dir={pki_dir}',
+        '--num_sites=3', '--threshold=2', f'--fleet_port={fleet}', f'--driver_port={driver}',
+        '--stage_timeout=15', '--train_timeout=240', '--join_timeout=240',
+        '--max_abandoned_rounds=1', '--eval_dataset=phantoms', '--eval_num_per_category=30',
+        f'--root_output_dir={root}', '--experiment_name=e2e'], tmp_path / 'coordinator.log'))
+    faults = {'site-a': [], 'site-b': ['--fault=crash', '--fault_round=5'],
+              'site-c': ['--fault=crash', '--fault_round=3']}
+    for i, (site, fault) in enumerate(faults.items()):
+      processes.append(_spawn([
+          'experiments/site.py', f'--site_dir={os.path.join(pki_dir, "sites", site)}',
+          f'--coordinator={address}', '--dataset=phantoms', '--num_per_category=10',
+          f'--seed={100 + i}', '--max_wait_seconds=30'] + fault, tmp_path / f'{site}.log'))
+    refused = _spawn(['experiments/site.py', f'--site_dir={bad["expired"]}',
+                      f'--coordinator={address}', '--dataset=phantoms',
+                      '--num_per_category=2', '--max_wait_seconds=20'],
+                     tmp_path / 'refused.log')
+    processes.append(refused)
+    coordinator_process = processes[0]
+    coordinator_process.wait(timeout=900)
+    logs = {p.name: p.read_text(errors='replace') for p in tmp_path.glob('*.log')}
+    assert coordinator_process.returncode == 0, logs['coordinator.log'][-5000:]
+    assert refused.wait(timeout=120) == 2, logs['refused.log'][-3000:]
+    assert processes[2].wait(timeout=120) == 17 and processes[3].wait(timeout=60) == 17
+    assert processes[1].wait(timeout=120) == 0, logs['site-a.log'][-3000:]
+    assert not _tff_workers({p.pid for p in processes})
+  finally:
+    for process in processes:
+      _stop(process)
+  run_dir = root / 'e2e'
+  with open(run_dir / 'metrics.csv') as f:
+    rows = list(csv.DictReader(f))
+  # Rounds 1-2 with 3 sites, 3-4 with the survivors, round 5 abandoned and not released.
+  assert [int(r['num_clients']) for r in rows] == [3, 3, 2, 2]
+  ledger_json = json.loads((run_dir / 'privacy_ledger.json').read_text())
+  assert ledger_json['rounds_completed'] == 4
+  plan = json.loads((run_dir / 'config.json').read_text())['plan']
+  delta = ledger_json['delta']
+  for c in categories.CATEGORY_IDS:
+    want = _independent_epsilon([plan['noise_multipliers'][c]] * 4, delta)
+    assert ledger_json['categories'][c]['epsilon_spent'] == pytest.approx(want, rel=1e-4)
+  # The model improves on the coordinator's own evaluation set. Per-category sub-updates on a
+  # few dozen images learn slowly and unstably (as in the simulation): in 4 rounds the eval loss
+  # drops (~0.07 measured) before accuracy moves, so the best released round's loss is compared
+  # with the initial model's.
+  config = _config(tmp_path, rounds=6)
+  initial = program.build_keras_model(config)
+  from tff_medical.data import client_data, phantoms  # pylint: disable=g-import-not-at-top
+  images = phantoms.generate(30, seed=config.seed, stream=phantoms.TEST_STREAM)
+  before = evaluation.evaluate(initial, client_data.central_dataset(images,
+                                                                    np.arange(len(images))))
+  loss = [float(r['eval/loss']) for r in rows]
+  assert min(loss) < before['loss'] - 0.03, (before['loss'], loss)
+  assert all(np.isfinite(loss))
+  for name in ('audit_log.jsonl', 'dashboard.html', 'saved_model', 'model_card.json',
+               'superlink.log'):
+    assert (run_dir / name).exists(), name
+  from tff_medical.monitoring import audit  # pylint: disable=g-import-not-at-top
+  assert audit.verify_run_dir(str(run_dir)).ok

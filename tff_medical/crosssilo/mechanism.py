@@ -1,0 +1,272 @@
+"""The cross-silo round's privacy math: the simulation's DP queries, applied to a secure sum.
+
+One code path for the math, two runtimes. TFF's DifferentiallyPrivateFactory, which the
+simulation uses per category (tff_medical.aggregation.class_aware), is a thin federated wrapper
+around one TF Privacy DPQuery: the server calls `derive_sample_params` and broadcasts the
+result, each client calls `preprocess_record` (clip to the adaptive norm, plus the centred
+"was unclipped" bit), the records are summed, and the server calls `get_noised_result` (Gaussian
+noise, adaptive clip update, DP event). Here the very same query objects are built (taken from
+TFF's gaussian_adaptive factory with the run's calibrated split, `category_queries`), and the
+same three calls run where they run in TFF: `derive_sample_params` at the coordinator,
+`preprocess_record` at each site, `get_noised_result` at the coordinator on the sum that Flower's
+SecAgg+ released. Noise, adaptive clipping and the DP event (fed to the ledger through
+accounting.category_event, as in the simulation) are therefore identical; only the sum is
+computed by a different protocol.
+
+SecAgg+ sums integers, so each site's records are encoded as one float vector in [-1, 1]
+(`encode_site_records`): category c's clipped sub-update divided by its clip norm C_c, then its
+bit (+-0.5). Flower quantizes that with stochastic rounding (clipping range 1, 2**22 levels);
+the sub-update is first shrunk by the largest rounding error so that the rounded record stays
+within the clip norm the accountant assumes. The coordinator decodes the sum
+(`decode_secure_sum`) and, before the query sees it, projects each category's sum onto the
+ball of radius n C_c and clamps the bit sum to [-n/2, n/2] (n: sites in the sum). Both maps are
+1-Lipschitz, so they keep the sensitivity, and they bound what a malicious site (one that sends
+arbitrary integers instead of running this code) can do to the model to what an honest site
+with a clipped update can do.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tff_medical import categories
+from tff_medical.aggregation import class_aware
+from tff_medical.errors import PolicyError
+from tff_medical.privacy import accounting
+
+# SecAgg+ quantization: every encoded coordinate lies in [-CLIPPING_RANGE, CLIPPING_RANGE].
+CLIPPING_RANGE = 1.0
+QUANTIZATION_RANGE = 2**22  # Flower's default; n sites need n * 2**22 < MODULUS_RANGE.
+MODULUS_RANGE = 2**32
+
+
+@dataclasses.dataclass(frozen=True)
+class MechanismPlan:
+  """What every party must agree on to run the same queries (public: no data in it)."""
+
+  splits: Mapping[str, accounting.AdaptiveClipSplit]
+  clip: class_aware.AdaptiveClipSettings
+
+  def to_json(self) -> str:
+    return json.dumps({'splits': {c: self.splits[c].to_json_dict()
+                                  for c in categories.CATEGORY_IDS},
+                       'clip': dataclasses.asdict(self.clip)}, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'MechanismPlan':
+    raw = json.loads(text)
+    return cls({c: accounting.AdaptiveClipSplit.from_json_dict(raw['splits'][c])
+                for c in categories.CATEGORY_IDS},
+               class_aware.AdaptiveClipSettings(**raw['clip']))
+
+
+def category_queries(plan: MechanismPlan) -> dict[str, Any]:
+  """Each category's DPQuery, exactly as the simulation's aggregator builds it.
+
+  ClassAwareFactory.dp builds one TFF gaussian_adaptive factory per category; the factory holds
+  TF Privacy's NormalizedQuery(QuantileAdaptiveClipSumQuery) that it runs. We take that query
+  (TFF keeps it in `_query`; there is no public accessor) instead of re-deriving TFF's noise
+  split here, so any change in how the factory is built applies to both runtimes.
+  """
+  factory = class_aware.ClassAwareFactory.dp(plan.splits, plan.clip)
+  queries = {}
+  for c in categories.CATEGORY_IDS:
+    query = getattr(factory._factories[c], '_query', None)  # pylint: disable=protected-access
+    if query is None or not hasattr(query, 'get_noised_result'):
+      raise PolicyError('TFF\'s DifferentiallyPrivateFactory must hold its DPQuery in _query '
+                        f'(TFF 0.87). Found {type(factory._factories[c]).__name__}.')  # pylint: disable=protected-access
+    queries[c] = query
+  return queries
+
+
+def initial_states(queries: Mapping[str, Any]) -> dict[str, Any]:
+  return {c: queries[c].initial_global_state() for c in categories.CATEGORY_IDS}
+
+
+def flatten_state(state: Any) -> list[float]:
+  return [float(np.asarray(t)) for t in tf.nest.flatten(state)]
+
+
+def unflatten_state(query: Any, flat: Sequence[float]) -> Any:
+  template = query.initial_global_state()
+  leaves = tf.nest.flatten(template)
+  if len(flat) != len(leaves):
+    raise PolicyError(f'a query state must have {len(leaves)} numbers. Found {len(flat)}.')
+  return tf.nest.pack_sequence_as(
+      template, [tf.constant(v, t.dtype) for v, t in zip(flat, leaves)])
+
+
+def clip_norm(query: Any, state: Any) -> float:
+  """The category's current adaptive clip norm (public: it is a DP output)."""
+  return float(query.derive_sample_params(state).sum_params)
+
+
+def sample_params(queries: Mapping[str, Any], states: Mapping[str, Any]) -> dict[str, list[float]]:
+  """What the coordinator broadcasts so that sites preprocess as TFF's clients would."""
+  return {c: [float(np.asarray(t)) for t in tf.nest.flatten(
+      queries[c].derive_sample_params(states[c]))] for c in categories.CATEGORY_IDS}
+
+
+def _params(query: Any, flat: Sequence[float]) -> Any:
+  template = query.derive_sample_params(query.initial_global_state())
+  leaves = tf.nest.flatten(template)
+  if len(flat) != len(leaves) or not all(math.isfinite(v) for v in flat):
+    raise PolicyError(f'sample params must be {len(leaves)} finite numbers. Found {flat!r}.')
+  return tf.nest.pack_sequence_as(template, [tf.constant(v, t.dtype)
+                                             for v, t in zip(flat, leaves)])
+
+
+def num_parameters(shapes: Sequence[Sequence[int]]) -> int:
+  return int(sum(int(np.prod(s)) for s in shapes))
+
+
+def encoded_length(shapes: Sequence[Sequence[int]]) -> int:
+  return categories.NUM_CATEGORIES * (num_parameters(shapes) + 1)
+
+
+def rounding_shrink(shapes: Sequence[Sequence[int]]) -> float:
+  """Factor keeping a clipped, stochastically rounded record within its clip norm.
+
+  Rounding moves each coordinate by less than one level, 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
+  (in clip-norm units), so the rounded vector's norm exceeds the unrounded one by less than
+  sqrt(d) levels.
+  """
+  return 1.0 - math.sqrt(num_parameters(shapes)) * 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
+
+
+def encode_site_records(queries: Mapping[str, Any], params: Mapping[str, Sequence[float]],
+                        sub_updates: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+  """A site's SecAgg+ input: per category, TF Privacy's record scaled to [-1, 1], then its bit.
+
+  Args:
+    queries: `category_queries` of the round's plan.
+    params: The coordinator's `sample_params` for the round.
+    sub_updates: [category][variable] (LocalTrainer's ClientOutput.sub_updates).
+  """
+  shapes = [np.shape(v) for v in sub_updates[0]]
+  shrink = rounding_shrink(shapes)
+  parts = []
+  for index, c in enumerate(categories.CATEGORY_IDS):
+    update = [np.asarray(v, np.float32) for v in sub_updates[index]]
+    if not all(np.all(np.isfinite(v)) for v in update):
+      update = [np.zeros_like(v) for v in update]  # As LocalTrainer does: zero is valid.
+    query_params = _params(queries[c], params[c])
+    record = queries[c].preprocess_record(query_params, update)
+    leaves = tf.nest.flatten(record)
+    values, bit = leaves[:-1], float(leaves[-1])
+    clip = float(query_params.sum_params)
+    flat = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
+    parts.append(np.clip(flat / clip * shrink, -CLIPPING_RANGE, CLIPPING_RANGE))
+    parts.append(np.array([bit]))
+  return np.concatenate(parts).astype(np.float64)
+
+
+@dataclasses.dataclass
+class DecodedSum:
+  """Per category: the summed clipped sub-updates (model units) and the summed bits."""
+
+  values: dict[str, list[np.ndarray]]
+  bits: dict[str, float]
+  contributors: int
+  projected: dict[str, bool]
+
+
+def decode_secure_sum(vector: np.ndarray, contributors: int, clip_norms: Mapping[str, float],
+                      shapes: Sequence[Sequence[int]]) -> DecodedSum:
+  """Undoes `encode_site_records` on a sum of `contributors` encodings, with the safety maps.
+
+  Raises:
+    PolicyError: if the vector has the wrong length or a non-finite entry (SecAgg+ output is
+      integer-derived, so this means a broken protocol: the round must be abandoned).
+  """
+  vector = np.asarray(vector, np.float64).ravel()
+  d = num_parameters(shapes)
+  if vector.shape[0] != encoded_length(shapes) or not np.all(np.isfinite(vector)):
+    raise PolicyError(f'the secure sum must be {encoded_length(shapes)} finite numbers. Found '
+                      f'{vector.shape[0]} numbers, finite: {bool(np.all(np.isfinite(vector)))}.')
+  if contributors < 1:
+    raise PolicyError(f'contributors must be positive. Found {contributors}.')
+  values, bits, projected = {}, {}, {}
+  for index, c in enumerate(categories.CATEGORY_IDS):
+    start = index * (d + 1)
+    flat = vector[start:start + d] * clip_norms[c]
+    bound = contributors * clip_norms[c]
+    norm = float(np.linalg.norm(flat))
+    projected[c] = norm > bound
+    if projected[c]:
+      flat = flat * (bound / norm)
+    bits[c] = float(np.clip(vector[start + d], -0.5 * contributors, 0.5 * contributors))
+    arrays, offset = [], 0
+    for shape in shapes:
+      size = int(np.prod(shape))
+      arrays.append(flat[offset:offset + size].reshape(shape).astype(np.float32))
+      offset += size
+    values[c] = arrays
+  return DecodedSum(values, bits, contributors, projected)
+
+
+@dataclasses.dataclass
+class RoundResult:
+  """What the coordinator may release after a round: noised, combined, with its DP events."""
+
+  update: list[np.ndarray]
+  states: dict[str, Any]
+  events: dict[str, Optional[Any]]  # accounting.category_event per released category
+
+
+def noised_round(queries: Mapping[str, Any], states: Mapping[str, Any], summed: DecodedSum,
+                 released: Sequence[str],
+                 combination_weights: Optional[Mapping[str, float]] = None) -> RoundResult:
+  """get_noised_result per released category on the secure sum, combined as the simulation does.
+
+  A frozen category keeps its state and yields no event, as in ClassAwareFactory.
+  """
+  weights = combination_weights or {c: 1.0 for c in categories.CATEGORY_IDS}
+  new_states, events, update = dict(states), {}, None
+  for c in categories.CATEGORY_IDS:
+    if c not in released:
+      events[c] = None
+      continue
+    template = queries[c].initial_sample_state(summed.values[c])
+    leaves = tf.nest.flatten(template)
+    sample_state = tf.nest.pack_sequence_as(
+        template, [tf.constant(v, t.dtype) for v, t in
+                   zip(list(summed.values[c]) + [summed.bits[c]], leaves)])
+    result, new_states[c], event = queries[c].get_noised_result(sample_state, states[c])
+    events[c] = accounting.category_event(event)
+    part = [float(weights[c]) * np.asarray(r, np.float32) for r in tf.nest.flatten(result)]
+    update = part if update is None else [u + p for u, p in zip(update, part)]
+  if update is None:
+    update = [np.zeros_like(v) for v in summed.values[categories.CATEGORY_IDS[0]]]
+  return RoundResult(update, new_states, events)
+
+
+class ServerOptimizer:
+  """TFF's server optimizer, applied eagerly to the released update (as the finalizer does)."""
+
+  def __init__(self, optimizer, weights: Sequence[np.ndarray]):
+    self._optimizer = optimizer
+    self._specs = tuple(tf.TensorSpec(np.shape(w), tf.float32) for w in weights)
+    self.state = optimizer.initialize(self._specs)
+
+  def flat_state(self) -> list[np.ndarray]:
+    return [np.asarray(t) for t in tf.nest.flatten(self.state)]
+
+  def load_flat_state(self, flat: Sequence[np.ndarray]) -> None:
+    template = self._optimizer.initialize(self._specs)
+    leaves = tf.nest.flatten(template)
+    self.state = tf.nest.pack_sequence_as(
+        template, [tf.constant(np.asarray(v), tf.as_dtype(np.asarray(t).dtype))
+                   for v, t in zip(flat, leaves)])
+
+  def apply(self, weights: Sequence[np.ndarray], update: Sequence[np.ndarray]
+            ) -> list[np.ndarray]:
+    self.state, new = self._optimizer.next(
+        self.state, tuple(tf.constant(w, tf.float32) for w in weights),
+        tuple(tf.constant(u, tf.float32) for u in update))
+    return [np.asarray(w) for w in new]
