@@ -149,6 +149,17 @@ class TestProgram:
     with pytest.raises(ConfigError, match=f'Cannot resume .*its [a-z, ]*{section}'):
       program.run(smoke_config(**override), uninterrupted.run_dir)
 
+  @pytest.mark.parametrize('override', [{'model.conv_filters': (6,)},
+                                        {'dp_mechanism': 'shared_noise'}])
+  def test_resume_with_another_state_shape_is_refused_not_restarted(self, uninterrupted,
+                                                                   override):
+    before = sorted(os.listdir(os.path.join(uninterrupted.run_dir, 'checkpoints')))
+    # A model of another shape is caught by the fingerprint; another aggregator state, on load.
+    with pytest.raises(ConfigError,
+                       match='Cannot resume the run in .*(model differs|none of its)'):
+      program.run(smoke_config(**override), uninterrupted.run_dir)
+    assert sorted(os.listdir(os.path.join(uninterrupted.run_dir, 'checkpoints'))) == before
+
   def test_exhausted_run_says_so_instead_of_training(self, uninterrupted):
     before = _metric_rounds(uninterrupted.run_dir)
     result = program.run(smoke_config(total_rounds=8), uninterrupted.run_dir)

@@ -171,6 +171,7 @@ class _CheckpointStore:
   """FileProgramStateManager, tolerant of a version left half-written by a killed process."""
 
   def __init__(self, root: str, keep_total: int):
+    self._root = root
     self._manager = tff.program.FileProgramStateManager(root, prefix='round_',
                                                         keep_total=keep_total)
 
@@ -181,6 +182,14 @@ class _CheckpointStore:
         return asyncio.run(self._manager.load(version, structure)), version
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint version %d unreadable (%s); trying an older one.', version, e)
+    if versions:
+      # Starting over would overwrite a run's state and ledger: refuse instead. A training state
+      # of another shape (model, aggregator or privacy settings) is the usual cause.
+      raise ConfigError(
+          f'Cannot resume the run in {os.path.dirname(self._root)}: none of its checkpoints '
+          f'(rounds {", ".join(map(str, sorted(versions)))}) matches the training state of this '
+          'configuration (a different model, aggregator or privacy setting?). Use the original '
+          'settings, or a new --experiment_name for a new run.')
     return None, 0
 
   def save(self, program_state, version: int) -> None:
