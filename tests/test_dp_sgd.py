@@ -345,3 +345,20 @@ def test_program_run_writes_an_example_ledger(tmp_path, stack):
     assert published['client_level_epsilon'] == client['client_level_epsilon']
   else:
     assert published['client_level_epsilon'] is None
+  # The dashboard's compliance panel recomputes every site's figures on its own, and notices an
+  # edited one.
+  from tff_medical.monitoring import dashboard  # pylint: disable=g-import-not-at-top
+  assert dashboard.check_ledger(published).ok, dashboard.check_ledger(published).reason
+  tampered = json.loads(json.dumps(published))
+  site = sorted(tampered['sites'])[0]
+  tampered['sites'][site]['categories']['HeadCT']['epsilon_spent'] *= 0.5
+  check = dashboard.check_ledger(tampered)
+  assert not check.ok and f'{site} HeadCT' in check.reason, check.reason
+  # The end-of-run table and the model card name the unit that was protected.
+  from tff_medical.export import saved_model  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import report  # pylint: disable=g-import-not-at-top
+  table = report.summary_table(result)
+  assert ('example level, worst site' in table) == (not stack), table
+  card = saved_model.build_model_card(result.policy, published)
+  assert card['privacy']['guarantee'].startswith('example-level'), card['privacy']
+  assert card['privacy']['example_level_epsilon'] == published['example_level_epsilon']

@@ -218,8 +218,8 @@ def _privacy_section(ledger: Optional[Mapping[str, Any]]) -> dict[str, Any]:
             f'{ledger["accountant"]} accountant, over {entry["rounds_released"]} released '
             f'rounds; target epsilon {entry["target_epsilon"]:g}.'),
     }
-  return {
-      'guarantee': 'client-level differential privacy, per category',
+  section = {
+      'guarantee': f'{ledger["privacy_unit"]}-level differential privacy, per category',
       'accountant': ledger['accountant'],
       'privacy_unit': ledger['privacy_unit'],
       'neighboring_relation': ledger['neighboring_relation'],
@@ -229,6 +229,11 @@ def _privacy_section(ledger: Optional[Mapping[str, Any]]) -> dict[str, Any]:
       'rounds_completed': ledger['rounds_completed'],
       'categories': per_category,
   }
+  if ledger['privacy_unit'] == 'example':
+    # Per site figures stay in the ledger; the card carries the whole's (the worst site's).
+    section.update({k: ledger[k] for k in ('whole_guarantee', 'statement',
+                                           'example_level_epsilon') if k in ledger})
+  return section
 
 
 def build_model_card(policy: PrivacyPolicy,

@@ -299,6 +299,32 @@ def _released_per_round(metrics_rows: Sequence[Mapping[str, str]]) -> Optional[l
   return released
 
 
+def _example_ledger_problems(ledger_json: Mapping[str, Any]) -> list[str]:
+  """Example-level ledger: each site's steps recomputed, and the whole = the worst site."""
+  problems = []
+  worst = {c: 0.0 for c in categories.CATEGORY_IDS}
+  for site_id, site in sorted(ledger_json['sites'].items()):
+    key = _sampling_key(site)
+    for c in categories.CATEGORY_IDS:
+      entry = site['categories'][c]
+      steps = entry['steps_released']
+      try:
+        expected = _accountant_epsilon(((entry['noise_multiplier'], steps),) if steps else (),
+                                       key, ledger_json['delta'], ledger_json['accountant'])
+      except TffMedicalError as e:
+        problems.append(f'{site_id} {c}: cannot recompute ({e})')
+        continue
+      if not math.isclose(entry['epsilon_spent'], expected, rel_tol=LEDGER_REL_TOL, abs_tol=0.0):
+        problems.append(f'{site_id} {c}: ledger {entry["epsilon_spent"]:.9g} vs accountant '
+                        f'{expected:.9g}')
+      worst[c] = max(worst[c], expected)
+  for c in categories.CATEGORY_IDS:
+    recorded = ledger_json['categories'][c]['epsilon_spent']
+    if not math.isclose(recorded, worst[c], rel_tol=LEDGER_REL_TOL, abs_tol=1e-12):
+      problems.append(f'{c}: ledger {recorded:.9g} vs worst site {worst[c]:.9g}')
+  return problems
+
+
 def check_ledger(ledger_json: Any,
                  metrics_rows: Sequence[Mapping[str, str]] = (),
                  audit_records: Sequence[Mapping[str, Any]] = ()) -> Check:
@@ -310,6 +336,11 @@ def check_ledger(ledger_json: Any,
     ledger_lib.validate_ledger_json(ledger_json)
   except TffMedicalError as e:
     return Check(LEDGER_CONSISTENT, title, False, f'invalid ledger: {e}')
+  if ledger_json.get('privacy_unit') == 'example':
+    problems = _example_ledger_problems(ledger_json)
+    return Check(LEDGER_CONSISTENT, title, not problems, '; '.join(problems) or (
+        f'every site\'s epsilon per category matches the accountant over its steps (example '
+        f'level; the whole is the worst site, {len(ledger_json["sites"])} sites)'))
   problems = []
   for c in categories.CATEGORY_IDS:
     recorded = ledger_json['categories'][c]['epsilon_spent']

@@ -23,9 +23,15 @@ def summary_table(result, dashboard_path=None) -> str:
       spent, status = 'no DP', '-'
     lines.append(f'{budget.display_name:<14}{budget.privacy_level.value:<9}{accuracy:>9.1%}'
                  f'{spent:>15}{budget.epsilon:>8.2f}{status:>11}')
-  lines.append(f'{"All":<23}{evaluation["accuracy"]:>9.1%}' + (
-      f'{result.ledger.client_level_epsilon:>15.3f}  (client level, delta '
-      f'{result.policy.delta:g})' if result.ledger is not None else ''))
+  overall = ''
+  if result.ledger is not None:
+    # An example-level run without stacked client-level noise has no client-level figure.
+    example_only = getattr(result.ledger, 'example', None) is not None and (
+        result.ledger.client is None)
+    where = 'example level, worst site' if example_only else 'client level'
+    overall = (f'{result.ledger.client_level_epsilon:>15.3f}  ({where}, '
+               f'delta {result.policy.delta:g})')
+  lines.append(f'{"All":<23}{evaluation["accuracy"]:>9.1%}' + overall)
   lines += ['', f'Run directory: {os.path.abspath(result.run_dir)}']
   if dashboard_path:
     lines.append(f'Dashboard:     {os.path.abspath(dashboard_path)}')
