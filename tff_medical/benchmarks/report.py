@@ -165,6 +165,11 @@ def render_markdown(results: dict, command: str) -> str:
       'measured in one run. Figures: docs/benchmarks.json.', '',
       '## Command', '', '```', command, '```', '',
       'or `make bench`.', '',
+      'Accuracy under DP is measured elsewhere, each page with its commands: '
+      '[TUNING.md](TUNING.md) (how the demo setting was chosen on a validation draw, and what '
+      'the seed policy costs against non-private training) and '
+      '[EXAMPLE_LEVEL.md](EXAMPLE_LEVEL.md) (example-level DP-SGD with 5 sites against '
+      'non-private training; client-level DP is refused at 5 sites).', '',
   ]
   lines += _machine(results) + _method(results)
   for result in results['settings']:
