@@ -136,6 +136,7 @@ class TestProgram:
       ({'policy': 'SCALED'}, 'policy'),
       ({'clients_per_round': 12}, 'sampling'),
       ({'num_per_category': 41}, 'dataset'),
+      ({'phantom_difficulty': 0.5}, 'dataset'),
       ({'partition': 'dirichlet'}, 'partition'),
   ])
   def test_incompatible_resume_is_refused(self, uninterrupted, tmp_path, override, section):
@@ -186,6 +187,9 @@ class TestProgram:
     ({'partition': 'dirichlet', 'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be positive'),
     ({'total_rounds': 0}, 'total_rounds must be a positive integer'),
     ({'client.learning_rate': -1.0}, 'client.learning_rate must be positive'),
+    ({'phantom_difficulty': 1.5}, r'phantom_difficulty must be in \[0, 1\]'),
+    ({'model.head': 'dense'}, 'model.head must be one of gap, flatten'),
+    ({'model.input_pooling': 3}, 'model.input_pooling must be 1, 2, 4 or 8'),
 ])
 def test_contradictory_or_invalid_config_is_refused(override, message):
   with pytest.raises(ConfigError, match=message):

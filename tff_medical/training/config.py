@@ -4,6 +4,7 @@ import math
 
 import ml_collections
 
+from tff_medical.data import phantoms
 from tff_medical.errors import ConfigError
 from tff_medical.models import cnn
 
@@ -26,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset = 'phantoms'
   config.data_dir = ''  # mednist: folder or MedNIST.tar.gz; dicom: folder of DICOM files.
   config.num_per_category = 1000  # phantoms only.
+  config.phantom_difficulty = phantoms.DEFAULT_DIFFICULTY  # phantoms only: see generate().
   config.num_clients = 1000
   config.partition = 'iid'
   config.dirichlet_alpha = 0.5
@@ -124,6 +126,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.size_skew, (int, float)) and config.size_skew >= 0,
            f'size_skew must be non-negative. Found {config.size_skew!r}.')
   _fraction('test_fraction', config.test_fraction)
+  difficulty = config.get('phantom_difficulty', phantoms.DEFAULT_DIFFICULTY)
+  _require(isinstance(difficulty, (int, float)) and not isinstance(difficulty, bool) and
+           0 <= difficulty <= 1,
+           f'phantom_difficulty must be in [0, 1]. Found {difficulty!r}.')
   _fraction('holdout_fraction', config.holdout_fraction)
   _require(config.sampling in SAMPLINGS,
            f'sampling must be one of {", ".join(SAMPLINGS)}. Found {config.sampling!r}.')

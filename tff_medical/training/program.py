@@ -28,6 +28,7 @@ from tff_medical import fileio
 from tff_medical.aggregation import class_aware
 from tff_medical.data import client_data as client_data_lib
 from tff_medical.data import partition as partition_lib
+from tff_medical.data import phantoms
 from tff_medical.data import source as source_lib
 from tff_medical.errors import ConfigError
 from tff_medical.models import cnn
@@ -70,8 +71,9 @@ def load_images(config) -> source_lib.LabeledImages:
   """The configured image source, loaded whole (images are 4 KiB each)."""
   # pylint: disable=g-import-not-at-top
   if config.dataset == 'phantoms':
-    from tff_medical.data import phantoms
-    return phantoms.generate(config.num_per_category, seed=config.seed)
+    return phantoms.generate(config.num_per_category, seed=config.seed,
+                             difficulty=config.get('phantom_difficulty',
+                                                   phantoms.DEFAULT_DIFFICULTY))
   if config.dataset == 'mednist':
     from tff_medical.data import mednist
     return mednist.load_mednist(config.data_dir)
@@ -140,6 +142,10 @@ def _fingerprint(config, policy, sampling_spec, partition) -> dict[str, Any]:
                   'clip': config.clip.to_dict()},
       'model': config.model.to_dict(),
   }
+  difficulty = config.get('phantom_difficulty', phantoms.DEFAULT_DIFFICULTY)
+  if config.dataset == 'phantoms' and difficulty != phantoms.DEFAULT_DIFFICULTY:
+    # Only when set: run directories from before the field existed still resume.
+    fingerprint['dataset']['phantom_difficulty'] = difficulty
   if _dp_mechanism(config) != 'per_category_noise':
     # Only when not the default, so that runs saved before the option still resume.
     fingerprint['privacy']['dp_mechanism'] = _dp_mechanism(config)
