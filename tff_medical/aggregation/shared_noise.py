@@ -162,7 +162,7 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
     self._clip_ratios = _per_category('clip_ratios', clip_ratios)
     self._weights = _per_category('combination_weights', combination_weights)
     self._count_stddev = _non_negative('clipped_count_stddev', clipped_count_stddev)
-    self._clients = calibration_lib.positive('expected_clients_per_round',
+    self._clients = accounting.positive('expected_clients_per_round',
                                              expected_clients_per_round)
     self._clip = clip
     # The SharedNoiseCalibration it was built from (from_splits), for the run's record.
@@ -269,7 +269,7 @@ def _per_category(field: str, value: Any) -> dict[str, float]:
     found = sorted(map(str, value)) if isinstance(value, Mapping) else value
     raise PolicyError(f'{field} must map each of {list(CATS)} to a positive number. '
                       f'Found {found!r}.')
-  return {c: calibration_lib.positive(f'{field}[{c}]', value[c]) for c in CATS}
+  return {c: accounting.positive(f'{field}[{c}]', value[c]) for c in CATS}
 
 
 def is_shared_noise_state(state: Any) -> bool:

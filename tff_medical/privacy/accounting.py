@@ -105,7 +105,8 @@ def check_sampling_accountant(sampling: SamplingSpec,
   return accountant
 
 
-def _positive(field: str, value: Any) -> float:
+def positive(field: str, value: Any) -> float:
+  """`value` as a float; PolicyError in the one message format unless finite and positive."""
   if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
       not math.isfinite(value) or value <= 0):
     raise PolicyError(f'{field} must be positive. Found {value!r}.')
@@ -119,7 +120,8 @@ def _probability(field: str, value: Any) -> float:
   return float(value)
 
 
-def _positive_int(field: str, value: Any) -> int:
+def positive_int(field: str, value: Any) -> int:
+  """`value` as an int; PolicyError in the one message format unless an integer >= 1."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise PolicyError(f'{field} must be a positive integer. Found {value!r}.')
   return int(value)
@@ -196,7 +198,7 @@ def round_event(mechanism_event: Union[dp_accounting.DpEvent, float],
   if isinstance(mechanism_event, dp_accounting.DpEvent):
     z = effective_noise_multiplier(mechanism_event)
   else:
-    z = _positive('noise_multiplier', mechanism_event)
+    z = positive('noise_multiplier', mechanism_event)
   if z is None:
     return dp_accounting.NoOpDpEvent()
   if sampling.method is SamplingMethod.FIXED_SIZE:
@@ -299,7 +301,7 @@ def rounds_epsilon(groups: Iterable[tuple[float, int]],
   """
   accountant = check_sampling_accountant(sampling, accountant)
   delta = _probability('delta', delta)
-  groups = [(_positive('noise_multiplier', z), _positive_int('count', n)) for z, n in groups]
+  groups = [(positive('noise_multiplier', z), positive_int('count', n)) for z, n in groups]
   if not groups:
     return 0.0
   if accountant is Accountant.PLD:
@@ -322,9 +324,9 @@ def calibrate_noise_multiplier(target_epsilon: float,
   dp_accounting.calibrate_dp_mechanism. The result is the effective multiplier the accountant is
   fed; with adaptive clipping it is split by `choose_clipped_count_stddev`.
   """
-  target_epsilon = _positive('target_epsilon', target_epsilon)
+  target_epsilon = positive('target_epsilon', target_epsilon)
   delta = _probability('delta', delta)
-  rounds = _positive_int('rounds', rounds)
+  rounds = positive_int('rounds', rounds)
   accountant = check_sampling_accountant(sampling, accountant)
 
   def make_event(z):
@@ -403,8 +405,8 @@ def split_noise_multiplier(noise_multiplier: float,
   1 / z_v**2 + 1 / s**2 = 1 / z**2. This needs s > z: stricter than TFF's own check (z < 2 s),
   which assumes sensitivity 0.5.
   """
-  z = _positive('noise_multiplier', noise_multiplier)
-  s = _positive('clipped_count_stddev', clipped_count_stddev)
+  z = positive('noise_multiplier', noise_multiplier)
+  s = positive('clipped_count_stddev', clipped_count_stddev)
   if z >= s:
     raise PolicyError(f'clipped_count_stddev must be more than noise_multiplier ({z:.6g}): the '
                       f'per-category clipped count has sensitivity 1. Found {s:.6g}.')
@@ -490,9 +492,9 @@ class AdaptiveClipSplit:
 
 def _split_fields(noise_multiplier: float, expected_clients_per_round: float,
                   clipped_count_stddev: float) -> dict[str, float]:
-  z = _positive('noise_multiplier', noise_multiplier)
-  m = _positive('expected_clients_per_round', expected_clients_per_round)
-  s = _positive('clipped_count_stddev', clipped_count_stddev)
+  z = positive('noise_multiplier', noise_multiplier)
+  m = positive('expected_clients_per_round', expected_clients_per_round)
+  s = positive('clipped_count_stddev', clipped_count_stddev)
   value_multiplier, count_multiplier = split_noise_multiplier(z, s)
   return dict(
       noise_multiplier=z,
@@ -543,13 +545,13 @@ def choose_clipped_count_stddev(noise_multiplier: float,
     PolicyError: if the needed s exceeds max_count_noise_fraction * m, naming the clients per
       round that would suffice and the largest z that fits the current m.
   """
-  z = _positive('noise_multiplier', noise_multiplier)
-  m = _positive('expected_clients_per_round', expected_clients_per_round)
-  inflation_bound = _positive('max_value_noise_inflation', max_value_noise_inflation)
+  z = positive('noise_multiplier', noise_multiplier)
+  m = positive('expected_clients_per_round', expected_clients_per_round)
+  inflation_bound = positive('max_value_noise_inflation', max_value_noise_inflation)
   if inflation_bound <= 1:
     raise PolicyError(f'max_value_noise_inflation must be greater than 1. '
                       f'Found {max_value_noise_inflation!r}.')
-  fraction_bound = _positive('max_count_noise_fraction', max_count_noise_fraction)
+  fraction_bound = positive('max_count_noise_fraction', max_count_noise_fraction)
   # Smallest s with z_v / z <= bound; the tiny factor keeps rounding on the safe side.
   headroom = math.sqrt(1 - inflation_bound**-2)
   minimal_stddev = z / headroom * (1 + 1e-9)

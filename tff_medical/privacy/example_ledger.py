@@ -22,7 +22,6 @@ no step (clip 0) and `record_round` refuses an event for it.
 import dataclasses
 import json
 import math
-import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -32,6 +31,7 @@ from tff_medical import categories
 from tff_medical import fileio
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy.accounting import Accountant
 from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
@@ -46,19 +46,6 @@ STATEMENT = ('Per category, the guarantee of everything released is the worst si
              'depend on it. The top-level figures are the largest over the sites.')
 CLIENT_LEDGER_FILENAME = 'privacy_ledger_client.json'
 _RATE_TOLERANCE = 1e-9
-
-
-def _finite_positive(field: str, value: Any) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
-      not math.isfinite(value) or value <= 0):
-    raise PolicyError(f'{field} must be positive. Found {value!r}.')
-  return float(value)
-
-
-def _positive_int(field: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise PolicyError(f'{field} must be a positive integer. Found {value!r}.')
-  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +65,7 @@ class SiteSpec:
       raise PolicyError(f'noise_multipliers must have exactly the six categories. '
                         f'Found {self.noise_multipliers!r}.')
     object.__setattr__(self, 'noise_multipliers', {
-        c: _finite_positive(f'noise_multipliers[{c}]', self.noise_multipliers[c])
+        c: accounting.positive(f'noise_multipliers[{c}]', self.noise_multipliers[c])
         for c in categories.CATEGORY_IDS})
 
 
@@ -92,20 +79,7 @@ def parse_step_event(event: dp_accounting.DpEvent) -> tuple[float, float, int]:
     raise PolicyError('a site\'s round event must be SelfComposedDpEvent(PoissonSampledDpEvent('
                       f'q, GaussianDpEvent(z)), steps). Found {event!r}.')
   z = accounting.effective_noise_multiplier(gaussian)
-  return float(inner.sampling_probability), z, _positive_int('steps', event.count)
-
-
-def _runs(values):
-  """Merges consecutive equal multipliers into (z, steps) groups, dropping unreleased rounds."""
-  groups: list[list] = []
-  for z, steps in values:
-    if z is None or steps == 0:
-      continue
-    if groups and groups[-1][0] == z:
-      groups[-1][1] += steps
-    else:
-      groups.append([z, steps])
-  return tuple((z, n) for z, n in groups)
+  return float(inner.sampling_probability), z, accounting.positive_int('steps', event.count)
 
 
 class _Site:
@@ -120,7 +94,7 @@ class _Site:
     values = [(zs[index], steps) for zs, steps, _ in self.history]
     if extra is not None:
       values.append(extra)
-    return _runs(values)
+    return ledger_lib.merge_runs(values)
 
   def last_applied(self, index: int) -> Optional[float]:
     for zs, _, _ in reversed(self.history):
@@ -183,7 +157,7 @@ class ExampleLevelLedger:
     self._policy = policy
     self._accountant = accounting.check_sampling_accountant(
         next(iter(sites.values())).sampling, accountant)
-    self._local_steps = _positive_int('local_steps', local_steps)
+    self._local_steps = accounting.positive_int('local_steps', local_steps)
     if site_sampling is None:
       site_sampling = SamplingSpec('poisson', len(sites), len(sites))
     if not isinstance(site_sampling, SamplingSpec) or site_sampling.total_clients != len(sites):
@@ -453,9 +427,9 @@ class ExampleLevelLedger:
       for entry in raw.get('history', []):
         zs = entry['noise_multipliers']
         site.history.append([
-            tuple(None if zs[c] is None else _finite_positive('noise_multiplier', zs[c])
+            tuple(None if zs[c] is None else accounting.positive('noise_multiplier', zs[c])
                   for c in categories.CATEGORY_IDS),
-            _positive_int('steps', entry['steps']), _positive_int('rounds', entry['rounds'])])
+            accounting.positive_int('steps', entry['steps']), accounting.positive_int('rounds', entry['rounds'])])
       frozen = raw.get('frozen', {})
       if not isinstance(frozen, Mapping) or any(c not in categories.CATEGORY_IDS
                                                 for c in frozen):

@@ -82,7 +82,7 @@ def _combined(zs: Sequence[Optional[float]],
       dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z) for z in released]))
 
 
-def _runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[float, int], ...]:
+def merge_runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[float, int], ...]:
   """Merges consecutive equal multipliers into (z, count) groups, dropping unreleased rounds."""
   groups: list[list] = []
   for z, count in values:
@@ -157,10 +157,10 @@ class PrivacyLedger:
     values = [(round_[index], count) for round_, count in self._history]
     if extra is not None:
       values.append((extra, 1))
-    return _runs(values)
+    return merge_runs(values)
 
   def _client_runs(self):
-    return _runs([(_combined(round_, self._mechanism), count) for round_, count in self._history])
+    return merge_runs([(_combined(round_, self._mechanism), count) for round_, count in self._history])
 
   def _last_applied(self, index: int) -> Optional[float]:
     for round_, _ in reversed(self._history):

@@ -73,7 +73,7 @@ def client_noise_multiplier(noise_multipliers: Sequence[Optional[float]],
   if not zs:
     return None
   if mechanism is NoiseMechanism.SHARED_NOISE:
-    return 1.0 / sum(1.0 / positive('noise_multiplier', z) for z in zs)
+    return 1.0 / sum(1.0 / accounting.positive('noise_multiplier', z) for z in zs)
   # Same rule as accounting.effective_noise_multiplier, which also validates each z.
   import dp_accounting  # pylint: disable=g-import-not-at-top
   return accounting.effective_noise_multiplier(
@@ -128,11 +128,11 @@ class SharedNoiseCalibration:
 
   def value_noise_stddev(self, base_clip: float) -> float:
     """sigma at base clip C."""
-    return self.noise_scale * positive('base_clip', base_clip)
+    return self.noise_scale * accounting.positive('base_clip', base_clip)
 
   def clip_norms(self, base_clip: float) -> dict[str, float]:
     """C_c at base clip C."""
-    base_clip = positive('base_clip', base_clip)
+    base_clip = accounting.positive('base_clip', base_clip)
     return {c: self.clip_ratios[c] * base_clip for c in categories.CATEGORY_IDS}
 
   @property
@@ -148,14 +148,6 @@ class SharedNoiseCalibration:
     same clips C_c. Independent of C."""
     return sum((self.combination_weights[c] * per_category_value_multipliers[c] *
                 self.clip_ratios[c] / self.noise_scale)**2 for c in categories.CATEGORY_IDS)
-
-
-def positive(field: str, value: Any) -> float:
-  """`value` as a float; PolicyError in the one message format unless finite and positive."""
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
-      not math.isfinite(value) or value <= 0):
-    raise PolicyError(f'{field} must be positive. Found {value!r}.')
-  return float(value)
 
 
 def _all_categories(field: str, value: Any) -> dict[str, float]:

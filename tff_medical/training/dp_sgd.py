@@ -65,8 +65,6 @@ clipping, one-draw noise and sum are therefore a few lines here.
 """
 
 import dataclasses
-import math
-import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import dp_accounting
@@ -83,23 +81,10 @@ from tff_medical.training.local_training import ClientOutput
 NUM_CATEGORIES = categories.NUM_CATEGORIES
 
 
-def _positive(field: str, value: Any) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
-      not math.isfinite(value) or value <= 0):
-    raise PolicyError(f'{field} must be positive. Found {value!r}.')
-  return float(value)
-
-
-def _positive_int(field: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise PolicyError(f'{field} must be a positive integer. Found {value!r}.')
-  return int(value)
-
-
 def example_sampling(examples: int, expected_batch_size: int) -> SamplingSpec:
   """Poisson sampling of a site's examples into a step's batch, as a SamplingSpec (rate b / n)."""
-  examples = _positive_int('examples', examples)
-  batch = _positive_int('expected_batch_size', expected_batch_size)
+  examples = accounting.positive_int('examples', examples)
+  batch = accounting.positive_int('expected_batch_size', expected_batch_size)
   if batch > examples:
     raise PolicyError(f'expected_batch_size must be at most the site\'s examples ({examples}). '
                       f'Found {batch}.')
@@ -166,15 +151,15 @@ class SitePlan:
 
   def validate(self) -> None:
     example_sampling(self.examples, self.expected_batch_size)
-    _positive_int('planned_steps', self.planned_steps)
-    _positive('l2_norm_clip', self.l2_norm_clip)
-    _positive('scale', self.scale)
+    accounting.positive_int('planned_steps', self.planned_steps)
+    accounting.positive('l2_norm_clip', self.l2_norm_clip)
+    accounting.positive('scale', self.scale)
     if (not isinstance(self.noise_multipliers, Mapping) or
         set(self.noise_multipliers) != set(categories.CATEGORY_IDS)):
       raise PolicyError(f'noise_multipliers must have the six categories. '
                         f'Found {self.noise_multipliers!r}.')
     for c in categories.CATEGORY_IDS:
-      _positive(f'noise_multipliers[{c}]', self.noise_multipliers[c])
+      accounting.positive(f'noise_multipliers[{c}]', self.noise_multipliers[c])
 
 
 def data_weighted_scale(noise_multipliers: Mapping[str, float],
@@ -215,8 +200,8 @@ def plan_site(policy: PrivacyPolicy,
   if any(v < 0 for v in counts.values()):
     raise PolicyError(f'category_counts must be non-negative. Found {counts!r}.')
   sampling = example_sampling(sum(counts.values()), expected_batch_size)
-  steps = _positive_int('planned_steps', planned_steps)
-  clip = _positive('l2_norm_clip', l2_norm_clip)
+  steps = accounting.positive_int('planned_steps', planned_steps)
+  clip = accounting.positive('l2_norm_clip', l2_norm_clip)
   noise = accounting.calibrate_category_noise(policy, sampling, steps, accountant)
   return SitePlan(examples=sampling.total_clients,
                   expected_batch_size=sampling.expected_clients_per_round,
@@ -267,8 +252,8 @@ class DPSGDTrainer:
     self._variables = self._model.trainable_variables
     self._loss = tf.keras.losses.SparseCategoricalCrossentropy(
         reduction=tf.keras.losses.Reduction.NONE)
-    self._learning_rate = _positive('learning_rate', learning_rate)
-    self._local_steps = _positive_int('local_steps', local_steps)
+    self._learning_rate = accounting.positive('learning_rate', learning_rate)
+    self._local_steps = accounting.positive_int('local_steps', local_steps)
     self._generator = (tf.random.Generator.from_non_deterministic_state() if noise_seed is None
                        else tf.random.Generator.from_seed(int(noise_seed)))
     batch_spec = [tf.TensorSpec([None, categories.IMAGE_SIZE, categories.IMAGE_SIZE, 1],
