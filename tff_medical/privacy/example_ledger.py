@@ -458,35 +458,10 @@ _TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relati
              'sampling', 'rounds_completed', 'local_steps_per_round', 'whole_guarantee',
              'statement', 'example_level_epsilon', 'client_level_epsilon', 'client_level_ledger',
              'categories', 'sites')
-_CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
-                  'rounds_released', 'epsilon_spent', 'status')
 _SITE_KEYS = ('sampling', 'rounds_participated', 'steps_completed', 'categories')
 _SITE_CATEGORY_KEYS = ('target_epsilon', 'noise_multiplier', 'rounds_released',
                        'steps_released', 'epsilon_spent', 'status')
-_SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
 _TOLERANCE = 1e-9
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool) and
-          math.isfinite(value))
-
-
-def _keys(where: str, value: Any, keys: Sequence[str], problems: list[str]) -> bool:
-  if not isinstance(value, Mapping):
-    problems.append(f'{where} must be an object. Found {value!r}.')
-    return False
-  missing = [k for k in keys if k not in value]
-  extra = sorted(str(k) for k in value if k not in keys)
-  if missing or extra:
-    problems.append(f'{where} must have exactly the keys {", ".join(keys)}. Found missing '
-                    f'{missing} and unexpected {extra}.')
-    return False
-  return True
 
 
 def validate_example_ledger_json(ledger: Any) -> None:
@@ -497,7 +472,7 @@ def validate_example_ledger_json(ledger: Any) -> None:
   site's (whole_guarantee 'worst_site'), with example_level_epsilon their largest.
   """
   problems: list[str] = []
-  if not _keys('ledger', ledger, _TOP_KEYS, problems):
+  if not ledger_lib.check_keys('ledger', ledger, _TOP_KEYS, problems):
     raise PolicyError(' '.join(problems))
   if ledger['schema_version'] != SCHEMA_VERSION:
     problems.append(f'schema_version must be {SCHEMA_VERSION}. '
@@ -515,28 +490,28 @@ def validate_example_ledger_json(ledger: Any) -> None:
   if not isinstance(ledger['statement'], str) or not ledger['statement'].strip():
     problems.append('statement must be a non-empty string.')
   delta = ledger['delta']
-  if not _is_number(delta) or not 0 < delta < 1:
+  if not ledger_lib.is_number(delta) or not 0 < delta < 1:
     problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
   rounds = ledger['rounds_completed']
-  if not _is_int(rounds) or rounds < 0:
+  if not ledger_lib.is_int(rounds) or rounds < 0:
     problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
     rounds = None
   site_sampling = ledger['sampling']
-  if _keys('sampling', site_sampling, _SAMPLING_KEYS, problems):
+  if ledger_lib.check_keys('sampling', site_sampling, ledger_lib.SAMPLING_KEYS, problems):
     n, m = site_sampling['total_clients'], site_sampling['expected_clients_per_round']
     if isinstance(ledger['sites'], Mapping) and n != len(ledger['sites']):
       problems.append(f'sampling.total_clients must be the number of sites '
                       f'({len(ledger["sites"])}). Found {n!r}.')
-    if not (_is_int(m) and _is_int(n) and 1 <= m <= n) or not _is_number(
-        site_sampling['rate']) or not math.isclose(site_sampling['rate'], m / n,
-                                                   rel_tol=_TOLERANCE):
+    rate = site_sampling['rate']
+    if not (ledger_lib.is_int(m) and ledger_lib.is_int(n) and 1 <= m <= n) or not (
+        ledger_lib.is_number(rate) and math.isclose(rate, m / n, rel_tol=_TOLERANCE)):
       problems.append(f'sampling must have integers 1 <= m <= N and rate m / N. '
                       f'Found {site_sampling!r}.')
-  if not _is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
+  if not ledger_lib.is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
     problems.append(f'local_steps_per_round must be a positive integer. '
                     f'Found {ledger["local_steps_per_round"]!r}.')
   client = ledger['client_level_epsilon']
-  if client is not None and (not _is_number(client) or client < 0):
+  if client is not None and (not ledger_lib.is_number(client) or client < 0):
     problems.append(f'client_level_epsilon must be null or a non-negative number. '
                     f'Found {client!r}.')
   if (client is None) != (ledger['client_level_ledger'] is None):
@@ -550,26 +525,26 @@ def validate_example_ledger_json(ledger: Any) -> None:
   per_category: dict[str, list] = {c: [] for c in categories.CATEGORY_IDS}
   for site_id, site in sites.items():
     where = f'sites.{site_id}'
-    if not _keys(where, site, _SITE_KEYS, problems):
+    if not ledger_lib.check_keys(where, site, _SITE_KEYS, problems):
       continue
     sampling = site['sampling']
-    if _keys(f'{where}.sampling', sampling, _SAMPLING_KEYS, problems):
+    if ledger_lib.check_keys(f'{where}.sampling', sampling, ledger_lib.SAMPLING_KEYS, problems):
       n, b = sampling['total_clients'], sampling['expected_clients_per_round']
       if sampling['method'] != 'poisson':
         problems.append(f'{where}.sampling.method must be poisson. Found {sampling["method"]!r}.')
-      if not (_is_int(n) and _is_int(b) and 1 <= b <= n):
+      if not (ledger_lib.is_int(n) and ledger_lib.is_int(b) and 1 <= b <= n):
         problems.append(f'{where}.sampling examples and batch must be integers with 1 <= b <= '
                         f'n. Found n={n!r}, b={b!r}.')
-      elif not _is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
+      elif not ledger_lib.is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
                                                                 rel_tol=_TOLERANCE):
         problems.append(f'{where}.sampling.rate must be {b / n!r}. Found {sampling["rate"]!r}.')
     site_rounds, steps = site['rounds_participated'], site['steps_completed']
-    if not _is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
+    if not ledger_lib.is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
                                                        site_rounds > rounds):
       problems.append(f'{where}.rounds_participated must be in 0..rounds_completed. '
                       f'Found {site_rounds!r}.')
       site_rounds = None
-    if not _is_int(steps) or steps < 0:
+    if not ledger_lib.is_int(steps) or steps < 0:
       problems.append(f'{where}.steps_completed must be a non-negative integer. Found {steps!r}.')
       steps = None
     entries = site['categories']
@@ -578,31 +553,31 @@ def validate_example_ledger_json(ledger: Any) -> None:
       continue
     for c, entry in entries.items():
       cw = f'{where}.categories.{c}'
-      if not _keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
+      if not ledger_lib.check_keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
         continue
       per_category[c].append(entry)
       for key in ('target_epsilon', 'noise_multiplier'):
-        if not _is_number(entry[key]) or entry[key] <= 0:
+        if not ledger_lib.is_number(entry[key]) or entry[key] <= 0:
           problems.append(f'{cw}.{key} must be a positive number. Found {entry[key]!r}.')
       if entry['status'] not in ('active', 'exhausted'):
         problems.append(f'{cw}.status must be active or exhausted. Found {entry["status"]!r}.')
       released, steps_released = entry['rounds_released'], entry['steps_released']
-      if not _is_int(released) or released < 0 or (site_rounds is not None and
+      if not ledger_lib.is_int(released) or released < 0 or (site_rounds is not None and
                                                    released > site_rounds):
         problems.append(f'{cw}.rounds_released must be in 0..rounds_participated. '
                         f'Found {released!r}.')
-      if not _is_int(steps_released) or steps_released < 0 or (steps is not None and
+      if not ledger_lib.is_int(steps_released) or steps_released < 0 or (steps is not None and
                                                                steps_released > steps):
         problems.append(f'{cw}.steps_released must be in 0..steps_completed. '
                         f'Found {steps_released!r}.')
       spent = entry['epsilon_spent']
-      if not _is_number(spent) or spent < 0:
+      if not ledger_lib.is_number(spent) or spent < 0:
         problems.append(f'{cw}.epsilon_spent must be a non-negative number. Found {spent!r}.')
         continue
       if (steps_released == 0) != (spent == 0):
         problems.append(f'{cw}.epsilon_spent must be 0 exactly when no step was released. '
                         f'Found {spent!r} after {steps_released!r} steps.')
-      if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+      if ledger_lib.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
         problems.append(f'{cw}.epsilon_spent must not exceed target_epsilon '
                         f'({entry["target_epsilon"]!r}). Found {spent!r}.')
 
@@ -613,7 +588,7 @@ def validate_example_ledger_json(ledger: Any) -> None:
   largest = 0.0
   for c, entry in whole.items():
     where = f'categories.{c}'
-    if not _keys(where, entry, _CATEGORY_KEYS, problems):
+    if not ledger_lib.check_keys(where, entry, ledger_lib.CATEGORY_KEYS, problems):
       continue
     if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
       problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
@@ -621,8 +596,8 @@ def validate_example_ledger_json(ledger: Any) -> None:
     if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
       problems.append(f'{where}.display_name must be a non-empty string.')
     spent = entry['epsilon_spent']
-    site_entries = [e for e in per_category[c] if _is_number(e.get('epsilon_spent'))]
-    if not _is_number(spent):
+    site_entries = [e for e in per_category[c] if ledger_lib.is_number(e.get('epsilon_spent'))]
+    if not ledger_lib.is_number(spent):
       problems.append(f'{where}.epsilon_spent must be a number. Found {spent!r}.')
       continue
     largest = max(largest, spent)
@@ -635,10 +610,10 @@ def validate_example_ledger_json(ledger: Any) -> None:
       if entry['status'] != ('exhausted' if all_exhausted else 'active'):
         problems.append(f'{where}.status must be exhausted exactly when every site has it '
                         f'exhausted. Found {entry["status"]!r}.')
-    if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+    if ledger_lib.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
       problems.append(f'{where}.epsilon_spent must not exceed target_epsilon. Found {spent!r}.')
   example = ledger['example_level_epsilon']
-  if not _is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
+  if not ledger_lib.is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
                                                  abs_tol=1e-15):
     problems.append(f'example_level_epsilon must be the largest category figure ({largest!r}). '
                     f'Found {example!r}.')

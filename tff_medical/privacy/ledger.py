@@ -488,23 +488,24 @@ _TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relati
              'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
 # Optional top-level keys: absent in ledgers written before they existed.
 _OPTIONAL_TOP_KEYS = ('noise_mechanism',)
-_SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
-_CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
+SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
+CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
                   'rounds_released', 'epsilon_spent', 'status')
 _TOLERANCE = 1e-9
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
   return (isinstance(value, (int, float)) and not isinstance(value, bool) and
           math.isfinite(value))
 
 
-def _check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str],
-                optional: Sequence[str] = ()) -> bool:
+def check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str],
+               optional: Sequence[str] = ()) -> bool:
+  """False, with a problem appended, unless `value` is an object with exactly `keys`."""
   if not isinstance(value, Mapping):
     problems.append(f'{where} must be an object. Found {value!r}.')
     return False
@@ -530,13 +531,13 @@ def validate_ledger_json(ledger: Any) -> None:
     example_ledger.validate_example_ledger_json(ledger)
     return
   problems: list[str] = []
-  if not _check_keys('ledger', ledger, _TOP_KEYS, problems, _OPTIONAL_TOP_KEYS):
+  if not check_keys('ledger', ledger, _TOP_KEYS, problems, _OPTIONAL_TOP_KEYS):
     raise PolicyError(' '.join(problems))
   mechanisms = [m.value for m in shared_noise.NoiseMechanism]
   if 'noise_mechanism' in ledger and ledger['noise_mechanism'] not in mechanisms:
     problems.append(f'noise_mechanism must be one of {", ".join(mechanisms)}. '
                     f'Found {ledger["noise_mechanism"]!r}.')
-  if not _is_int(ledger['schema_version']) or ledger['schema_version'] != SCHEMA_VERSION:
+  if not is_int(ledger['schema_version']) or ledger['schema_version'] != SCHEMA_VERSION:
     problems.append(f'schema_version must be {SCHEMA_VERSION}. '
                     f'Found {ledger["schema_version"]!r}.')
   if ledger['accountant'] not in [a.value for a in Accountant]:
@@ -544,15 +545,15 @@ def validate_ledger_json(ledger: Any) -> None:
   if ledger['privacy_unit'] != 'client':
     problems.append(f'privacy_unit must be client. Found {ledger["privacy_unit"]!r}.')
   delta = ledger['delta']
-  if not _is_number(delta) or not 0 < delta < 1:
+  if not is_number(delta) or not 0 < delta < 1:
     problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
   rounds = ledger['rounds_completed']
-  if not _is_int(rounds) or rounds < 0:
+  if not is_int(rounds) or rounds < 0:
     problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
     rounds = None
 
   sampling = ledger['sampling']
-  if _check_keys('sampling', sampling, _SAMPLING_KEYS, problems):
+  if check_keys('sampling', sampling, SAMPLING_KEYS, problems):
     method = sampling['method']
     if method not in _RELATION_NAMES_BY_VALUE:
       problems.append(f'sampling.method must be one of poisson, fixed_size. Found {method!r}.')
@@ -563,16 +564,16 @@ def validate_ledger_json(ledger: Any) -> None:
       if method == 'fixed_size' and ledger['accountant'] == 'pld':
         problems.append('accountant must be rdp for fixed_size sampling. Found pld.')
     n, m = sampling['total_clients'], sampling['expected_clients_per_round']
-    if not (_is_int(n) and _is_int(m) and 1 <= m <= n):
+    if not (is_int(n) and is_int(m) and 1 <= m <= n):
       problems.append('sampling.total_clients and expected_clients_per_round must be integers '
                       f'with 1 <= m <= N. Found N={n!r}, m={m!r}.')
-    elif not _is_number(sampling['rate']) or not math.isclose(
+    elif not is_number(sampling['rate']) or not math.isclose(
         sampling['rate'], m / n, rel_tol=_TOLERANCE):
       problems.append(f'sampling.rate must be expected_clients_per_round / total_clients '
                       f'({m / n!r}). Found {sampling["rate"]!r}.')
 
   client_epsilon = ledger['client_level_epsilon']
-  if not _is_number(client_epsilon) or client_epsilon < 0:
+  if not is_number(client_epsilon) or client_epsilon < 0:
     problems.append(f'client_level_epsilon must be a non-negative number. '
                     f'Found {client_epsilon!r}.')
     client_epsilon = None
@@ -585,7 +586,7 @@ def validate_ledger_json(ledger: Any) -> None:
     raise PolicyError(' '.join(problems))
   for c, entry in entries.items():
     where = f'categories.{c}'
-    if not _check_keys(where, entry, _CATEGORY_KEYS, problems):
+    if not check_keys(where, entry, CATEGORY_KEYS, problems):
       continue
     if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
       problems.append(f'{where}.display_name must be a non-empty string. '
@@ -596,14 +597,14 @@ def validate_ledger_json(ledger: Any) -> None:
     if entry['status'] not in [s.value for s in CategoryStatus]:
       problems.append(f'{where}.status must be active or exhausted. Found {entry["status"]!r}.')
     for key in ('target_epsilon', 'noise_multiplier'):
-      if not _is_number(entry[key]) or entry[key] <= 0:
+      if not is_number(entry[key]) or entry[key] <= 0:
         problems.append(f'{where}.{key} must be a positive number. Found {entry[key]!r}.')
     released, spent = entry['rounds_released'], entry['epsilon_spent']
-    if not _is_int(released) or released < 0 or (rounds is not None and released > rounds):
+    if not is_int(released) or released < 0 or (rounds is not None and released > rounds):
       problems.append(f'{where}.rounds_released must be an integer in 0..rounds_completed '
                       f'({rounds}). Found {released!r}.')
       released = None
-    if not _is_number(spent) or spent < 0:
+    if not is_number(spent) or spent < 0:
       problems.append(f'{where}.epsilon_spent must be a non-negative number. Found {spent!r}.')
       continue
     if released == 0 and spent != 0:
@@ -611,7 +612,7 @@ def validate_ledger_json(ledger: Any) -> None:
     if released and spent == 0:
       problems.append(f'{where}.epsilon_spent must be positive after {released} released '
                       'rounds. Found 0.')
-    if _is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+    if is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
       problems.append(f'{where}.epsilon_spent must not exceed target_epsilon '
                       f'({entry["target_epsilon"]!r}). Found {spent!r}.')
     if client_epsilon is not None and client_epsilon < spent * (1 - _TOLERANCE):
