@@ -77,7 +77,10 @@ class InProcessDriver:
       message = copy.deepcopy(message)
       message.metadata._message_id = uuid.uuid4().hex  # pylint: disable=protected-access
       node = message.metadata.dst_node_id
-      stage = message.content.configs_records[RECORD_KEY_CONFIGS][Key.STAGE]
+      records = message.content.configs_records
+      # A SecAgg+ stage, or the message type of a plain message (the example-level report).
+      stage = (records[RECORD_KEY_CONFIGS][Key.STAGE] if RECORD_KEY_CONFIGS in records
+               else message.metadata.message_type)
       if node in self.dead or self.drop_at.get(node) == stage:
         self.dead.add(node)
         continue
@@ -356,6 +359,239 @@ def test_in_process_run_resumes_without_restarting_the_budget(in_process_run):
     assert result.ledger.epsilon_spent(c) <= result.policy.budget(c).epsilon
   with open(os.path.join(in_process_run['run_dir'], 'audit_log.jsonl')) as f:
     assert [json.loads(line)['round'] for line in f] == [1, 2]
+
+
+# Example level (privacy_unit 'example'): DP-SGD at each site, plain secure mean ----------
+
+EXAMPLE_SIZES = (8, 10, 12)  # Images per category at the three sites: three sampling rates.
+EXAMPLE_BOUND = 100.0
+
+
+def _example_config(tmp_path, rounds=2):
+  config = _config(tmp_path, rounds=rounds, epsilon=8.0)
+  config.privacy_unit = 'example'
+  config.client.batch_size = 8
+  config.client.learning_rate = 0.5
+  config.example_dp.local_steps = 2
+  config.example_dp.update_l2_bound = EXAMPLE_BOUND
+  config.server.momentum = 0.0  # Server SGD at rate 1: the new model is the sites' mean.
+  return config
+
+
+def _example_apps(tmp_path, calls):
+  """Three restartable sites (a new SiteWorker = a restarted site process, same state)."""
+  from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
+  apps = {}
+  for i, size in enumerate(EXAMPLE_SIZES):
+    worker = site_worker.SiteWorker(phantoms.generate(size, seed=200 + i), i,
+                                    site_name=f'site-{i}',
+                                    state_dir=str(tmp_path / 'state' / f'site-{i}'))
+
+    def fit(weights, config, worker=worker, i=i):
+      vector = worker.fit(weights, config)
+      calls.append((i, int(config['round']), [np.array(w) for w in weights], vector))
+      return vector
+
+    apps[301 + i] = secagg.make_site_app(fit, worker.report)
+  return apps
+
+
+def _site_state(tmp_path, i, run_dir):
+  run_id = open(os.path.join(run_dir, coordinator.RUN_ID_FILE)).read().strip()
+  with open(tmp_path / 'state' / f'site-{i}' / f'{run_id}.json') as f:
+    return json.load(f)
+
+
+class _Crash(Exception):
+  pass
+
+
+def _crash_after_round_1(record):
+  if record['round'] == 1:
+    raise _Crash()
+
+
+@pytest.fixture(scope='module')
+def example_run(tmp_path_factory):
+  """3 sites, 2 rounds; the coordinator dies after round 1 and every site restarts, then the
+  run resumes from the coordinator's checkpoint and the sites' own ledgers."""
+  tmp_path = tmp_path_factory.mktemp('example')
+  config = _example_config(tmp_path)
+  calls = []
+  deployment = coordinator.Deployment(pki_dir='unused', num_sites=3, threshold=2,
+                                      eval_dataset='phantoms', eval_num_per_category=10)
+  run_dir = str(tmp_path / 'run')
+  apps = _example_apps(tmp_path, calls)
+  with pytest.raises(_Crash):
+    coordinator.run(config, deployment, run_dir, driver_factory=lambda: InProcessDriver(apps),
+                    on_round=_crash_after_round_1)
+  apps = _example_apps(tmp_path, calls)  # Restarted site processes.
+  result = coordinator.run(config, deployment, run_dir,
+                           driver_factory=lambda: InProcessDriver(apps))
+  return dict(config=config, deployment=deployment, run_dir=run_dir, result=result,
+              calls=calls, tmp_path=tmp_path)
+
+
+def test_example_level_ledger_is_each_sites_dp_sgd_by_dp_accounting(example_run):
+  from tff_medical.privacy import example_ledger  # pylint: disable=g-import-not-at-top
+  result, run_dir, tmp_path = (example_run[k] for k in ('result', 'run_dir', 'tmp_path'))
+  # Calibrated to spend each budget over the 2 planned rounds: all frozen after them.
+  assert (result.rounds_completed, result.stop_reason) == (2, 'budget_exhausted')
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    ledger_json = json.load(f)
+  example_ledger.validate_example_ledger_json(ledger_json)
+  assert ledger_json['privacy_unit'] == 'example'
+  assert sorted(ledger_json['sites']) == ['site-0', 'site-1', 'site-2']
+  steps = 2 * 2  # Rounds x local steps, every site in every round.
+  delta = result.policy.delta
+  for i, size in enumerate(EXAMPLE_SIZES):
+    entry = ledger_json['sites'][f'site-{i}']
+    rate = 8 / (6 * size)  # b / n: the site's own Poisson rate.
+    assert entry['sampling']['rate'] == pytest.approx(rate, rel=1e-12)
+    assert (entry['rounds_participated'], entry['steps_completed']) == (2, steps)
+    own = _site_state(tmp_path, i, run_dir)  # The site's own ledger, in its own folder.
+    for c in categories.CATEGORY_IDS:
+      z = own['plan']['noise_multipliers'][c]
+      acc = dp_accounting.rdp.RdpAccountant()
+      acc.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z)),
+                  steps)
+      want = acc.get_epsilon(delta)
+      got = entry['categories'][c]
+      assert got['steps_released'] == steps
+      assert got['epsilon_spent'] == pytest.approx(want, rel=1e-4), (i, c)
+      assert want <= 8.0 and got['epsilon_spent'] <= 8.0
+      history = own['ledger']['example']['sites'][f'site-{i}']['history']
+      assert sum(h['steps'] for h in history) == steps
+  for c in categories.CATEGORY_IDS:  # The whole is the worst site.
+    assert ledger_json['categories'][c]['epsilon_spent'] == pytest.approx(
+        max(s['categories'][c]['epsilon_spent'] for s in ledger_json['sites'].values()))
+  from tff_medical.monitoring import audit  # pylint: disable=g-import-not-at-top
+  assert audit.verify_run_dir(run_dir).ok
+
+
+def test_example_level_secrets_and_counts_stay_at_the_sites(example_run):
+  run_dir, tmp_path = example_run['run_dir'], example_run['tmp_path']
+  secrets_ = [str(_site_state(tmp_path, i, run_dir)['ledger']['sampling_secret'])
+              for i in range(3)]
+  for i in range(3):
+    path = tmp_path / 'state' / f'site-{i}'
+    assert all(os.stat(p).st_mode & 0o077 == 0 for p in path.iterdir())
+  for root, _, files in os.walk(run_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'rb') as f:
+        data = f.read()
+      assert not any(s.encode() in data for s in secrets_), name
+      assert b'category_counts' not in data, name
+
+
+def test_example_level_coordinator_adds_no_noise_to_the_mean(example_run):
+  calls = example_run['calls']
+  first = [c for c in calls if c[1] == 1]
+  second = [c for c in calls if c[1] == 2]
+  assert len(first) == 3 and len(second) == 3
+  w0, w1 = first[0][2], second[0][2]
+  deltas = [vector * EXAMPLE_BOUND for _, _, _, vector in first]  # encode: delta / bound
+  assert all(np.linalg.norm(d) < EXAMPLE_BOUND for d in deltas)  # not clipped
+  assert np.linalg.norm(np.mean(deltas, axis=0)) > 1e-2  # the sites did move the model
+  got = np.concatenate([(a - b).ravel() for a, b in zip(w0, w1)])
+  # Server SGD at rate 1 applies the plain mean; quantization: bound x 2 / 2**22 a site.
+  np.testing.assert_allclose(got, np.mean(deltas, axis=0),
+                             atol=3 * EXAMPLE_BOUND * 2 / mechanism.QUANTIZATION_RANGE + 1e-6)
+
+
+def test_example_update_encoding_bounds_each_site():
+  shapes = [(3, 4), (5,)]
+  small = [np.full(s, 0.01, np.float32) for s in shapes]
+  np.testing.assert_allclose(mechanism.encode_site_update(small, 2.0) * 2.0,
+                             np.concatenate([v.ravel() for v in small]), rtol=1e-6)
+  huge = [np.full(s, 1e6, np.float32) for s in shapes]
+  assert np.linalg.norm(mechanism.encode_site_update(huge, 2.0)) == pytest.approx(1.0)
+  mean, projected = mechanism.decode_update_sum(np.full(17, 1e3), 2, 2.0, shapes)
+  assert projected and np.linalg.norm(np.concatenate([m.ravel() for m in mean])) == (
+      pytest.approx(2.0, rel=1e-6))
+  with pytest.raises(ValueError, match='finite'):
+    mechanism.decode_update_sum(np.full(17, np.nan), 2, 2.0, shapes)
+
+
+def test_example_level_resume_keeps_site_ledgers_and_freezes(example_run):
+  """Planned for 2 rounds, the run now asks for 4: the sites (restarted again) resume their
+  ledgers, every category is frozen at every site, nothing more is spent."""
+  run_dir, tmp_path = example_run['run_dir'], example_run['tmp_path']
+  before = {i: _site_state(tmp_path, i, run_dir) for i in range(3)}
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    ledger_before = json.load(f)
+  config = copy.deepcopy(example_run['config'])
+  config.total_rounds = 4
+  calls = []
+  apps = _example_apps(tmp_path, calls)
+  result = coordinator.run(config, example_run['deployment'], run_dir,
+                           driver_factory=lambda: InProcessDriver(apps))
+  assert (result.rounds_completed, result.stop_reason) == (2, 'budget_exhausted')
+  assert not calls  # No site trained.
+  for i in range(3):  # Their own ledgers as they were, every category frozen.
+    after = _site_state(tmp_path, i, run_dir)
+    assert after['ledger'] == before[i]['ledger'] and after['plan'] == before[i]['plan']
+    assert set(after['ledger']['example']['sites'][f'site-{i}']['frozen']) == set(
+        categories.CATEGORY_IDS)
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    assert json.load(f)['sites'] == ledger_before['sites']
+
+
+def test_example_level_site_that_lost_its_ledger_is_left_out(example_run, tmp_path):
+  from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
+  from tff_medical.privacy import example_ledger  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import example_level  # pylint: disable=g-import-not-at-top
+  run_dir = example_run['run_dir']
+  config = coordinator._cross_silo_config(copy.deepcopy(example_run['config']),  # pylint: disable=protected-access
+                                          example_run['deployment'])
+  unit = coordinator._ExampleLevel(config, example_run['result'].policy, [], run_dir)  # pylint: disable=protected-access
+  own = _site_state(example_run['tmp_path'], 1, run_dir)
+  unit.ledger = example_level.LedgerView(example_ledger.ExampleLevelLedger.from_state(
+      own['ledger']['example'], example_run['result'].policy))
+  settings = site_worker.example_settings(config, example_run['result'].policy, unit.run_id)
+  images = phantoms.generate(EXAMPLE_SIZES[1], seed=201)  # site-1's data, a new state folder.
+  fresh = site_worker.ExampleSite(str(tmp_path), 'site-1', images.labels, settings)
+  assert fresh.report().releasable == categories.CATEGORY_IDS  # Its budget would restart...
+  assert 'lost its ledger' in unit._accept(fresh.report())  # ...so it is left out.  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(stack_client_level=True), 'stack_client_level'),
+    (dict(update_l2_bound=0.0), 'update_l2_bound'),
+])
+def test_example_level_cross_silo_refuses_bad_settings(tmp_path, change, message):
+  config = _example_config(tmp_path)
+  for key, value in change.items():
+    config.example_dp[key] = value
+  deployment = coordinator.Deployment(pki_dir='unused', num_sites=3)
+  with pytest.raises(ValueError, match=message):
+    coordinator._cross_silo_config(config, deployment)  # pylint: disable=protected-access
+
+
+def test_example_level_site_refuses_bad_instructions_and_reports(tmp_path):
+  from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
+  images = phantoms.generate(2, seed=1)
+  no_state = site_worker.SiteWorker(images, 0)
+  settings = site_worker.example_settings(_example_config(tmp_path), accounting_policy(),
+                                          'ab' * 8)
+  query = {site_worker.KEY_QUERY: site_worker.QUERY_EXAMPLE_REPORT,
+           site_worker.KEY_EXAMPLE: json.dumps(settings)}
+  with pytest.raises(ValueError, match='state folder'):
+    no_state.report(query)
+  worker = site_worker.SiteWorker(images, 0, site_name='site-a', state_dir=str(tmp_path / 's'))
+  with pytest.raises(ValueError, match='run id'):
+    worker.report(dict(query, **{site_worker.KEY_EXAMPLE: json.dumps(dict(settings,
+                                                                          run='../x'))}))
+  with pytest.raises(ValueError, match='batch_size'):  # Larger than the site's 12 images.
+    worker.report(dict(query, **{site_worker.KEY_EXAMPLE: json.dumps(dict(settings,
+                                                                          batch_size=50))}))
+  with pytest.raises(ValueError, match='ExampleReport'):
+    site_worker.ExampleReport.from_json('{"site": "site-a"}')
+
+
+def accounting_policy():
+  from tff_medical.privacy import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  return policy_lib.default_policy()
 
 
 # Real SuperLink: mutual TLS and node authentication ---------------------------------------

@@ -8,8 +8,12 @@ from typing import Union
 _FILE_MODE = 0o644  # mkstemp creates 0600; run outputs are for whoever may read the run.
 
 
-def write_atomic(path: Union[str, 'os.PathLike[str]'], data: Union[str, bytes]) -> str:
-  """Writes `data` to `path` through a synced temporary file and os.replace; returns the path."""
+def write_atomic(path: Union[str, 'os.PathLike[str]'], data: Union[str, bytes],
+                 mode: int = _FILE_MODE) -> str:
+  """Writes `data` to `path` through a synced temporary file and os.replace; returns the path.
+
+  `mode`: the file's permissions (0o600 for a secret).
+  """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -20,7 +24,7 @@ def write_atomic(path: Union[str, 'os.PathLike[str]'], data: Union[str, bytes]) 
       f.write(data.encode('utf-8') if isinstance(data, str) else data)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp_path, _FILE_MODE)
+    os.chmod(tmp_path, mode)
     os.replace(tmp_path, path)
   except BaseException:
     if os.path.exists(tmp_path):

@@ -194,20 +194,66 @@ def decode_secure_sum(vector: np.ndarray, contributors: int, clip_norms: Mapping
   values, bits, projected = {}, {}, {}
   for index, c in enumerate(categories.CATEGORY_IDS):
     start = index * (d + 1)
-    flat = vector[start:start + d] * clip_norms[c]
-    bound = contributors * clip_norms[c]
-    norm = float(np.linalg.norm(flat))
-    projected[c] = norm > bound
-    if projected[c]:
-      flat = flat * (bound / norm)
+    values[c], projected[c] = _project_and_split(vector[start:start + d] * clip_norms[c],
+                                                 contributors * clip_norms[c], shapes)
     bits[c] = float(np.clip(vector[start + d], -0.5 * contributors, 0.5 * contributors))
-    arrays, offset = [], 0
-    for shape in shapes:
-      size = int(np.prod(shape))
-      arrays.append(flat[offset:offset + size].reshape(shape).astype(np.float32))
-      offset += size
-    values[c] = arrays
   return DecodedSum(values, bits, contributors, projected)
+
+
+def _project_and_split(flat: np.ndarray, bound: float, shapes: Sequence[Sequence[int]]
+                      ) -> tuple[list[np.ndarray], bool]:
+  """`flat` projected onto the L2 ball of radius `bound`, as float32 arrays of `shapes`."""
+  norm = float(np.linalg.norm(flat))
+  projected = norm > bound
+  if projected:
+    flat = flat * (bound / norm)
+  arrays, offset = [], 0
+  for shape in shapes:
+    size = int(np.prod(shape))
+    arrays.append(flat[offset:offset + size].reshape(shape).astype(np.float32))
+    offset += size
+  return arrays, projected
+
+
+# Example level (privacy_unit 'example'): a site's update is its DP-SGD model delta, already
+# private at the site; the secure sum only needs each one bounded to fit the quantization.
+
+
+def encode_site_update(update: Sequence[np.ndarray], bound: float) -> np.ndarray:
+  """A site's SecAgg+ input at example level: its delta clipped to L2 norm `bound`, over `bound`.
+
+  Clipping a DP-SGD output is post-processing (no privacy cost); every coordinate is then in
+  [-1, 1]. A non-finite delta is sent as zero.
+  """
+  bound = accounting.positive('update_l2_bound', bound)
+  flat = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in update])
+  if not np.all(np.isfinite(flat)):
+    flat = np.zeros_like(flat)
+  norm = float(np.linalg.norm(flat))
+  scale = min(1.0, bound / norm) if norm > 0 else 1.0
+  return np.clip(flat * scale / bound, -CLIPPING_RANGE, CLIPPING_RANGE)
+
+
+def decode_update_sum(vector: np.ndarray, contributors: int, bound: float,
+                      shapes: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], bool]:
+  """The mean of `contributors` `encode_site_update` vectors from their sum, in model units.
+
+  The sum is first projected onto the ball of radius contributors x bound (1-Lipschitz), so a
+  site that sends arbitrary integers moves the mean no more than an honest site at the bound.
+  Returns (mean delta per variable, whether the projection acted).
+
+  Raises:
+    PolicyError: wrong length or a non-finite entry (a broken protocol: abandon the round).
+  """
+  vector = np.asarray(vector, np.float64).ravel()
+  d = num_parameters(shapes)
+  if vector.shape[0] != d or not np.all(np.isfinite(vector)):
+    raise PolicyError(f'the secure sum must be {d} finite numbers. Found {vector.shape[0]} '
+                      f'numbers, finite: {bool(np.all(np.isfinite(vector)))}.')
+  if contributors < 1:
+    raise PolicyError(f'contributors must be positive. Found {contributors}.')
+  total, projected = _project_and_split(vector * bound, contributors * bound, shapes)
+  return [t / np.float32(contributors) for t in total], projected
 
 
 @dataclasses.dataclass

@@ -160,6 +160,23 @@ def check_site_name(name: str) -> str:
   return name
 
 
+def site_name_of(folder: str) -> str:
+  """The enrolled name of the site whose folder this is (its certificate's CN, site:NAME)."""
+  path = os.path.join(folder, CERT)
+  try:
+    with open(path, 'rb') as f:
+      cert = x509.load_pem_x509_certificate(f.read())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'site_dir must hold the site\'s certificate. Found none readable at '
+                      f'{path} ({e}).') from None
+  names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+  common = names[0].value if names else ''
+  if not common.startswith('site:'):
+    raise ConfigError(f'the certificate in {folder} must be a site\'s (CN site:NAME). '
+                      f'Found CN {common!r}.')
+  return check_site_name(common[len('site:'):])
+
+
 def site_dir(pki_dir: str, name: str) -> str:
   return os.path.join(pki_dir, SITES_DIR, check_site_name(name))
 

@@ -15,12 +15,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import (Context, ConfigsRecord, FitIns, RecordSet, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.common import (Code, Context, ConfigsRecord, FitIns, GetPropertiesIns, RecordSet,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common.constant import MessageTypeLegacy
 import flwr.common.recordset_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -136,15 +138,43 @@ def run_secure_round(driver, node_ids: Sequence[int], round_num: int,
   return strategy.captured
 
 
+REPORT_KEY = 'report'
+
+
+def query_sites(driver, node_ids: Sequence[int], config: dict[str, Any],
+                timeout: Optional[float], round_num: int = 0) -> dict[int, str]:
+  """Asks each site for its report (a plain, unmasked get_properties message; what a site
+  answers must be fit for the coordinator to read: privacy figures, never data). Returns
+  {node id: report text} for the sites that answered in time without an error."""
+  ins = compat.getpropertiesins_to_recordset(GetPropertiesIns(dict(config)))
+  messages = [driver.create_message(content=ins, message_type=MessageTypeLegacy.GET_PROPERTIES,
+                                    dst_node_id=int(n), group_id=str(round_num), ttl=timeout)
+              for n in node_ids]
+  replies = {}
+  for message in driver.send_and_receive(messages, timeout=timeout):
+    node = int(message.metadata.src_node_id)
+    if message.has_error():
+      logging.error('Site node %d could not report: %s', node, message.error.reason)
+      continue
+    res = compat.recordset_to_getpropertiesres(message.content)
+    if res.status.code != Code.OK or not isinstance(res.properties.get(REPORT_KEY), str):
+      logging.error('Site node %d sent no report (%s).', node, res.status.message)
+      continue
+    replies[node] = res.properties[REPORT_KEY]
+  return replies
+
+
 # Site side ---------------------------------------------------------------------------------
 
 SiteFit = Callable[[list[np.ndarray], dict[str, Any]], np.ndarray]
+SiteReport = Callable[[dict[str, Any]], str]
 
 
 class _SiteClient(NumPyClient):
 
-  def __init__(self, fit_fn: SiteFit):
+  def __init__(self, fit_fn: SiteFit, report_fn: Optional[SiteReport]):
     self._fit_fn = fit_fn
+    self._report_fn = report_fn
 
   def fit(self, parameters, config):
     vector = self._fit_fn(list(parameters), dict(config))
@@ -152,12 +182,18 @@ class _SiteClient(NumPyClient):
     # No metrics: they travel unmasked.
     return [np.asarray(vector, np.float64)], 1, {}
 
+  def get_properties(self, config):
+    if self._report_fn is None:
+      return {}
+    return {REPORT_KEY: self._report_fn(dict(config))}
 
-def make_site_app(fit_fn: SiteFit) -> ClientApp:
-  """A ClientApp whose fit is `fit_fn`, masked by SecAgg+ (flwr's secaggplus_mod)."""
+
+def make_site_app(fit_fn: SiteFit, report_fn: Optional[SiteReport] = None) -> ClientApp:
+  """A ClientApp whose fit is `fit_fn`, masked by SecAgg+ (flwr's secaggplus_mod), and whose
+  get_properties answers `report_fn` (unmasked: the example-level site's ledger figures)."""
 
   def client_fn(context: Context):
     del context
-    return _SiteClient(fit_fn).to_client()
+    return _SiteClient(fit_fn, report_fn).to_client()
 
   return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])

@@ -52,10 +52,17 @@ def _tamper(fault: Fault) -> Optional[Callable[[np.ndarray], np.ndarray]]:
   return None
 
 
+STATE_DIR = 'state'
+
+
 def run_site(site_dir: str, coordinator_address: str, images: source_lib.LabeledImages, *,
              site_seed: int = 0, max_wait_seconds: float = 300.0, fault: Fault = Fault.NONE,
-             fault_round: int = 0) -> SiteResult:
+             fault_round: int = 0, state_dir: str = '') -> SiteResult:
   """Serves rounds until the coordinator has been unreachable for `max_wait_seconds`.
+
+  state_dir: where the site keeps its example-level ledger per run (default site_dir/state);
+  keep it with the site's other records: losing it would restart the site's budget, so the
+  coordinator then leaves the site out of that run.
 
   Raises:
     ConfigError: missing credentials.
@@ -71,7 +78,9 @@ def run_site(site_dir: str, coordinator_address: str, images: source_lib.Labeled
   # pylint: enable=g-import-not-at-top
   connection.PING_DEFAULT_INTERVAL = PING_INTERVAL_SECONDS
   transport.present_client_certificate(site_dir)
-  worker = site_worker.SiteWorker(images, site_seed, tamper=_tamper(fault))
+  worker = site_worker.SiteWorker(images, site_seed, tamper=_tamper(fault),
+                                  site_name=pki.site_name_of(site_dir),
+                                  state_dir=state_dir or os.path.join(site_dir, STATE_DIR))
 
   def fit(weights, config):
     if fault is Fault.CRASH and int(config.get(site_worker.KEY_ROUND, 0)) == fault_round:
@@ -79,7 +88,7 @@ def run_site(site_dir: str, coordinator_address: str, images: source_lib.Labeled
       os._exit(17)  # pylint: disable=protected-access
     return worker.fit(weights, config)
 
-  app = secagg.make_site_app(fit)
+  app = secagg.make_site_app(fit, worker.report)
   keys = (pki.load_private_key(os.path.join(site_dir, pki.AUTH_KEY)),
           pki.load_public_key(os.path.join(site_dir, pki.AUTH_PUBLIC_KEY)))
   with open(os.path.join(site_dir, pki.CA_CERT), 'rb') as f:

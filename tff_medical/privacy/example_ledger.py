@@ -247,6 +247,33 @@ class ExampleLevelLedger:
     """For one example of any category: the largest category figure."""
     return max(self.epsilon_spent(c) for c in categories.CATEGORY_IDS)
 
+  def site_steps_released(self, site_id: str, category_id: str) -> int:
+    """Steps the site has released for the category, as recorded here."""
+    return self._site(site_id).steps_released(categories.label_of(category_id))
+
+  def site_spec(self, site_id: str) -> SiteSpec:
+    return self._site(site_id).spec
+
+  def add_site(self, site_id: str, spec: SiteSpec) -> None:
+    """Adds a site first seen after the ledger started (a cross-silo site joining late).
+
+    Only for a ledger whose sites all take part in every round (site sampling rate 1), which
+    stays so with the new site counted.
+    """
+    if not isinstance(site_id, str) or not site_id or not isinstance(spec, SiteSpec):
+      raise PolicyError(f'add_site needs a site id (str) and a SiteSpec. Found {site_id!r}: '
+                        f'{spec!r}.')
+    if site_id in self._sites:
+      raise PolicyError(f'site must be new to the ledger. Found {site_id!r}, already in it.')
+    if self._site_sampling.rate != 1.0:
+      raise PolicyError(f'add_site needs site sampling rate 1 (every site every round). Found '
+                        f'{self._site_sampling!r}.')
+    accounting.check_sampling_accountant(spec.sampling, self._accountant)
+    self._sites[site_id] = _Site(spec)
+    count = len(self._sites)
+    self._site_sampling = SamplingSpec('poisson', count, count)
+    self._update_frozen(site_id)
+
   def site_status(self, site_id: str, category_id: str) -> str:
     categories.label_of(category_id)
     return 'exhausted' if category_id in self._site(site_id).frozen else 'active'

@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.example_dp.local_steps = 10  # DP-SGD steps per site and round.
   # Also add client-level noise on the server (both guarantees, both ledgers kept).
   config.example_dp.stack_client_level = False
+  # Cross-silo only: L2 bound of a site's round update (its DP-SGD model delta) in the secure
+  # sum. Each site clips its delta to it before quantizing (post-processing: no privacy cost);
+  # the coordinator bounds the sum to sites x bound. Quantization step: bound x 2 / 2**22.
+  config.example_dp.update_l2_bound = 10.0
   config.clip = ml_collections.ConfigDict()
   config.clip.initial_l2_norm_clip = 0.1
   config.clip.target_unclipped_quantile = 0.5
@@ -151,6 +155,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
              and example.l2_norm_clip > 0,
              f'example_dp.l2_norm_clip must be positive. Found {example.l2_norm_clip!r}.')
     _positive_int('example_dp.local_steps', example.local_steps)
+    bound = example.get('update_l2_bound', 10.0)
+    _require(isinstance(bound, (int, float)) and not isinstance(bound, bool) and
+             math.isfinite(bound) and bound > 0,
+             f'example_dp.update_l2_bound must be positive. Found {bound!r}.')
     _require(isinstance(example.stack_client_level, bool),
              'example_dp.stack_client_level must be true or false. '
              f'Found {example.stack_client_level!r}.')

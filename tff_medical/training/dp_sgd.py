@@ -216,6 +216,22 @@ def step_event(noise_multiplier: float, rate: float, steps: int) -> dp_accountin
       steps)
 
 
+def applied_settings(plan: SitePlan, released: Sequence[str]) -> tuple[np.ndarray, np.float32]:
+  """(C_c per category, s C) in float32, exactly as a step applies them."""
+  clip_norms = plan.clip_norms(released)
+  return (np.array([clip_norms[c] for c in categories.CATEGORY_IDS], np.float32),
+          np.float32(plan.noise_stddev))
+
+
+def round_events(plan: SitePlan, released: Sequence[str],
+                 steps: int) -> dict[str, Optional[dp_accounting.DpEvent]]:
+  """What `steps` steps under `plan` spend per category (None: frozen), from the multiplier
+  actually applied (float32 s C / C_c), so that a report made before training is exact."""
+  clip32, stddev32 = applied_settings(plan, released)
+  return {c: (step_event(float(stddev32) / float(clip32[i]), plan.rate, steps)
+              if c in released else None) for i, c in enumerate(categories.CATEGORY_IDS)}
+
+
 @dataclasses.dataclass
 class ExampleOutput(ClientOutput):
   """ClientOutput plus what the site's mechanism applied this round.
@@ -359,10 +375,8 @@ class DPSGDTrainer:
     unknown = [c for c in released if c not in categories.LABEL_OF]
     if unknown:
       raise PolicyError(f'released must hold category ids. Found {unknown}.')
-    clip_norms = plan.clip_norms(released)
     # float32, as the step applies them: the event reports the multiplier actually applied.
-    clip32 = np.array([clip_norms[c] for c in categories.CATEGORY_IDS], np.float32)
-    stddev32 = np.float32(plan.noise_stddev)
+    clip32, stddev32 = applied_settings(plan, released)
     rng = np.random.default_rng(sampling_seed)
     self._assign(initial_weights)
     constants = (tf.constant(clip32), tf.constant(stddev32),
@@ -387,13 +401,7 @@ class DPSGDTrainer:
     if not finite:  # Post-processing of the noised releases: costs no privacy.
       update = [np.zeros_like(u) for u in update]
     zeros = [np.zeros_like(u) for u in update]
-    events = {}
-    for index, c in enumerate(categories.CATEGORY_IDS):
-      if c in released:
-        applied = float(stddev32) / float(clip32[index])
-        events[c] = step_event(applied, plan.rate, self._local_steps)
-      else:
-        events[c] = None
+    events = round_events(plan, released, self._local_steps)
     return ExampleOutput(
         sub_updates=[update] + [zeros] * (NUM_CATEGORIES - 1),
         num_examples=sampled, loss_sum=loss_sum.astype(np.float32),

@@ -52,23 +52,9 @@ def calibrate(config, policy, labels: np.ndarray, partition,
               sampling_spec: SamplingSpec) -> dict[str, Any]:
   """{'sites': {site id: SitePlan JSON}, 'client_noise_multiplier', 'client_split'}."""
   sites = {}
-  steps = config.example_dp.local_steps * config.total_rounds
-  by_size: dict[int, dp_sgd.SitePlan] = {}
   for site_id in partition.client_ids:
-    counts = np.bincount(np.asarray(labels)[partition.train_indices(site_id)],
-                         minlength=categories.NUM_CATEGORIES)
-    counts = {c: int(counts[i]) for i, c in enumerate(categories.CATEGORY_IDS)}
-    size = sum(counts.values())
-    if size < config.client.batch_size:
-      raise ConfigError(f'client.batch_size must be at most every site\'s training examples '
-                        f'(site {site_id} has {size}). Found {config.client.batch_size}.')
-    if size not in by_size:
-      # Calibration (seconds) depends on the site's size only (q = b / n), not on its mix.
-      by_size[size] = dp_sgd.plan_site(policy, counts, config.client.batch_size, steps,
-                                       config.example_dp.l2_norm_clip, config.accountant)
-    noise = by_size[size].noise_multipliers
-    plan = dataclasses.replace(by_size[size], category_counts=counts,
-                               scale=dp_sgd.data_weighted_scale(noise, counts))
+    plan = plan_site(config, policy, np.asarray(labels)[partition.train_indices(site_id)],
+                     site_id)
     sites[site_id] = plan.to_json_dict()
   result = {'sites': sites, 'client_noise_multiplier': None, 'client_split': None}
   if stacked(config):
@@ -81,6 +67,34 @@ def calibrate(config, policy, labels: np.ndarray, partition,
         max_count_noise_fraction=config.clip.max_count_noise_fraction)
     result.update(client_noise_multiplier=z, client_split=split.to_json_dict())
   return result
+
+
+_CALIBRATED: dict[tuple, dp_sgd.SitePlan] = {}
+
+
+def plan_site(config, policy, labels: np.ndarray, site_id: str,
+              total_rounds: Optional[int] = None) -> dp_sgd.SitePlan:
+  """One site's SitePlan from its training labels: q = b / n, planned steps = local steps x
+  total_rounds (config.total_rounds unless given); the simulation's sites and a cross-silo
+  site alike."""
+  counts = np.bincount(np.asarray(labels, np.int64), minlength=categories.NUM_CATEGORIES)
+  counts = {c: int(counts[i]) for i, c in enumerate(categories.CATEGORY_IDS)}
+  size = sum(counts.values())
+  if size < config.client.batch_size:
+    raise ConfigError(f'client.batch_size must be at most every site\'s training examples '
+                      f'(site {site_id} has {size}). Found {config.client.batch_size}.')
+  steps = config.example_dp.local_steps * (total_rounds or config.total_rounds)
+  key = (size, config.client.batch_size, steps, float(config.example_dp.l2_norm_clip),
+         str(config.accountant), json.dumps(policy.to_json_dict(), sort_keys=True))
+  if key not in _CALIBRATED:
+    # Calibration (seconds) depends on the site's size only (q = b / n), not on its mix.
+    if len(_CALIBRATED) > 256:
+      _CALIBRATED.clear()
+    _CALIBRATED[key] = dp_sgd.plan_site(policy, counts, config.client.batch_size, steps,
+                                        config.example_dp.l2_norm_clip, config.accountant)
+  noise = _CALIBRATED[key].noise_multipliers
+  return dataclasses.replace(_CALIBRATED[key], category_counts=counts,
+                             scale=dp_sgd.data_weighted_scale(noise, counts))
 
 
 def site_plans(example_plan: Mapping[str, Any]) -> dict[str, dp_sgd.SitePlan]:
@@ -98,43 +112,19 @@ def make_factory(example_plan: Mapping[str, Any],
                                           combination_weights=weights)
 
 
-class RunLedger:
-  """The example ledger plus, when stacked, the client-level ledger, as program.run uses one."""
+class LedgerView:
+  """An example ledger (plus, when stacked, the client-level one) as a run reports and saves
+  it: per-category figures and status, the published JSON. The cross-silo coordinator uses it
+  over the ledger it builds from the sites' reports; RunLedger adds the simulation's sites."""
 
-  def __init__(self, policy, example_plan: Mapping[str, Any], local_steps: int, accountant,
-               sampling_spec: SamplingSpec, state: Optional[Mapping[str, Any]] = None):
-    plans = site_plans(example_plan)
-    specs = {site_id: example_ledger.SiteSpec(plan.sampling, plan.noise_multipliers)
-             for site_id, plan in plans.items()}
-    self.plans = plans
-    z = example_plan.get('client_noise_multiplier')
-    if state is None:
-      self.example = example_ledger.ExampleLevelLedger(policy, specs, local_steps, accountant,
-                                                       sampling_spec)
-      self.client = (None if z is None else ledger_lib.PrivacyLedger(
-          policy, {c: z for c in categories.CATEGORY_IDS}, sampling_spec, accountant))
-    else:
-      self.example = example_ledger.ExampleLevelLedger.from_state(state['example'], policy,
-                                                                  specs, accountant)
-      self.client = (None if state.get('client') is None else ledger_lib.PrivacyLedger.from_state(
-          state['client'], policy, sampling=sampling_spec, accountant=accountant))
-    # Amplification by sampling assumes nobody outside the site knows which examples a batch
-    # drew, so the Poisson draws are seeded by a per-run secret kept in the checkpoint only (not
-    # by the public config seed): a resumed run repeats them, an observer cannot.
-    self._sampling_secret = (secrets.randbits(64) if state is None else
-                             int(state['sampling_secret']))
+  def __init__(self, example: example_ledger.ExampleLevelLedger,
+               client: Optional[ledger_lib.PrivacyLedger] = None):
+    self.example = example
+    self.client = client
     self._client_released = self._client_releasable()
-
-  def sampling_seed(self, round_num: int, position: int) -> tuple[int, int, int]:
-    return (self._sampling_secret, int(round_num), int(position))
 
   def _client_releasable(self) -> tuple[str, ...]:
     return categories.CATEGORY_IDS if self.client is None else self.client.releasable()
-
-  def state(self) -> dict[str, Any]:
-    return {'example': self.example.state(),
-            'client': None if self.client is None else self.client.state(),
-            'sampling_secret': self._sampling_secret}
 
   def site_releasable(self, site_id: str) -> tuple[str, ...]:
     """Categories the site may still train on: within its example budget and the client one."""
@@ -145,22 +135,6 @@ class RunLedger:
     self._client_released = self._client_releasable()
     return tuple(c for c in categories.CATEGORY_IDS
                  if any(c in self.site_releasable(s) for s in self.example.sites))
-
-  def record(self, site_outputs: Mapping[str, dp_sgd.ExampleOutput], aggregator_state) -> None:
-    """Records the round: each site's DP-SGD events, and the stacked client-level event."""
-    client_events = None
-    if self.client is not None:
-      event = class_aware.dp_events(aggregator_state)[FIRST]
-      if event is None:
-        raise PolicyError(f'the stacked client-level aggregator must release its {FIRST} slot.')
-      # The combined update carries every category the sites trained on this round.
-      trained = set()
-      for output in site_outputs.values():
-        trained.update(c for c, e in output.dp_events.items() if e is not None)
-      client_events = {c: event if c in trained else None for c in categories.CATEGORY_IDS}
-    self.example.record_round({s: o.dp_events for s, o in site_outputs.items()})
-    if client_events is not None:
-      self.client.record_round(client_events)
 
   def epsilon_spent(self, category_id: str) -> float:
     return self.example.epsilon_spent(category_id)
@@ -196,3 +170,55 @@ class RunLedger:
     example_ledger.validate_example_ledger_json(payload)
     fileio.write_atomic(os.path.join(run_dir, ledger_lib.LEDGER_FILENAME),
                         json.dumps(payload, indent=2, allow_nan=False) + '\n')
+
+
+class RunLedger(LedgerView):
+  """The simulation's ledger: its sites' plans, the Poisson secret, round recording."""
+
+  def __init__(self, policy, example_plan: Mapping[str, Any], local_steps: int, accountant,
+               sampling_spec: SamplingSpec, state: Optional[Mapping[str, Any]] = None):
+    plans = site_plans(example_plan)
+    specs = {site_id: example_ledger.SiteSpec(plan.sampling, plan.noise_multipliers)
+             for site_id, plan in plans.items()}
+    self.plans = plans
+    z = example_plan.get('client_noise_multiplier')
+    if state is None:
+      example = example_ledger.ExampleLevelLedger(policy, specs, local_steps, accountant,
+                                                  sampling_spec)
+      client = (None if z is None else ledger_lib.PrivacyLedger(
+          policy, {c: z for c in categories.CATEGORY_IDS}, sampling_spec, accountant))
+    else:
+      example = example_ledger.ExampleLevelLedger.from_state(state['example'], policy,
+                                                             specs, accountant)
+      client = (None if state.get('client') is None else ledger_lib.PrivacyLedger.from_state(
+          state['client'], policy, sampling=sampling_spec, accountant=accountant))
+    super().__init__(example, client)
+    # Amplification by sampling assumes nobody outside the site knows which examples a batch
+    # drew, so the Poisson draws are seeded by a per-run secret kept in the checkpoint only (not
+    # by the public config seed): a resumed run repeats them, an observer cannot.
+    self._sampling_secret = (secrets.randbits(64) if state is None else
+                             int(state['sampling_secret']))
+
+  def sampling_seed(self, round_num: int, position: int) -> tuple[int, int, int]:
+    return (self._sampling_secret, int(round_num), int(position))
+
+  def state(self) -> dict[str, Any]:
+    return {'example': self.example.state(),
+            'client': None if self.client is None else self.client.state(),
+            'sampling_secret': self._sampling_secret}
+
+  def record(self, site_outputs: Mapping[str, dp_sgd.ExampleOutput], aggregator_state) -> None:
+    """Records the round: each site's DP-SGD events, and the stacked client-level event."""
+    client_events = None
+    if self.client is not None:
+      event = class_aware.dp_events(aggregator_state)[FIRST]
+      if event is None:
+        raise PolicyError(f'the stacked client-level aggregator must release its {FIRST} slot.')
+      # The combined update carries every category the sites trained on this round.
+      trained = set()
+      for output in site_outputs.values():
+        trained.update(c for c, e in output.dp_events.items() if e is not None)
+      client_events = {c: event if c in trained else None for c in categories.CATEGORY_IDS}
+    self.example.record_round({s: o.dp_events for s, o in site_outputs.items()})
+    if client_events is not None:
+      self.client.record_round(client_events)

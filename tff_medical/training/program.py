@@ -228,7 +228,9 @@ def run(config, run_dir: str, *, progress: bool = False,
   example = example_level.is_example(config)
   if example:
     fingerprint['privacy']['privacy_unit'] = 'example'
-    fingerprint['privacy']['example_dp'] = config.example_dp.to_dict()
+    # update_l2_bound is for the cross-silo secure sum only (and runs from before it resume).
+    fingerprint['privacy']['example_dp'] = {k: v for k, v in config.example_dp.to_dict().items()
+                                            if k != 'update_l2_bound'}
     plan = _Plan(None, None, example_level.calibrate(config, policy, images.labels, partition,
                                                      sampling_spec))
   else:
