@@ -28,6 +28,9 @@ _NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 20, 'phantoms only.
 _SEED = flags.DEFINE_integer('seed', 0, 'phantoms: data seed; also the local shuffling seed.')
 _MAX_WAIT = flags.DEFINE_float('max_wait_seconds', 300.0,
                                'Give up after the coordinator is unreachable this long.')
+_STATE_DIR = flags.DEFINE_string(
+    'state_dir', '', "Folder of this site's own example-level ledgers, one per run (default: "
+    '<site_dir>/state). Keep it: a site without its ledger is left out of the run.')
 _FAULT = flags.DEFINE_enum('fault', 'none', ['none', 'crash', 'nan', 'huge'],
                            'Testing only: misbehave (see tff_medical.crosssilo.site_runtime).')
 _FAULT_ROUND = flags.DEFINE_integer('fault_round', 0, 'Testing only: round of --fault=crash.')
@@ -53,7 +56,7 @@ def main(argv):
     result = site_runtime.run_site(
         _SITE_DIR.value, _COORDINATOR.value, images, site_seed=_SEED.value,
         max_wait_seconds=_MAX_WAIT.value, fault=site_runtime.Fault(_FAULT.value),
-        fault_round=_FAULT_ROUND.value)
+        fault_round=_FAULT_ROUND.value, state_dir=_STATE_DIR.value)
   except TffMedicalError as e:
     print(f'error: {e}', file=sys.stderr)
     _exit(1)

@@ -148,7 +148,7 @@ def query_sites(driver, node_ids: Sequence[int], config: dict[str, Any],
   {node id: report text} for the sites that answered in time without an error."""
   ins = compat.getpropertiesins_to_recordset(GetPropertiesIns(dict(config)))
   messages = [driver.create_message(content=ins, message_type=MessageTypeLegacy.GET_PROPERTIES,
-                                    dst_node_id=int(n), group_id=str(round_num), ttl=timeout)
+                                    dst_node_id=int(n), group_id=str(round_num))
               for n in node_ids]
   replies = {}
   for message in driver.send_and_receive(messages, timeout=timeout):
