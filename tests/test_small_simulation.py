@@ -1,4 +1,4 @@
-"""A small DP simulation (200 clients, 50 a round, 15 rounds) learns, and its ledger validates.
+"""A small DP simulation (200 clients, 50 a round, 30 rounds) learns every category.
 
 Tens of clients a round cannot carry the seed policy's budgets: at this size (200 clients, 50
 a round, 15 rounds) epsilon 0.5 needs z = 7.8, which calibration refuses (the clipped-count
@@ -6,6 +6,16 @@ noise would exceed half the clients); at 10 rounds z = 6.5 is accepted, but its 
 coordinate (z * clip / 50) drowned Head CT and Abdomen CT (0% each, measured). So this run uses
 the seed policy with every epsilon scaled by 8, written as a policy file as a user would; the
 seed policy itself is measured at demo scale (configs/demo.py, README).
+
+What made every category learn at this size (measured 1 Dec 2026, policy x8): at the initial
+model the clients' per-category sub-updates have median norms of 0.33-0.53 (60 clients), so an
+initial clip of 0.1 keeps the first rounds clip-limited; and after 15 rounds the boundary
+between Chest CT and Abdomen CT was still swinging: the worse of the two ended at 0.26-0.40 in
+5 of 11 runs (initial clip 0.1 or 0.35, server rate 0.25 or 0.5, with noise and also without
+it at policy x1000; momentum 0.5 at rate 1.0 was worse: 0.08 and 0.12). With the clip starting
+at 0.35, server momentum SGD at rate 0.25 and 30 rounds, the worst category ended at 0.62-0.82
+in all 7 runs (seeds 0-6; overall 0.86-0.93), and stayed at or above 0.6 from round 18 on in
+the runs traced.
 """
 
 import json
@@ -20,6 +30,7 @@ from tff_medical.training import config as config_lib
 from tff_medical.training import program
 
 CHANCE = 1.0 / categories.NUM_CATEGORIES
+ROUNDS = 30
 
 
 def small_config(policy_path: str) -> config_lib.ml_collections.ConfigDict:
@@ -30,8 +41,8 @@ def small_config(policy_path: str) -> config_lib.ml_collections.ConfigDict:
   config.holdout_fraction = 0.0
   config.num_clients = 200
   config.clients_per_round = 50
-  config.total_rounds = 15
-  config.eval_every = 15
+  config.total_rounds = ROUNDS
+  config.eval_every = ROUNDS
   config.model.input_pooling = 4
   config.model.conv_filters = (8,)
   config.model.head = 'flatten'
@@ -39,9 +50,11 @@ def small_config(policy_path: str) -> config_lib.ml_collections.ConfigDict:
   # Server momentum, not Adam: Adam moves every coordinate by about its learning rate whatever
   # the noise.
   config.server.optimizer = 'sgdm'
-  config.server.learning_rate = 0.5
+  config.server.learning_rate = 0.25
   config.server.momentum = 0.9
   config.clip.max_count_noise_fraction = 0.5
+  # Near the median norm of the first round's real sub-updates (docstring).
+  config.clip.initial_l2_norm_clip = 0.35
   # ~45% of sampled clients hold no image of a given category and send zeros, which count as
   # unclipped: 0.45 + 0.55 * 0.5 puts the clip near the median of the real updates.
   config.clip.target_unclipped_quantile = 0.72
@@ -63,17 +76,12 @@ def small_run(tmp_path_factory, tff_context, scaled_policy_path):
   return program.run(small_config(scaled_policy_path), run_dir)
 
 
-def test_small_dp_run_learns(small_run):
-  # Not every category: at this size one of the two torso categories (Abdomen CT, Chest CT)
-  # stayed under chance in about one run in four, with Adam or momentum SGD, policy x8 or x16,
-  # and an initial clip of 0.1 or 1.0, while overall accuracy was 0.72-0.91 in every run
-  # measured, and without DP neither ever did. The per-category claim is measured at demo
-  # scale (README).
-  assert small_run.rounds_completed == 15
-  assert small_run.evaluation['accuracy'] > 0.5
-  above_chance = [c for c in categories.CATEGORY_IDS
-                  if small_run.evaluation[f'accuracy/{c}'] > CHANCE]
-  assert len(above_chance) >= 5, small_run.evaluation
+def test_small_dp_run_learns_every_category(small_run):
+  assert small_run.rounds_completed == ROUNDS
+  assert small_run.evaluation['accuracy'] > 0.7, small_run.evaluation
+  below_chance = {c: small_run.evaluation[f'accuracy/{c}'] for c in categories.CATEGORY_IDS
+                  if not small_run.evaluation[f'accuracy/{c}'] > CHANCE}
+  assert not below_chance, small_run.evaluation
 
 
 def test_ledger_file_validates_and_matches_independent_accounting(small_run):
@@ -83,11 +91,11 @@ def test_ledger_file_validates_and_matches_independent_accounting(small_run):
   sampling = ledger_json['sampling']
   assert sampling['rate'] == pytest.approx(50 / 200)
   for category_id, entry in ledger_json['categories'].items():
-    assert entry['rounds_released'] == 15
-    # Independent figure: dp_accounting on its own, PoissonSampled(Gaussian(z)) 15 times.
+    assert entry['rounds_released'] == ROUNDS
+    # Independent figure: dp_accounting on its own, PoissonSampled(Gaussian(z)), ROUNDS times.
     rdp = dp_accounting.rdp.RdpAccountant()
     rdp.compose(dp_accounting.PoissonSampledDpEvent(
-        sampling['rate'], dp_accounting.GaussianDpEvent(entry['noise_multiplier'])), 15)
+        sampling['rate'], dp_accounting.GaussianDpEvent(entry['noise_multiplier'])), ROUNDS)
     assert entry['epsilon_spent'] == pytest.approx(rdp.get_epsilon(ledger_json['delta']),
                                                    rel=1e-6)
     assert entry['epsilon_spent'] <= entry['target_epsilon'] * (1 + 1e-9)
