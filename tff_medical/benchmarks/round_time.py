@@ -29,7 +29,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -221,16 +221,50 @@ def _tff_round(setting: Setting, clients: list[ClientArrays], dp: bool) -> Round
   return run_round
 
 
+def class_aware_factory(dp: bool, noise_multiplier: float, clients_per_round: float,
+                        max_count_noise_fraction: float,
+                        clip: Optional[class_aware.AdaptiveClipSettings] = None
+                        ) -> class_aware.ClassAwareFactory:
+  """Our aggregator with one noise multiplier for every category (timing, not calibration)."""
+  if not dp:
+    return class_aware.ClassAwareFactory.non_private()
+  splits = accounting.category_splits(
+      {c: noise_multiplier for c in categories.CATEGORY_IDS}, clients_per_round,
+      max_count_noise_fraction=max_count_noise_fraction)
+  return class_aware.ClassAwareFactory.dp(splits, clip or class_aware.AdaptiveClipSettings())
+
+
+def class_aware_round(learning_process, trainer: local_training.LocalTrainer, state,
+                      clients: Iterable[tuple[int, np.ndarray, np.ndarray]], seed: int,
+                      round_num: int) -> tuple[Any, int, dict[str, float]]:
+  """One round as tff_medical.training.program runs it, less its bookkeeping.
+
+  Every category released, `LocalTrainer.train` for each client, then `process.next`.
+  `clients` yields (position in the population, float images, labels); it is consumed inside
+  the local-training phase, so a lazy one is timed with the training, as in the program.
+
+  Returns:
+    The new state, the examples trained and the seconds of each phase.
+  """
+  state = state._replace(aggregator=class_aware.with_released_categories(
+      state.aggregator, categories.CATEGORY_IDS))
+  initial = [np.asarray(w) for w in state.global_model_weights.trainable]
+  start = time.perf_counter()
+  outputs = [trainer.train(initial, x, y, shuffle_seed=(seed, round_num, int(position)))
+             for position, x, y in clients]
+  trained = time.perf_counter()
+  output = learning_process.next(
+      state, [process_lib.as_sub_update_structs(o.sub_updates) for o in outputs])
+  phases = {'local_training': trained - start,
+            'tff_aggregation_and_server': time.perf_counter() - trained}
+  return output.state, int(sum(int(o.num_examples.sum()) for o in outputs)), phases
+
+
 def _class_aware_round(setting: Setting, clients: list[ClientArrays], dp: bool) -> RoundFn:
   """tff_medical.training.program's round, less its bookkeeping (see the module docstring)."""
   build = lambda: cnn.build_cnn(setting.conv_filters, seed=setting.seed)
-  if dp:
-    splits = accounting.category_splits(
-        {c: setting.noise_multiplier for c in categories.CATEGORY_IDS}, setting.num_clients,
-        max_count_noise_fraction=setting.max_count_noise_fraction)
-    factory = class_aware.ClassAwareFactory.dp(splits, class_aware.AdaptiveClipSettings())
-  else:
-    factory = class_aware.ClassAwareFactory.non_private()
+  factory = class_aware_factory(dp, setting.noise_multiplier, setting.num_clients,
+                                setting.max_count_noise_fraction)
   learning_process = process_lib.build_class_aware_process(
       build, factory, tff.learning.optimizers.build_sgdm(1.0))
   trainer = local_training.LocalTrainer(build, setting.client_learning_rate, setting.batch_size,
@@ -241,20 +275,11 @@ def _class_aware_round(setting: Setting, clients: list[ClientArrays], dp: bool) 
   def run_round() -> int:
     nonlocal state, round_num
     round_num += 1
-    state = state._replace(aggregator=class_aware.with_released_categories(
-        state.aggregator, categories.CATEGORY_IDS))
-    initial = [np.asarray(w) for w in state.global_model_weights.trainable]
-    start = time.perf_counter()
-    outputs = [trainer.train(initial, _as_float(c.images), c.labels,
-                             shuffle_seed=(setting.seed, round_num, position))
-               for position, c in enumerate(clients)]
-    trained = time.perf_counter()
-    output = learning_process.next(
-        state, [process_lib.as_sub_update_structs(o.sub_updates) for o in outputs])
-    state = output.state
-    phases = {'local_training': trained - start,
-              'tff_aggregation_and_server': time.perf_counter() - trained}
-    return int(sum(int(o.num_examples.sum()) for o in outputs)), phases
+    state, examples, phases = class_aware_round(
+        learning_process, trainer, state,
+        ((position, _as_float(c.images), c.labels) for position, c in enumerate(clients)),
+        setting.seed, round_num)
+    return examples, phases
 
   return run_round
 

@@ -509,7 +509,7 @@ def run(config, deployment: Deployment, run_dir: str, *,
   shapes = [w.shape for w in weights]
   unit = (_ExampleLevel(config, policy, shapes, run_dir) if example_level.is_example(config)
           else _ClientLevel(config, policy, spec, shapes))
-  optimizer = mechanism.ServerOptimizer(program._server_optimizer(config), weights)  # pylint: disable=protected-access
+  optimizer = mechanism.ServerOptimizer(program.server_optimizer(config), weights)
   fingerprint = {
       'policy': policy.to_json_dict(), 'sampling': spec.to_json_dict(),
       'privacy': unit.fingerprint_privacy(),

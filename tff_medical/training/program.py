@@ -87,7 +87,8 @@ def build_keras_model(config) -> tf.keras.Model:
                        head=config.model.get('head', 'gap'))
 
 
-def _server_optimizer(config):
+def server_optimizer(config):
+  """The configured TFF server optimizer (adam or SGD with momentum)."""
   if config.server.optimizer == 'adam':
     return tff.learning.optimizers.build_adam(config.server.learning_rate)
   return tff.learning.optimizers.build_sgdm(config.server.learning_rate,
@@ -253,7 +254,7 @@ def run(config, run_dir: str, *, progress: bool = False,
     else:
       factory = class_aware.ClassAwareFactory.non_private()
     return process_lib.build_class_aware_process(lambda: build_keras_model(config), factory,
-                                                 _server_optimizer(config))
+                                                 server_optimizer(config))
 
   learning_process = make_process(plan)
   trainer = local_training.LocalTrainer(lambda: build_keras_model(config),
