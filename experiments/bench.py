@@ -1,7 +1,12 @@
-"""Times one training round of plain Keras, TFF FedAvg, TFF's DP round and ours; writes the doc.
+"""Times a round of plain Keras, TFF FedAvg, TFF's DP round and ours, and how ours scales.
 
-  .venv/bin/python experiments/bench.py [--quick] [--output=docs/BENCHMARKS.md] \
-      [--results_json=docs/benchmarks.json]
+  .venv/bin/python experiments/bench.py [--mode=quick|full] [--output=docs/BENCHMARKS.md] \
+      [--results_json=docs/benchmarks.json] [--plot=docs/benchmarks_scaling.svg] \
+      [--scaling_config=configs/demo.py]
+
+--mode=quick (the default, `make bench`): the round comparison with 2 timed rounds and a reduced
+scaling curve, a few minutes on 2 cores. --mode=full (`make bench-full`): 5 timed rounds and the
+full curve (up to 1000 clients a round and 59,000 one-image clients), about a quarter of an hour.
 
 The CPU should be otherwise idle: the figures are ratios measured in one run, but a competing
 job still skews them. The load average at start and end is written into the doc.
@@ -11,6 +16,7 @@ import json
 import os
 import shlex
 import sys
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -20,15 +26,19 @@ from absl import logging
 # Imported before absl's main: Keras fails to build a Sequential model when TensorFlow is first
 # imported inside it.
 import tensorflow  # pylint: disable=unused-import
+from ml_collections import config_flags
 
-_QUICK = flags.DEFINE_bool(
-    'quick', False, 'Fewer timed rounds (2 instead of 5): a smoke run, noisier figures.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'quick', ['quick', 'full'],
+    'quick: CI-sized (2 timed rounds, a reduced scaling curve); full: the study (5 timed '
+    'rounds, the scaling curve up to 59,000 clients and 1000 clients a round).')
 _OUTPUT = flags.DEFINE_string('output', 'docs/BENCHMARKS.md', 'Markdown report to (re)write.')
 _RESULTS_JSON = flags.DEFINE_string(
     'results_json', 'docs/benchmarks.json', 'All figures, with the flags, as JSON.')
-
-_TIMED_ROUNDS = 5
-_QUICK_TIMED_ROUNDS = 2
+_PLOT = flags.DEFINE_string('plot', 'docs/benchmarks_scaling.svg',
+                            'SVG of the scaling curves, linked from --output.')
+_SCALING_CONFIG = config_flags.DEFINE_config_file(
+    'scaling_config', 'configs/demo.py', 'Training config whose round the scaling curve times.')
 
 
 def _command() -> str:
@@ -44,36 +54,51 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   # pylint: disable=g-import-not-at-top
   from tff_medical import runtime
+  from tff_medical.benchmarks import modes
+  from tff_medical.benchmarks import plot
   from tff_medical.benchmarks import report
   from tff_medical.benchmarks import round_time
+  from tff_medical.benchmarks import scaling
   # pylint: enable=g-import-not-at-top
-  timed_rounds = _QUICK_TIMED_ROUNDS if _QUICK.value else _TIMED_ROUNDS
+  spec = modes.MODES[modes.Mode(_MODE.value)]
+  log = lambda message: print(message, flush=True)
   # TFF logs each aggregator it builds at INFO; the progress lines below are what matter here.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  started = time.perf_counter()
   try:
     runtime.install_execution_context()
-    results = round_time.run_benchmark(round_time.DEFAULT_SETTINGS, timed_rounds=timed_rounds,
-                                       log=lambda message: print(message, flush=True))
+    results = round_time.run_benchmark(round_time.DEFAULT_SETTINGS,
+                                       timed_rounds=spec.comparison_timed_rounds, log=log)
   finally:
+    # Each scaling point starts its own worker; this one would only hold memory meanwhile.
     runtime.shutdown()
+  results['scaling'] = scaling.run_scaling(spec.scaling_plan, _SCALING_CONFIG.value, log=log)
+  results['load_average_end'] = round_time.load_average()
+  results['wall_seconds'] = time.perf_counter() - started
   command = _command()
   results['command'] = command
-  results['flags'] = {'quick': _QUICK.value, 'output': _OUTPUT.value,
-                      'results_json': _RESULTS_JSON.value, 'timed_rounds': timed_rounds}
-  for path in (_OUTPUT.value, _RESULTS_JSON.value):
+  results['flags'] = {'mode': _MODE.value, 'output': _OUTPUT.value,
+                      'results_json': _RESULTS_JSON.value, 'plot': _PLOT.value,
+                      'scaling_config': config_flags.get_config_filename(
+                          flags.FLAGS['scaling_config']),
+                      'timed_rounds': spec.comparison_timed_rounds}
+  for path in (_OUTPUT.value, _RESULTS_JSON.value, _PLOT.value):
     if os.path.dirname(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(_RESULTS_JSON.value, 'w') as f:
     json.dump(results, f, indent=2)
     f.write('\n')
+  with open(_PLOT.value, 'w') as f:
+    f.write(plot.scaling_svg(results['scaling']))
+  plot_link = os.path.relpath(_PLOT.value, os.path.dirname(os.path.abspath(_OUTPUT.value)))
   with open(_OUTPUT.value, 'w') as f:
-    f.write(report.render_markdown(results, command))
+    f.write(report.render_markdown(results, command, plot_link))
   for result in results['settings']:
     for key, target in result['targets'].items():
       print(f'{result["setting"]["name"]}: {key} = {target["ratio"]:.2f} '
             f'(target {target["target"]}: {"met" if target["met"] else "not met"})')
-  print(f'wrote {_OUTPUT.value} and {_RESULTS_JSON.value}')
+  print(f'wrote {_OUTPUT.value}, {_RESULTS_JSON.value} and {_PLOT.value}')
 
 
 if __name__ == '__main__':

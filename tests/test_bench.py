@@ -1,11 +1,21 @@
-"""The round-time benchmark's harness on a tiny setting: structure and equal work, no timings."""
+"""The benchmark's harness on tiny settings: structure, equal work, reports; no timings."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from xml.etree import ElementTree
 
 import pytest
 
+from tff_medical.benchmarks import modes
+from tff_medical.benchmarks import plot
 from tff_medical.benchmarks import report
 from tff_medical.benchmarks import round_time
+from tff_medical.benchmarks import scaling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 2 clients x 4 examples; TFF's dp_aggregator needs noise < 2 x 0.05 x clients = 0.2 here.
 TINY = round_time.Setting('tiny', num_clients=2, examples_per_client=4, conv_filters=(4,),
@@ -70,3 +80,152 @@ def test_setting_refuses_bad_values():
     round_time.Setting('bad', num_clients=0, examples_per_client=4)
   with pytest.raises(ValueError, match='noise_multiplier must be positive'):
     round_time.Setting('bad', num_clients=2, examples_per_client=4, noise_multiplier=0.0)
+
+
+def _demo_config():
+  spec = importlib.util.spec_from_file_location('demo', os.path.join(REPO, 'configs', 'demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_one_tiny_scaling_point_measures_time_and_memory(tff_context, tmp_path):
+  del tff_context
+  config = _demo_config()
+  cache = scaling.make_image_cache(24, config, str(tmp_path))
+  assert cache['num_images'] == 24 and cache['generate_seconds'] > 0
+  point = scaling.ScalingPoint(total_clients=20, clients_per_round=10, timed_rounds=2,
+                               warmup_rounds=0)
+  result = scaling.measure_point(point, config, str(tmp_path))
+  assert result['point'] == point.to_json_dict()
+  assert set(result['setup_seconds']) == {'data_load', 'partition_and_sampler', 'build_process'}
+  assert all(v >= 0 for v in result['setup_seconds'].values())
+  assert len(result['rounds']) == 2 and result['warmup_seconds'] == []
+  for r in result['rounds']:
+    # One image a client: the examples trained are the clients sampled (Poisson: 0 to 20).
+    assert r['examples'] == r['clients'] and 0 <= r['clients'] <= 20
+    assert set(r['phases']) == {'sampling', 'local_training', 'tff_aggregation_and_server'}
+    assert r['seconds'] >= sum(r['phases'].values()) > 0
+  assert result['median_round_seconds'] > 0
+  memory = result['memory_mib']
+  # TensorFlow alone holds hundreds of MiB; a peak is never below a later current value.
+  assert 100 < memory['rss_at_start'] <= memory['python_peak']
+  assert memory['rss_after_setup'] <= memory['python_peak'] < 64 * 1024
+  assert 10 < memory['tff_worker_peak'] < 64 * 1024
+  json.dumps(result)
+
+
+def test_image_cache_prefix_is_the_generated_images(tmp_path):
+  config = _demo_config()
+  scaling.make_image_cache(12, config, str(tmp_path))
+  images, labels = scaling._load_images(str(tmp_path), 7)  # pylint: disable=protected-access
+  full = (tmp_path / scaling.IMAGES_FILE, tmp_path / scaling.LABELS_FILE)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert (images == np.load(full[0])[:7]).all() and (labels == np.load(full[1])[:7]).all()
+  with pytest.raises(ValueError, match='at least 13 rows'):
+    scaling._load_images(str(tmp_path), 13)  # pylint: disable=protected-access
+
+
+def test_plans_share_points_and_reach_the_mednist_size():
+  full = modes.MODES[modes.Mode.FULL].scaling_plan
+  keys = [p.key for p in full.points()]
+  assert sorted(keys) == sorted({'N=8100,m=10', 'N=8100,m=100', 'N=8100,m=1000',
+                                 'N=1000,m=100', 'N=59000,m=100'})
+  assert full.max_total == 59000
+  quick = modes.MODES[modes.Mode.QUICK].scaling_plan
+  assert quick.max_total <= 10000 and max(p.clients_per_round for p in quick.points()) <= 100
+  with pytest.raises(ValueError, match='clients_per_round must be at most total_clients'):
+    scaling.ScalingPoint(total_clients=10, clients_per_round=11)
+
+
+def _point(n, m, seconds, examples, sampling=0.001, rss=700.0, peak=1000.0, worker=250.0):
+  rounds = [{'seconds': s, 'clients': examples, 'examples': examples,
+             'phases': {'sampling': sampling, 'local_training': s / 3,
+                        'tff_aggregation_and_server': 2 * s / 3}} for s in seconds]
+  median = sorted(seconds)[len(seconds) // 2]
+  return {
+      'point': scaling.ScalingPoint(n, m, timed_rounds=len(seconds)).to_json_dict(),
+      'setup_seconds': {'data_load': n / 1e5, 'partition_and_sampler': n / 1e6,
+                        'build_process': 7.5},
+      'warmup_seconds': [12.5], 'rounds': rounds, 'median_round_seconds': median,
+      'median_phase_seconds': {'sampling': sampling, 'local_training': median / 3,
+                               'tff_aggregation_and_server': 2 * median / 3},
+      'mean_clients_per_round': examples, 'mean_examples_per_round': examples,
+      'seconds_per_1000_examples': 1000 * sum(seconds) / (examples * len(seconds)),
+      'memory_mib': {'rss_at_start': 600.0, 'rss_after_setup': rss, 'python_peak': peak,
+                     'tff_worker_peak': worker},
+  }
+
+
+def _scaling_results(large_n_seconds):
+  plan = scaling.ScalingPlan(fixed_total=1000, clients_per_round=(10, 100),
+                             fixed_clients_per_round=10, totals=(1000, 59000), timed_rounds=3)
+  points = {
+      'N=1000,m=10': _point(1000, 10, [0.9, 1.0, 1.1], 10),
+      'N=1000,m=100': _point(1000, 100, [2.4, 2.5, 2.6], 100, peak=1100.0, worker=300.0),
+      'N=59000,m=10': _point(59000, 10, large_n_seconds, 10, sampling=0.0004, rss=930.0,
+                             peak=1250.0),
+  }
+  return {
+      'plan': plan.to_json_dict(),
+      'config': {'model': {'conv_filters': [8], 'input_pooling': 4, 'head': 'flatten'},
+                 'client': {'batch_size': 16, 'learning_rate': 0.2},
+                 'server': {'optimizer': 'adam', 'learning_rate': 0.02},
+                 'sampling': 'poisson', 'partition': 'iid', 'seed': 0},
+      'image_cache': {'num_images': 59004, 'generate_seconds': 81.25},
+      'points': points,
+      'by_clients_per_round': {'points': ['N=1000,m=10', 'N=1000,m=100'], 'x': [10, 100],
+                               'median_round_seconds': [1.0, 2.5]},
+      'by_total_clients': {'points': ['N=1000,m=10', 'N=59000,m=10'], 'x': [1000, 59000],
+                           'median_round_seconds': [1.0, sorted(large_n_seconds)[1]]},
+      'load_average_start': (1.0, 1.5, 2.0), 'load_average_end': (2.0, 1.5, 1.0),
+      'wall_seconds': 321.0,
+  }
+
+
+def test_markdown_renders_the_scaling_tables(results):
+  page = report.render_markdown(dict(results, scaling=_scaling_results([1.0, 1.05, 1.1]),
+                                     flags={'mode': 'full'}),
+                                'python experiments/bench.py --mode=full', 'scaling.svg')
+  for expected in (
+      '## Scaling', '### Against clients per round (N = 1,000 clients)',
+      '### Against total clients (10 clients per round, expected)',
+      '![Round time and peak memory against clients per round and total clients](scaling.svg)',
+      # m = 100 row: sampled, examples, median, local, aggregation, sampling ms, s/1000, warm-up,
+      # RSS after setup, Python peak, worker peak.
+      '| 100 | 100.0 | 100.0 | 2.500 | 0.833 | 1.667 | 1.0 | 25.00 | 12.5 | 700 | 1100 | 300 |',
+      # N = 59,000 row: data load, partition, build first.
+      '| 59,000 | 0.59 | 0.06 | 7.5 | 10.0 | 10.0 | 1.050 |',
+      '59,004 phantoms, generated once for the run in 81.2 s',
+      'went from 100.00 s to 105.00 s (1.05x), within the spread',
+      'took 1.0 ms and 0.4 ms', '700 to 930 MiB', 'or `make bench-full` (this page is from the '
+      'full mode; `make bench` (quick mode) runs the other).'):
+    assert expected in page, expected
+
+
+def test_scaling_reading_says_when_cost_grows_with_idle_clients(results):
+  # 2x slower at 59x the clients, with rounds within 10% of each other: beyond the noise.
+  page = report.render_markdown(dict(results, scaling=_scaling_results([1.95, 2.0, 2.05])),
+                                'cmd')
+  assert '(2.00x), beyond the spread of the rounds within one point (up to 20%' in page
+
+
+def test_scaling_svg_has_a_marker_per_point_and_panel():
+  svg = plot.scaling_svg(_scaling_results([1.0, 1.05, 1.1]))
+  root = ElementTree.fromstring(svg)
+  circles = root.findall('{http://www.w3.org/2000/svg}circle')
+  # 2 columns x 2 points; time panels 3 series, memory panels 2: (3 + 2) x 2 x 2.
+  assert len(circles) == 20
+  texts = [t.text for t in root.iter('{http://www.w3.org/2000/svg}text')]
+  assert 'Round time, N = 1,000 clients' in texts and '59k' in texts
+
+
+def test_bench_script_refuses_a_bad_mode_without_traceback():
+  done = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'bench.py'),
+                         '--mode=bad'],
+                        capture_output=True, text=True, timeout=120, cwd=REPO,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert done.returncode != 0
+  assert 'flag --mode=bad: value should be one of <quick|full>' in done.stderr
+  assert 'Traceback' not in done.stderr
+  assert sorted(m.value for m in modes.Mode) == ['full', 'quick']

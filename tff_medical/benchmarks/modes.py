@@ -1,0 +1,23 @@
+"""The benchmark's modes: what experiments/bench.py --mode=quick and --mode=full measure."""
+
+import dataclasses
+import enum
+
+from tff_medical.benchmarks import scaling
+
+
+class Mode(enum.Enum):
+  QUICK = 'quick'  # CI-sized: a few minutes on 2 cores.
+  FULL = 'full'  # The study: the scaling curve up to the MedNIST size.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+  comparison_timed_rounds: int  # Timed rounds per contender of the round comparison.
+  scaling_plan: scaling.ScalingPlan
+
+
+MODES = {
+    Mode.QUICK: ModeSpec(2, scaling.QUICK_PLAN),
+    Mode.FULL: ModeSpec(5, scaling.FULL_PLAN),
+}

@@ -1,0 +1,119 @@
+"""The scaling curves as an SVG, written by hand: matplotlib is not in requirements/lock.txt.
+
+Two columns (against clients per round, against total clients), two rows (median round time on
+a log scale, peak resident memory on a linear one); log x axes, one marker per measured point.
+"""
+
+import math
+from typing import Optional, Sequence
+from xml.sax import saxutils
+
+_PANEL_W, _PANEL_H = 360, 220
+_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 64, 16, 34, 44
+_COLORS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd')
+
+
+def _decades(low: float, high: float) -> list[float]:
+  """Ticks 1, 2, 5 x 10^k that fall within [low, high] (at least the two ends' decades)."""
+  ticks = []
+  for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+    for mantissa in (1, 2, 5):
+      value = mantissa * 10**k
+      if low <= value <= high:
+        ticks.append(value)
+  return ticks or [low, high]
+
+
+def _linear_ticks(low: float, high: float) -> list[float]:
+  step = 10**math.floor(math.log10(max(high - low, 1e-9)))
+  for factor in (1, 2, 5, 10):
+    if (high - low) / (step * factor) <= 6:
+      step *= factor
+      break
+  start = math.ceil(low / step) * step
+  return [start + i * step for i in range(int((high - start) / step) + 1)]
+
+
+def _label(value: float) -> str:
+  if value >= 1000:
+    return f'{value / 1000:g}k'
+  return f'{value:g}'
+
+
+def _panel(x0: float, y0: float, title: str, x_label: str, y_label: str, xs: Sequence[float],
+           series: Sequence[tuple[str, Sequence[Optional[float]]]], log_y: bool) -> list[str]:
+  """One chart whose outer box starts at (x0, y0); `series` are (name, y per x) pairs."""
+  left, top = x0 + _MARGIN_L, y0 + _MARGIN_T
+  width, height = _PANEL_W - _MARGIN_L - _MARGIN_R, _PANEL_H - _MARGIN_T - _MARGIN_B
+  values = [v for _, ys in series for v in ys if v is not None and v > 0]
+  x_low, x_high = min(xs) / 1.5, max(xs) * 1.5
+  if log_y:
+    y_low, y_high = min(values) / 1.5, max(values) * 1.5
+    y_ticks = _decades(y_low, y_high)
+    y_pos = lambda v: top + height * (1 - math.log(v / y_low) / math.log(y_high / y_low))
+  else:
+    y_low, y_high = 0.0, max(values) * 1.15
+    y_ticks = _linear_ticks(y_low, y_high)
+    y_pos = lambda v: top + height * (1 - (v - y_low) / (y_high - y_low))
+  x_pos = lambda v: left + width * math.log(v / x_low) / math.log(x_high / x_low)
+  esc = saxutils.escape
+  out = [f'<text x="{x0 + _PANEL_W / 2}" y="{y0 + 20}" text-anchor="middle" '
+         f'font-weight="bold">{esc(title)}</text>',
+         f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" '
+         'stroke="#444"/>']
+  for tick in y_ticks:
+    y = y_pos(tick)
+    out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" '
+               'stroke="#ddd"/>')
+    out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_label(tick)}</text>')
+  for tick in xs:
+    x = x_pos(tick)
+    out.append(f'<line x1="{x:.1f}" y1="{top + height}" x2="{x:.1f}" y2="{top + height + 4}" '
+               'stroke="#444"/>')
+    out.append(f'<text x="{x:.1f}" y="{top + height + 17}" text-anchor="middle">'
+               f'{_label(tick)}</text>')
+  out.append(f'<text x="{left + width / 2}" y="{top + height + 35}" text-anchor="middle">'
+             f'{esc(x_label)}</text>')
+  out.append(f'<text transform="translate({x0 + 14},{top + height / 2}) rotate(-90)" '
+             f'text-anchor="middle">{esc(y_label)}</text>')
+  for i, (name, ys) in enumerate(series):
+    color = _COLORS[i % len(_COLORS)]
+    points = [(x_pos(x), y_pos(y)) for x, y in zip(xs, ys) if y is not None and y > 0]
+    if len(points) > 1:
+      out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
+                 ' '.join(f'{x:.1f},{y:.1f}' for x, y in points) + '"/>')
+    out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"/>' for x, y in points]
+    out.append(f'<text x="{left + 8}" y="{top + 16 + 15 * i}" fill="{color}">{esc(name)}</text>')
+  return out
+
+
+def scaling_svg(scaling: dict) -> str:
+  """The SVG document of run_scaling's results (its two curves)."""
+  points = scaling['points']
+  columns = []
+  plan = scaling['plan']
+  for curve, x_label, title in (
+      ('by_clients_per_round', 'clients per round (expected)',
+       f'N = {plan["fixed_total"]:,} clients'),
+      ('by_total_clients', 'total clients (one image each)',
+       f'{plan["fixed_clients_per_round"]} clients per round')):
+    keys = scaling[curve]['points']
+    columns.append((title, x_label, scaling[curve]['x'], [points[k] for k in keys]))
+  body = []
+  for column, (title, x_label, xs, results) in enumerate(columns):
+    x0 = column * _PANEL_W
+    body += _panel(x0, 0, f'Round time, {title}', x_label, 'median round (s)', xs, [
+        ('whole round', [r['median_round_seconds'] for r in results]),
+        ('local training', [r['median_phase_seconds']['local_training'] for r in results]),
+        ('TFF aggregation + server',
+         [r['median_phase_seconds']['tff_aggregation_and_server'] for r in results]),
+    ], log_y=True)
+    body += _panel(x0, _PANEL_H, f'Peak memory, {title}', x_label, 'peak RSS (MiB)', xs, [
+        ('Python process', [r['memory_mib']['python_peak'] for r in results]),
+        ('TFF worker', [r['memory_mib']['tff_worker_peak'] for r in results]),
+    ], log_y=False)
+  width, height = 2 * _PANEL_W, 2 * _PANEL_H
+  return '\n'.join(
+      [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+       f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+       f'<rect width="{width}" height="{height}" fill="white"/>'] + body + ['</svg>', ''])
