@@ -286,11 +286,12 @@ def _scaling(scaling: dict, plot_link: Optional[str]) -> list[str]:
       f'{first["timed_rounds"]} timed rounds, of which the tables give the median. With Poisson '
       'sampling the clients in a round vary; "s / 1000 examples" divides the timed rounds\' '
       'seconds by the examples they trained.', '',
-      'Memory is peak resident set size (not tracemalloc, which misses TensorFlow\'s '
-      'allocations): the point\'s Python process (`getrusage` ru_maxrss) and TFF\'s C++ worker, '
-      'a separate process that runs the aggregation (VmHWM from /proc, read before it stops); '
-      'their sum bounds the combined peak from above. "RSS after setup" is the Python process '
-      'once data, partition and process are built (TensorFlow and TFF alone hold most of it).', '',
+      'Memory is peak resident set size, VmHWM from /proc (not tracemalloc, which misses '
+      'TensorFlow\'s allocations; not `getrusage` ru_maxrss, which Linux carries over from the '
+      'parent process across fork and exec): of the point\'s Python process and of TFF\'s C++ '
+      'worker, a separate process that runs the aggregation (read before it stops); their sum '
+      'bounds the combined peak from above. "RSS after setup" is the Python process once data, '
+      'partition and process are built (TensorFlow and TFF alone hold most of it).', '',
       f'Images: {cache["num_images"]:,} phantoms, generated once for the run in '
       f'{cache["generate_seconds"]:.1f} s and cached as .npy; each point reads the first N. '
       '(The program generates its phantoms at every start instead, a setup cost of that size '

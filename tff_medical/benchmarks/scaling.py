@@ -16,11 +16,13 @@ apart from the rounds. Not part of a point: the program's checkpoint, ledger, au
 steps, and evaluation. The noise multiplier is fixed (its size does not change the work; a
 calibrated one can be refused at 10 clients a round).
 
-Memory: peak resident set size, never tracemalloc (which sees only Python's allocator, not
-TensorFlow's): the point's Python process (getrusage ru_maxrss, Linux: KiB) and TFF's C++
-worker, which runs the aggregation in its own process (VmHWM in /proc/PID/status, read just
-before the worker stops). Their sum bounds the point's combined peak from above (the two peaks
-need not coincide).
+Memory: peak resident set size (VmHWM in /proc/PID/status), never tracemalloc (which sees only
+Python's allocator, not TensorFlow's): of the point's Python process and of TFF's C++ worker,
+which runs the aggregation in its own process (read just before the worker stops). Their sum
+bounds the point's combined peak from above (the two peaks need not coincide). Not getrusage's
+ru_maxrss: Linux carries it across fork and exec, so a point started from the benchmark's own
+(large) process would report that process's size (measured: a child of a 234 MiB parent reads
+ru_maxrss 234 MiB and VmHWM 9 MiB).
 
 The images come from the embedded phantom generator, generated once per benchmark run for the
 largest point and cached as .npy files (`make_image_cache`); every point loads the first N of
@@ -114,10 +116,13 @@ class ScalingPlan:
 
 
 # CI-sized: a few minutes on 2 cores. Full: up to the MedNIST size and 1000 clients a round.
-QUICK_PLAN = ScalingPlan(fixed_total=1000, clients_per_round=(10, 100), fixed_clients_per_round=10,
-                         totals=(1000, 8100), timed_rounds=2)
+# The total-clients curve samples 100 a round: at 10, Poisson's spread of the sample size (about
+# +-30%) would hide a change with N. A timed round is cheap beside a point's start (imports,
+# build, the first round's compilation), so a few of them cost little.
+QUICK_PLAN = ScalingPlan(fixed_total=1000, clients_per_round=(10, 100),
+                         fixed_clients_per_round=100, totals=(1000, 8100), timed_rounds=3)
 FULL_PLAN = ScalingPlan(fixed_total=8100, clients_per_round=(10, 100, 1000),
-                        fixed_clients_per_round=100, totals=(1000, 8100, 59000), timed_rounds=3)
+                        fixed_clients_per_round=100, totals=(1000, 8100, 59000), timed_rounds=4)
 
 
 def make_image_cache(num_images: int, config, directory: str) -> dict:
@@ -172,9 +177,16 @@ def _mib(kib: Optional[int]) -> Optional[float]:
 
 
 def _peak_rss_mib() -> float:
-  # ru_maxrss is in KiB on Linux (bytes on macOS).
+  """This process's peak RSS: VmHWM, which starts afresh at exec.
+
+  Not getrusage's ru_maxrss where /proc has VmHWM: Linux carries ru_maxrss across fork and
+  exec, so a point started from a large benchmark process would report that process's size.
+  """
+  peak = _status_kib('self', 'VmHWM')
+  if peak is not None:
+    return peak / 1024
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
+  return peak / 2**20 if sys.platform == 'darwin' else peak / 1024  # Bytes on macOS.
 
 
 def measure_point(point: ScalingPoint, config, image_dir: str,
