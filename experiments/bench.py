@@ -76,6 +76,7 @@ def main(argv):
   results['scaling'] = scaling.run_scaling(spec.scaling_plan, _SCALING_CONFIG.value, log=log)
   results['load_average_end'] = round_time.load_average()
   results['wall_seconds'] = time.perf_counter() - started
+  results['date_utc'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
   command = _command()
   results['command'] = command
   results['flags'] = {'mode': _MODE.value, 'output': _OUTPUT.value,

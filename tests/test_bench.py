@@ -107,6 +107,7 @@ def test_one_tiny_scaling_point_measures_time_and_memory(tff_context, tmp_path):
     assert set(r['phases']) == {'sampling', 'local_training', 'tff_aggregation_and_server'}
     assert r['seconds'] >= sum(r['phases'].values()) > 0
   assert result['median_round_seconds'] > 0
+  assert result['model_parameters'] == 3158  # configs/demo.py's model.
   memory = result['memory_mib']
   # TensorFlow alone holds hundreds of MiB; a peak is never below a later current value.
   assert 100 < memory['rss_at_start'] <= memory['python_peak']
@@ -145,6 +146,7 @@ def _point(n, m, seconds, examples, sampling=0.001, rss=700.0, peak=1000.0, work
   median = sorted(seconds)[len(seconds) // 2]
   return {
       'point': scaling.ScalingPoint(n, m, timed_rounds=len(seconds)).to_json_dict(),
+      'model_parameters': 3158,
       'setup_seconds': {'data_load': n / 1e5, 'partition_and_sampler': n / 1e6,
                         'build_process': 7.5},
       'warmup_seconds': [12.5], 'rounds': rounds, 'median_round_seconds': median,
@@ -198,8 +200,11 @@ def test_markdown_renders_the_scaling_tables(results):
       '| 59,000 | 0.59 | 0.06 | 7.5 | 10.0 | 10.0 | 1.050 |',
       '59,004 phantoms, generated once for the run in 81.2 s',
       'went from 100.00 s to 105.00 s (1.05x), within the spread',
-      'took 1.0 ms and 0.4 ms', '700 to 930 MiB', 'or `make bench-full` (this page is from the '
-      'full mode; `make bench` (quick mode) runs the other).'):
+      'took 1.0 ms and 0.4 ms', '700 to 930 MiB',
+      # (1100 - 1000) / 90 and (300 - 250) / 90 MiB per client; 6 x 3158 x 4 B = 74 KiB.
+      'about 1.11 and 0.56 MiB more per client sampled, against the 6 x 3,158 float32 (74 KiB)',
+      'or `make bench-full` (this page is from the full mode; `make bench` (quick mode) runs the '
+      'other).'):
     assert expected in page, expected
 
 
@@ -214,8 +219,16 @@ def test_scaling_svg_has_a_marker_per_point_and_panel():
   svg = plot.scaling_svg(_scaling_results([1.0, 1.05, 1.1]))
   root = ElementTree.fromstring(svg)
   circles = root.findall('{http://www.w3.org/2000/svg}circle')
-  # 2 columns x 2 points; time panels 3 series, memory panels 2: (3 + 2) x 2 x 2.
-  assert len(circles) == 20
+  # 2 columns x 2 points; time panels 3 series, memory panels 2: (3 + 2) x 2 x 2, plus one
+  # legend marker a series: (3 + 2) x 2.
+  assert len(circles) == 30
+  boxes = [tuple(float(r.get(k)) for k in ('x', 'y', 'width', 'height'))
+           for r in root.findall('{http://www.w3.org/2000/svg}rect') if r.get('x')]
+  assert len(boxes) == 4
+  markers = [(float(c.get('cx')), float(c.get('cy'))) for c in circles]
+  inside = [any(x <= cx <= x + w and y <= cy <= y + h for x, y, w, h in boxes)
+            for cx, cy in markers]
+  assert sum(inside) == 20  # Every data marker lies in its chart; legend markers below.
   texts = [t.text for t in root.iter('{http://www.w3.org/2000/svg}text')]
   assert 'Round time, N = 1,000 clients' in texts and '59k' in texts
 

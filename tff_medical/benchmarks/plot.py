@@ -1,15 +1,16 @@
 """The scaling curves as an SVG, written by hand: matplotlib is not in requirements/lock.txt.
 
 Two columns (against clients per round, against total clients), two rows (median round time on
-a log scale, peak resident memory on a linear one); log x axes, one marker per measured point.
+a log scale, peak resident memory on a linear one); log x axes, one marker per measured point,
+the legend under each chart.
 """
 
 import math
 from typing import Optional, Sequence
 from xml.sax import saxutils
 
-_PANEL_W, _PANEL_H = 360, 220
-_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 64, 16, 34, 44
+_PANEL_W, _PANEL_H = 380, 240
+_MARGIN_L, _MARGIN_R, _MARGIN_T, _MARGIN_B = 64, 16, 34, 62
 _COLORS = ('#1f77b4', '#d62728', '#2ca02c', '#9467bd')
 
 
@@ -25,11 +26,10 @@ def _decades(low: float, high: float) -> list[float]:
 
 
 def _linear_ticks(low: float, high: float) -> list[float]:
-  step = 10**math.floor(math.log10(max(high - low, 1e-9)))
-  for factor in (1, 2, 5, 10):
-    if (high - low) / (step * factor) <= 6:
-      step *= factor
-      break
+  """Round ticks (1, 2 or 5 x 10^k apart), four to six of them across [low, high]."""
+  raw = (high - low) / 5
+  magnitude = 10**math.floor(math.log10(max(raw, 1e-9)))
+  step = next(f * magnitude for f in (1, 2, 5, 10) if f * magnitude >= raw)
   start = math.ceil(low / step) * step
   return [start + i * step for i in range(int((high - start) / step) + 1)]
 
@@ -65,7 +65,7 @@ def _panel(x0: float, y0: float, title: str, x_label: str, y_label: str, xs: Seq
     y = y_pos(tick)
     out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" '
                'stroke="#ddd"/>')
-    out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_label(tick)}</text>')
+    out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
   for tick in xs:
     x = x_pos(tick)
     out.append(f'<line x1="{x:.1f}" y1="{top + height}" x2="{x:.1f}" y2="{top + height + 4}" '
@@ -76,6 +76,7 @@ def _panel(x0: float, y0: float, title: str, x_label: str, y_label: str, xs: Seq
              f'{esc(x_label)}</text>')
   out.append(f'<text transform="translate({x0 + 14},{top + height / 2}) rotate(-90)" '
              f'text-anchor="middle">{esc(y_label)}</text>')
+  legend_x = left
   for i, (name, ys) in enumerate(series):
     color = _COLORS[i % len(_COLORS)]
     points = [(x_pos(x), y_pos(y)) for x, y in zip(xs, ys) if y is not None and y > 0]
@@ -83,7 +84,11 @@ def _panel(x0: float, y0: float, title: str, x_label: str, y_label: str, xs: Seq
       out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
                  ' '.join(f'{x:.1f},{y:.1f}' for x, y in points) + '"/>')
     out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"/>' for x, y in points]
-    out.append(f'<text x="{left + 8}" y="{top + 16 + 15 * i}" fill="{color}">{esc(name)}</text>')
+    # One legend row under the axis label, so that it never hides a curve.
+    legend_y = top + height + 52
+    out.append(f'<circle cx="{legend_x + 4}" cy="{legend_y - 4}" r="3.5" fill="{color}"/>')
+    out.append(f'<text x="{legend_x + 11}" y="{legend_y}" fill="{color}">{esc(name)}</text>')
+    legend_x += 18 + 6 * len(name)
   return out
 
 

@@ -2,6 +2,7 @@
 
 from typing import Optional
 
+from tff_medical import categories
 from tff_medical.benchmarks import round_time
 
 _ORDER = [c.value for c in round_time.Contender]
@@ -222,6 +223,23 @@ _SCALING_COLUMNS = ('clients sampled (mean) | examples / round (mean) | median r
                     'Python peak RSS (MiB) | TFF worker peak RSS (MiB) |')
 
 
+def _per_client(lo: dict, hi: dict) -> str:
+  """' (about X and Y MiB more per client sampled)' between two points, when both are known."""
+  clients = hi['mean_clients_per_round'] - lo['mean_clients_per_round']
+  slopes = []
+  for name in ('python_peak', 'tff_worker_peak'):
+    low, high = lo['memory_mib'][name], hi['memory_mib'][name]
+    if low is None or high is None or clients <= 0:
+      return ''
+    slopes.append((high - low) / clients)
+  sent = ''
+  if hi.get('model_parameters'):
+    sent = (f', against the {categories.NUM_CATEGORIES} x {hi["model_parameters"]:,} float32 '
+            f'({categories.NUM_CATEGORIES * 4 * hi["model_parameters"] / 1024:.0f} KiB) of '
+            'sub-updates a client sends')
+  return (f' (about {slopes[0]:.2f} and {slopes[1]:.2f} MiB more per client sampled{sent})')
+
+
 def _scaling_reading(scaling: dict) -> list[str]:
   points = scaling['points']
   facts = []
@@ -237,8 +255,11 @@ def _scaling_reading(scaling: dict) -> list[str]:
         f'{hi["mean_examples_per_round"] / max(lo["mean_examples_per_round"], 1e-9):.1f}x the '
         'examples), and the Python peak from '
         f'{_number(lo["memory_mib"]["python_peak"], 0)} to '
-        f'{_number(hi["memory_mib"]["python_peak"], 0)} MiB: the cost follows the clients '
-        'trained, with a fixed part per round (the TFF call) that weighs most at few clients.')
+        f'{_number(hi["memory_mib"]["python_peak"], 0)} MiB and TFF\'s worker\'s from '
+        f'{_number(lo["memory_mib"]["tff_worker_peak"], 0)} to '
+        f'{_number(hi["memory_mib"]["tff_worker_peak"], 0)} MiB'
+        + _per_client(lo, hi) + ': the cost follows the clients trained, with a fixed part per '
+        'round (the TFF call) that weighs most at few clients.')
   by_n = [points[k] for k in scaling['by_total_clients']['points']]
   if len(by_n) >= 2:
     lo, hi = by_n[0], by_n[-1]

@@ -67,6 +67,14 @@ DESCRIPTIONS = {
 }
 
 
+def check_positive_ints(owner: Any, fields: Iterable[str]) -> None:
+  """ValueError naming the first of `owner`'s `fields` that is not a positive int."""
+  for field in fields:
+    value = getattr(owner, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f'{field} must be a positive integer. Found {value!r}.')
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """One benchmark setting: who trains what, and how."""
@@ -88,10 +96,8 @@ class Setting:
   seed: int = 0
 
   def __post_init__(self):
-    for field in ('num_clients', 'examples_per_client', 'batch_size', 'local_epochs'):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{field} must be a positive integer. Found {value!r}.')
+    check_positive_ints(self, ('num_clients', 'examples_per_client', 'batch_size',
+                               'local_epochs'))
     if not self.noise_multiplier > 0:
       raise ValueError(f'noise_multiplier must be positive. Found {self.noise_multiplier!r}.')
 

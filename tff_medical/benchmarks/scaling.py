@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -66,10 +66,7 @@ class ScalingPoint:
   max_count_noise_fraction: float = 1.0
 
   def __post_init__(self):
-    for field in ('total_clients', 'clients_per_round', 'timed_rounds'):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{field} must be a positive integer. Found {value!r}.')
+    round_time.check_positive_ints(self, ('total_clients', 'clients_per_round', 'timed_rounds'))
     if isinstance(self.warmup_rounds, bool) or not isinstance(
         self.warmup_rounds, int) or self.warmup_rounds < 0:
       raise ValueError(f'warmup_rounds must be a non-negative integer. '
@@ -249,14 +246,17 @@ def measure_point(point: ScalingPoint, config, image_dir: str,
     seconds = time.perf_counter() - start
     rounds.append({'seconds': seconds, 'clients': int(len(sampled)), 'examples': examples,
                    'phases': dict(sampling=sampling_seconds, **phases)})
-    log(f'{point.key}: round {round_num} ({"warm-up" if round_num <= point.warmup_rounds else "timed"}'
-        f'): {seconds:.2f} s, {len(sampled)} clients (' + ', '.join(
-            f'{k.replace("_", " ")} {v:.2f} s' for k, v in rounds[-1]['phases'].items()) + ')')
+    kind = 'warm-up' if round_num <= point.warmup_rounds else 'timed'
+    log(f'{point.key}: round {round_num} ({kind}): {seconds:.2f} s, {len(sampled)} clients ('
+        + ', '.join(f'{k.replace("_", " ")} {v:.2f} s' for k, v in rounds[-1]['phases'].items())
+        + ')')
   timed = rounds[point.warmup_rounds:]
   median = statistics.median(r['seconds'] for r in timed)
   worker = worker_lib.current_worker()
   return {
       'point': point.to_json_dict(),
+      'model_parameters': int(sum(np.prod(v.shape)
+                                  for v in trainer.keras_model.trainable_variables)),
       'setup_seconds': setup,
       'warmup_seconds': [r['seconds'] for r in rounds[:point.warmup_rounds]],
       'rounds': timed,
@@ -288,13 +288,6 @@ def run_point_subprocess(point: ScalingPoint, config, image_dir: str,
                    check=True, timeout=timeout_seconds)
     with open(result) as f:
       return json.load(f)
-
-
-def _config_from_json(raw: Mapping[str, Any]):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  raw = dict(raw, model=dict(raw['model'], conv_filters=tuple(raw['model']['conv_filters'])))
-  return ml_collections.ConfigDict(raw)
 
 
 def _curve(results: dict[str, dict], points: list[ScalingPoint], field: str) -> dict:
@@ -348,13 +341,15 @@ def _main(argv: list[str]) -> None:
   from absl import logging
   import tensorflow  # pylint: disable=unused-import
   from tff_medical import runtime
+  from tff_medical.training import program
   # pylint: enable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   with open(argv[1]) as f:
     request = json.load(f)
   try:
     runtime.install_execution_context()
-    result = measure_point(ScalingPoint(**request['point']), _config_from_json(request['config']),
+    result = measure_point(ScalingPoint(**request['point']),
+                           program.config_from_json_dict(request['config']),
                            request['image_dir'], log=lambda message: print(message, flush=True))
   finally:
     runtime.shutdown()

@@ -488,12 +488,16 @@ def export(result: RunResult) -> str:
 
 def config_of_run(run_dir: str):
   """The ConfigDict a run was started with, from its config.json (for export and resume tools)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   path = os.path.join(run_dir, CONFIG_FILE)
   if not os.path.exists(path):
     raise ConfigError(f'run_dir must hold a run ({CONFIG_FILE}). Found none in {run_dir}.')
   with open(path) as f:
-    raw = json.load(f)['config']
-  raw['model']['conv_filters'] = tuple(raw['model']['conv_filters'])
-  return ml_collections.ConfigDict(raw)
+    return config_from_json_dict(json.load(f)['config'])
+
+
+def config_from_json_dict(raw: dict):
+  """A ConfigDict from its JSON form (config.to_json_best_effort()), its tuple restored."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  return ml_collections.ConfigDict(
+      dict(raw, model=dict(raw['model'], conv_filters=tuple(raw['model']['conv_filters']))))
