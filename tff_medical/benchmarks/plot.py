@@ -88,7 +88,7 @@ def _panel(x0: float, y0: float, title: str, x_label: str, y_label: str, xs: Seq
     legend_y = top + height + 52
     out.append(f'<circle cx="{legend_x + 4}" cy="{legend_y - 4}" r="3.5" fill="{color}"/>')
     out.append(f'<text x="{legend_x + 11}" y="{legend_y}" fill="{color}">{esc(name)}</text>')
-    legend_x += 18 + 6 * len(name)
+    legend_x += 16 + 5.5 * len(name)
   return out
 
 
@@ -110,7 +110,7 @@ def scaling_svg(scaling: dict) -> str:
     body += _panel(x0, 0, f'Round time, {title}', x_label, 'median round (s)', xs, [
         ('whole round', [r['median_round_seconds'] for r in results]),
         ('local training', [r['median_phase_seconds']['local_training'] for r in results]),
-        ('TFF aggregation + server',
+        ('TFF aggregation, server',
          [r['median_phase_seconds']['tff_aggregation_and_server'] for r in results]),
     ], log_y=True)
     body += _panel(x0, _PANEL_H, f'Peak memory, {title}', x_label, 'peak RSS (MiB)', xs, [
