@@ -37,6 +37,10 @@ _RESULTS_JSON = flags.DEFINE_string(
     'results_json', 'docs/benchmarks.json', 'All figures, with the flags, as JSON.')
 _PLOT = flags.DEFINE_string('plot', 'docs/benchmarks_scaling.svg',
                             'SVG of the scaling curves, linked from --output.')
+_EXAMPLE_LEVEL_JSON = flags.DEFINE_string(
+    'example_level_json', 'docs/example_level.json',
+    'Figures of experiments/example_level_bench.py shown on the page (not rerun here); '
+    'empty or missing: left out.')
 _SCALING_CONFIG = config_flags.DEFINE_config_file(
     'scaling_config', 'configs/demo.py', 'Training config whose round the scaling curve times.')
 
@@ -93,8 +97,12 @@ def main(argv):
   with open(_PLOT.value, 'w') as f:
     f.write(plot.scaling_svg(results['scaling']))
   plot_link = os.path.relpath(_PLOT.value, os.path.dirname(os.path.abspath(_OUTPUT.value)))
+  example_level = None
+  if _EXAMPLE_LEVEL_JSON.value and os.path.exists(_EXAMPLE_LEVEL_JSON.value):
+    with open(_EXAMPLE_LEVEL_JSON.value) as f:
+      example_level = json.load(f)
   with open(_OUTPUT.value, 'w') as f:
-    f.write(report.render_markdown(results, command, plot_link))
+    f.write(report.render_markdown(results, command, plot_link, example_level))
   for result in results['settings']:
     for key, target in result['targets'].items():
       print(f'{result["setting"]["name"]}: {key} = {target["ratio"]:.2f} '

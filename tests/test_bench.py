@@ -9,11 +9,13 @@ from xml.etree import ElementTree
 
 import pytest
 
+from tff_medical import categories
 from tff_medical.benchmarks import modes
 from tff_medical.benchmarks import plot
 from tff_medical.benchmarks import report
 from tff_medical.benchmarks import round_time
 from tff_medical.benchmarks import scaling
+from tff_medical.privacy import policy as policy_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,3 +244,38 @@ def test_bench_script_refuses_a_bad_mode_without_traceback():
   assert 'flag --mode=bad: value should be one of <quick|full>' in done.stderr
   assert 'Traceback' not in done.stderr
   assert sorted(m.value for m in modes.Mode) == ['full', 'quick']
+
+
+def _example_level_figures(client_level):
+  final = lambda base: dict({'accuracy': base}, **{
+      f'accuracy/{c}': base + 0.01 * i for i, c in enumerate(categories.CATEGORY_IDS)})
+  return {
+      'config': {'num_clients': 5, 'dataset': 'phantoms', 'num_per_category': 10000,
+                 'total_rounds': 60},
+      'command': 'python experiments/example_level_bench.py --config.total_rounds=60\n',
+      'date_utc': '2026-11-28T04:54:42Z', 'seconds': 1977.0,
+      'ledger': {'categories': {c: {'target_epsilon': policy_lib.default_policy().budget(
+          c).epsilon} for c in categories.CATEGORY_IDS}},
+      'results': {'example': {'final': final(0.5)}, 'non_private': {'final': final(0.9)}},
+      'client_level': client_level,
+  }
+
+
+def test_markdown_shows_example_level_accuracy_per_category(results):
+  refused = {'status': 'refused', 'message': 'Use at least 1948 clients per round.'}
+  page = report.render_markdown(results, 'cmd', None, _example_level_figures(refused))
+  assert '| Head CT | 0.5 | 50.0 | refused | 90.0 |' in page
+  assert '| Hand X-ray | 2 | 55.0 | refused | 95.0 |' in page
+  assert '| all |  | 50.0 | refused | 90.0 |' in page
+  assert '"Use at least 1948 clients per round."' in page
+  assert '`python experiments/example_level_bench.py --config.total_rounds=60`' in page
+  trained = {'status': 'trained', 'final': dict(
+      {'accuracy': 0.25}, **{f'accuracy/{c}': 0.25 for c in categories.CATEGORY_IDS})}
+  page = report.render_markdown(results, 'cmd', None, _example_level_figures(trained))
+  assert '| Abdomen CT | 1 | 52.0 | 25.0 | 92.0 |' in page
+  assert 'refused' not in page.split('## Accuracy per category at a few sites')[1]
+  page = report.render_markdown(results, 'cmd', None, _example_level_figures(
+      {'status': 'calibrated', 'noise_multipliers': {}}))
+  assert '| CXR (X-ray) | 2 | 54.0 | not run | 94.0 |' in page
+  assert '## Accuracy per category at a few sites' not in report.render_markdown(
+      results, 'cmd')

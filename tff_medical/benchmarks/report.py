@@ -161,8 +161,13 @@ def _reading(results: dict) -> list[str]:
 MAKE_TARGETS = {'quick': 'make bench', 'full': 'make bench-full'}
 
 
-def render_markdown(results: dict, command: str, plot_link: Optional[str] = None) -> str:
-  """The whole page; the scaling section when `results` has one (`plot_link`: its SVG)."""
+def render_markdown(results: dict, command: str, plot_link: Optional[str] = None,
+                    example_level: Optional[dict] = None) -> str:
+  """The whole page; the scaling section when `results` has one (`plot_link`: its SVG).
+
+  `example_level`: docs/example_level.json (experiments/example_level_bench.py's figures, an
+  hour's run kept apart), shown as the per-category accuracy at a few sites.
+  """
   mode = results.get('flags', {}).get('mode')
   lines = [
       '# Benchmarks: round time and scaling', '',
@@ -180,11 +185,12 @@ def render_markdown(results: dict, command: str, plot_link: Optional[str] = None
     lines += [f'or `{MAKE_TARGETS[mode]}` (this page is from the {mode} mode; '
               + ', '.join(other) + ' runs the other).', '']
   lines += [
-      'Accuracy under DP is measured elsewhere, each page with its commands: '
-      '[TUNING.md](TUNING.md) (how the demo setting was chosen on a validation draw, and what '
-      'the seed policy costs against non-private training) and '
+      'Accuracy under DP, each page with its commands: [TUNING.md](TUNING.md) (how the demo '
+      'setting was chosen on a validation draw, and what the seed policy and the policy '
+      'scaled by 0.25 to 4 cost against non-private training) and '
       '[EXAMPLE_LEVEL.md](EXAMPLE_LEVEL.md) (example-level DP-SGD with 5 sites against '
-      'non-private training; client-level DP is refused at 5 sites).', '',
+      'non-private training; client-level DP is refused at 5 sites; its per-category table is '
+      'repeated at the end of this page).', '',
   ]
   lines += _machine(results) + _method(results)
   for result in results['settings']:
@@ -192,7 +198,46 @@ def render_markdown(results: dict, command: str, plot_link: Optional[str] = None
   lines += _targets(results) + _reading(results)
   if 'scaling' in results:
     lines += _scaling(results['scaling'], plot_link)
+  if example_level is not None:
+    lines += _example_level(example_level)
   return '\n'.join(lines)
+
+
+def _percent(value: float) -> str:
+  return f'{100 * value:.1f}'
+
+
+def _example_level(figures: dict) -> list[str]:
+  """Accuracy per category at the seed policy, few sites: example level, client level, none."""
+  config, results = figures['config'], figures['results']
+  client = figures['client_level']
+  budgets = figures['ledger']['categories']
+  refused = client.get('status') == 'refused'
+  # The bench trains client level only where calibration accepts it (never so far at 5 sites).
+  client_cell = lambda key: ('refused' if refused else
+                             _percent(client['final'][key]) if 'final' in client else 'not run')
+
+  def row(name, key, budget=''):
+    return (name, budget, _percent(results['example']['final'][key]), client_cell(key),
+            _percent(results['non_private']['final'][key]))
+
+  rows = [row(categories.DISPLAY_NAMES[c], f'accuracy/{c}', f'{budgets[c]["target_epsilon"]:g}')
+          for c in categories.CATEGORY_IDS] + [row('all', 'accuracy')]
+  lines = [
+      '## Accuracy per category at a few sites (seed policy)', '',
+      f'{config["num_clients"]} sites holding {config["dataset"]} data of MedNIST size '
+      f'({config["num_per_category"]} images a category), {config["total_rounds"]} rounds, '
+      'every site in every round; test accuracy in %. From docs/example_level.json, written '
+      f'by `{figures["command"].strip()}` ({figures["date_utc"]}, {figures["seconds"]:.0f} s; '
+      'this page\'s command does not rerun it); details, clip-only contender and per-site '
+      'calibration in [EXAMPLE_LEVEL.md](EXAMPLE_LEVEL.md).', '',
+      '| category | budget ε | example-level DP | client-level DP | non-private |',
+      '|---|---:|---:|---:|---:|',
+  ] + ['| ' + ' | '.join(row) + ' |' for row in rows] + ['']
+  if refused:
+    lines += [f'Client-level DP on the same sites is refused by calibration: '
+              f'"{client["message"]}"', '']
+  return lines
 
 def _ms(seconds: float) -> str:
   return f'{1000 * seconds:.1f}'
