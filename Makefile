@@ -21,7 +21,8 @@ $(STAMP): requirements/lock.txt setup.py tff_medical/runtime/loopback_bind.c
 	# --no-deps: the lock is complete, and TFF's jaxlib==0.4.14 pin would otherwise fail.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PY) -c 'import tensorflow_federated, tff_medical.runtime.worker as w; w.loopback_shim_path()'
+	# shutdown(): TFF's import-time default context otherwise prints a traceback at exit.
+	$(PY) -c 'import tensorflow_federated, tff_medical.runtime as r; r.worker.loopback_shim_path(); r.shutdown()'
 	touch $(STAMP)
 
 test: install
