@@ -30,13 +30,16 @@ from ml_collections import config_flags
 
 _MODE = flags.DEFINE_enum(
     'mode', 'quick', ['quick', 'full'],
-    'quick: CI-sized (2 timed rounds, a reduced scaling curve); full: the study (5 timed '
-    'rounds, the scaling curve up to 59,000 clients and 1000 clients a round).')
+    'quick: CI-sized (2 timed rounds, a reduced scaling curve, a 4-run privacy-utility check); '
+    'full: the study (5 timed rounds, the scaling curve up to 59,000 clients and 1000 clients '
+    'a round, the privacy-utility grid at MedNIST size).')
 _OUTPUT = flags.DEFINE_string('output', 'docs/BENCHMARKS.md', 'Markdown report to (re)write.')
 _RESULTS_JSON = flags.DEFINE_string(
     'results_json', 'docs/benchmarks.json', 'All figures, with the flags, as JSON.')
 _PLOT = flags.DEFINE_string('plot', 'docs/benchmarks_scaling.svg',
                             'SVG of the scaling curves, linked from --output.')
+_STUDY_PLOT = flags.DEFINE_string('study_plot', 'docs/benchmarks_privacy_utility.svg',
+                                  'Where the privacy-utility plot is written.')
 _EXAMPLE_LEVEL_JSON = flags.DEFINE_string(
     'example_level_json', 'docs/example_level.json',
     'Figures of experiments/example_level_bench.py shown on the page (not rerun here); '
@@ -60,6 +63,7 @@ def main(argv):
   from tff_medical import runtime
   from tff_medical.benchmarks import modes
   from tff_medical.benchmarks import plot
+  from tff_medical.benchmarks import privacy_utility
   from tff_medical.benchmarks import report
   from tff_medical.benchmarks import round_time
   from tff_medical.benchmarks import scaling
@@ -78,6 +82,7 @@ def main(argv):
     # Each scaling point starts its own worker; this one would only hold memory meanwhile.
     runtime.shutdown()
   results['scaling'] = scaling.run_scaling(spec.scaling_plan, _SCALING_CONFIG.value, log=log)
+  results['privacy_utility'] = privacy_utility.run_study(spec.study_plan, log=log)
   results['load_average_end'] = round_time.load_average()
   results['wall_seconds'] = time.perf_counter() - started
   results['date_utc'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
@@ -85,10 +90,11 @@ def main(argv):
   results['command'] = command
   results['flags'] = {'mode': _MODE.value, 'output': _OUTPUT.value,
                       'results_json': _RESULTS_JSON.value, 'plot': _PLOT.value,
+                      'study_plot': _STUDY_PLOT.value,
                       'scaling_config': config_flags.get_config_filename(
                           flags.FLAGS['scaling_config']),
                       'timed_rounds': spec.comparison_timed_rounds}
-  for path in (_OUTPUT.value, _RESULTS_JSON.value, _PLOT.value):
+  for path in (_OUTPUT.value, _RESULTS_JSON.value, _PLOT.value, _STUDY_PLOT.value):
     if os.path.dirname(path):
       os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(_RESULTS_JSON.value, 'w') as f:
@@ -96,13 +102,18 @@ def main(argv):
     f.write('\n')
   with open(_PLOT.value, 'w') as f:
     f.write(plot.scaling_svg(results['scaling']))
-  plot_link = os.path.relpath(_PLOT.value, os.path.dirname(os.path.abspath(_OUTPUT.value)))
+  with open(_STUDY_PLOT.value, 'w') as f:
+    f.write(plot.privacy_utility_svg(results['privacy_utility']))
+  page_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  plot_link = os.path.relpath(_PLOT.value, page_dir)
+  study_plot_link = os.path.relpath(_STUDY_PLOT.value, page_dir)
   example_level = None
   if _EXAMPLE_LEVEL_JSON.value and os.path.exists(_EXAMPLE_LEVEL_JSON.value):
     with open(_EXAMPLE_LEVEL_JSON.value) as f:
       example_level = json.load(f)
   with open(_OUTPUT.value, 'w') as f:
-    f.write(report.render_markdown(results, command, plot_link, example_level))
+    f.write(report.render_markdown(results, command, plot_link, example_level,
+                                   study_plot_link))
   for result in results['settings']:
     for key, target in result['targets'].items():
       print(f'{result["setting"]["name"]}: {key} = {target["ratio"]:.2f} '

@@ -1,14 +1,7 @@
-"""Fast surrogate of class-aware DP-FedAvg for tuning, scored on a validation draw only.
+"""Tuning with the fast surrogate of class-aware DP-FedAvg, scored on a validation draw only.
 
-With one image a client and one local step, a client's category sub-update is its learning rate
-times its example's gradient, so a round is: per-example gradients of the Poisson-sampled
-clients (vectorized), per-category clipping at an adaptive clip norm (TFF's geometric update,
-zero sub-updates counted as unclipped, the clipped count noised with the calibrated stddev),
-Gaussian noise at the calibrated value multiplier, the sum over categories, and the server
-optimizer. That is the mechanism of tff_medical.training.process for such clients, without
-TFF's per-round overhead, so a 100-round setting is scored in seconds instead of minutes.
-Noise multipliers and count stddevs come from tff_medical.privacy.accounting, as in a run.
-
+The surrogate (tff_medical.benchmarks.surrogate) runs the class-aware mechanism without TFF's
+per-round overhead; here with one image a client, so a 100-round setting is scored in a minute.
 Scores are on a fresh phantom draw (seed 1000 + seed), never on the test split a run reports;
 the chosen setting is then confirmed by the real program (README, docs/TUNING.md).
 
@@ -17,23 +10,17 @@ the chosen setting is then confirmed by the real program (README, docs/TUNING.md
 """
 
 import json
-import math
 import os
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import flags  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
-from tff_medical import categories  # pylint: disable=g-import-not-at-top
+from tff_medical import runtime  # pylint: disable=g-import-not-at-top
+from tff_medical.benchmarks import surrogate  # pylint: disable=g-import-not-at-top
 from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
-from tff_medical.models import cnn  # pylint: disable=g-import-not-at-top
-from tff_medical.privacy import accounting  # pylint: disable=g-import-not-at-top
-from tff_medical.privacy import policy as policy_lib  # pylint: disable=g-import-not-at-top
-from tff_medical.privacy import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
 
 _NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 1500, 'Phantoms per category; '
                                          '10% are held out as the run\'s test split.')
@@ -59,97 +46,41 @@ _MODELS = {'gap': (1, 'gap'), 'pool4_gap': (4, 'gap'), 'pool2_flatten': (2, 'fla
            'pool4_flatten': (4, 'flatten')}
 
 
-def _as_inputs(images):
-  return (images.images.astype(np.float32) / 255.0)[..., np.newaxis], images.labels.astype(
-      np.int32)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   seed = _SEED.value
-  x_all, y_all = _as_inputs(phantoms.generate(_NUM_PER_CATEGORY.value, seed=seed))
+  x_all, y_all = surrogate.as_inputs(phantoms.generate(_NUM_PER_CATEGORY.value, seed=seed))
   held_out = len(y_all) // 10  # The run's test split: never trained on, never scored here.
   x, y = x_all[held_out:], y_all[held_out:]
-  x_val, y_val = _as_inputs(phantoms.generate(max(100, _NUM_PER_CATEGORY.value // 10),
-                                              seed=1000 + seed))
-  num_clients, m = len(y), _CLIENTS_PER_ROUND.value
-  policy = policy_lib.default_policy().scaled(_POLICY_SCALE.value)
-  if _DP.value:
-    spec = sampling_lib.SamplingSpec('poisson', num_clients, int(round(m)))
-    zs = accounting.calibrate_category_noise(policy, spec, _ROUNDS.value)
-    splits = accounting.category_splits(zs, m, max_count_noise_fraction=0.5)
-    value_z = np.array([splits[c].value_noise_multiplier for c in categories.CATEGORY_IDS])
-    count_std = np.array([splits[c].clipped_count_stddev for c in categories.CATEGORY_IDS])
+  x_val, y_val = surrogate.as_inputs(phantoms.generate(max(100, _NUM_PER_CATEGORY.value // 10),
+                                                       seed=1000 + seed))
   pooling, head = _MODELS[_MODEL.value]
-  model = cnn.build_cnn(tuple(int(f) for f in _CONV_FILTERS.value), seed=seed,
-                        input_pooling=pooling, head=head)
-  variables = model.trainable_variables
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy()
-
-  def one_gradient(example):
-    xi, yi = example
-    with tf.GradientTape() as tape:
-      loss = loss_fn(yi[None], model(xi[None], training=True))
-    return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, variables)], 0)
-
-  per_example_gradients = tf.function(lambda xb, yb: tf.vectorized_map(one_gradient, (xb, yb)))
-  weights = tf.concat([tf.reshape(v, [-1]) for v in variables], 0).numpy().astype(np.float64)
-  sizes = [int(np.prod(v.shape)) for v in variables]
-
-  def assign(flat):
-    for variable, part in zip(variables, np.split(flat, np.cumsum(sizes)[:-1])):
-      variable.assign(part.reshape(variable.shape).astype(np.float32))
-
-  def validate():
-    predicted = np.argmax(model.predict(x_val, batch_size=512, verbose=0), axis=-1)
-    per = [float(np.mean(predicted[y_val == k] == k)) for k in range(categories.NUM_CATEGORIES)]
-    return float(np.mean(predicted == y_val)), per
-
-  rng = np.random.default_rng(seed)
-  target = _TARGET.value if _TARGET.value is not None else 5 / 6 + 1 / 12
-  clip = np.full(categories.NUM_CATEGORIES, _INITIAL_CLIP.value)
-  first, second, velocity = (np.zeros_like(weights) for _ in range(3))
-  start, history = time.perf_counter(), []
-  for round_num in range(1, _ROUNDS.value + 1):
-    sampled = np.nonzero(rng.random(num_clients) < m / num_clients)[0]
-    updates = per_example_gradients(tf.constant(x[sampled]), tf.constant(y[sampled])).numpy()
-    updates = updates.astype(np.float64) * _CLIENT_LR.value
-    norms = np.linalg.norm(updates, axis=1)
-    combined = np.zeros_like(weights)
-    for k in range(categories.NUM_CATEGORIES):
-      holds = y[sampled] == k
-      if not _DP.value:
-        combined += updates[holds].sum(axis=0) / max(len(sampled), 1)
-        continue
-      factors = np.minimum(1.0, clip[k] / np.maximum(norms[holds], 1e-12))
-      noised = (updates[holds] * factors[:, None]).sum(axis=0) + rng.normal(
-          0.0, value_z[k] * clip[k], weights.shape)
-      combined += noised / m
-      # TFF's quantile records are +-0.5 around the expected count; zeros count as unclipped.
-      unclipped = (len(sampled) - holds.sum()) + np.sum(norms[holds] <= clip[k])
-      fraction = (unclipped - 0.5 * len(sampled) + rng.normal(0.0, count_std[k])) / m + 0.5
-      clip[k] *= math.exp(-_CLIP_LR.value * (fraction - target))
-    if _SERVER.value == 'adam':  # TFF's build_adam defaults: betas 0.9/0.999, epsilon 1e-7.
-      first = 0.9 * first + 0.1 * combined
-      second = 0.999 * second + 0.001 * combined**2
-      weights -= _SERVER_LR.value * (first / (1 - 0.9**round_num)) / (
-          np.sqrt(second / (1 - 0.999**round_num)) + 1e-7)
-    else:
-      velocity = _MOMENTUM.value * velocity + combined
-      weights -= _SERVER_LR.value * velocity
-    assign(weights)
-    if round_num % _EVAL_EVERY.value == 0 or round_num == _ROUNDS.value:
-      accuracy, per = validate()
-      history.append({'round': round_num, 'accuracy': accuracy})
-      print(f'round {round_num}: validation accuracy {accuracy:.3f} per category '
-            f'{[round(v, 2) for v in per]} ({time.perf_counter() - start:.0f} s)', flush=True)
+  settings = surrogate.Settings(
+      clients_per_round=_CLIENTS_PER_ROUND.value, rounds=_ROUNDS.value,
+      conv_filters=tuple(int(f) for f in _CONV_FILTERS.value), input_pooling=pooling,
+      head=head, client_lr=_CLIENT_LR.value, server=_SERVER.value, server_lr=_SERVER_LR.value,
+      momentum=_MOMENTUM.value,
+      target_unclipped_quantile=(_TARGET.value if _TARGET.value is not None else
+                                 surrogate.target_for_clients(1)),
+      initial_clip=_INITIAL_CLIP.value, clip_learning_rate=_CLIP_LR.value, dp=_DP.value,
+      policy_scale=_POLICY_SCALE.value)
+  start = time.perf_counter()
+  try:
+    result = surrogate.train(
+        x, y, *surrogate.one_image_clients(len(y)), x_val, y_val, settings, seed,
+        eval_every=_EVAL_EVERY.value,
+        log=lambda line: print(f'validation {line} ({time.perf_counter() - start:.0f} s)',
+                               flush=True))
+  finally:
+    runtime.shutdown()  # No TFF computation runs here, but TFF's import set a default context.
   print(json.dumps({'flags': {name: flags.FLAGS[name].value for name in (
       'num_per_category', 'clients_per_round', 'rounds', 'model', 'conv_filters', 'client_lr',
       'server', 'server_lr', 'dp', 'policy_scale', 'seed')},
-                    'parameters': int(sum(sizes)), 'validation_accuracy': accuracy,
-                    'validation_per_category': dict(zip(categories.CATEGORY_IDS, per)),
-                    'history': history}))
+                    'parameters': result['parameters'],
+                    'validation_accuracy': result['accuracy'],
+                    'validation_per_category': result['per_category'],
+                    'history': result['history']}))
 
 
 if __name__ == '__main__':

@@ -3,21 +3,24 @@
 import dataclasses
 import enum
 
+from tff_medical.benchmarks import privacy_utility
 from tff_medical.benchmarks import scaling
 
 
 class Mode(enum.Enum):
   QUICK = 'quick'  # CI-sized: a few minutes on 2 cores.
-  FULL = 'full'  # The study: the scaling curve up to the MedNIST size.
+  # The study: the scaling curve and the privacy-utility grid at the MedNIST size.
+  FULL = 'full'
 
 
 @dataclasses.dataclass(frozen=True)
 class ModeSpec:
   comparison_timed_rounds: int  # Timed rounds per contender of the round comparison.
   scaling_plan: scaling.ScalingPlan
+  study_plan: privacy_utility.StudyPlan
 
 
 MODES = {
-    Mode.QUICK: ModeSpec(2, scaling.QUICK_PLAN),
-    Mode.FULL: ModeSpec(5, scaling.FULL_PLAN),
+    Mode.QUICK: ModeSpec(2, scaling.QUICK_PLAN, privacy_utility.QUICK_PLAN),
+    Mode.FULL: ModeSpec(5, scaling.FULL_PLAN, privacy_utility.FULL_PLAN),
 }

@@ -162,7 +162,8 @@ MAKE_TARGETS = {'quick': 'make bench', 'full': 'make bench-full'}
 
 
 def render_markdown(results: dict, command: str, plot_link: Optional[str] = None,
-                    example_level: Optional[dict] = None) -> str:
+                    example_level: Optional[dict] = None,
+                    study_plot_link: Optional[str] = None) -> str:
   """The whole page; the scaling section when `results` has one (`plot_link`: its SVG).
 
   `example_level`: docs/example_level.json (experiments/example_level_bench.py's figures, an
@@ -198,6 +199,8 @@ def render_markdown(results: dict, command: str, plot_link: Optional[str] = None
   lines += _targets(results) + _reading(results)
   if 'scaling' in results:
     lines += _scaling(results['scaling'], plot_link)
+  if 'privacy_utility' in results:
+    lines += _privacy_utility(results['privacy_utility'], study_plot_link)
   if example_level is not None:
     lines += _example_level(example_level)
   return '\n'.join(lines)
@@ -388,4 +391,87 @@ def _scaling(scaling: dict, plot_link: Optional[str]) -> list[str]:
   reading = _scaling_reading(scaling)
   if reading:
     lines += ['### Reading', '', ' '.join(reading), '']
+  return lines
+
+
+def _spread_cell(figure: dict, digits: int = 0) -> str:
+  mean, low, high = (100 * figure[k] for k in ('mean', 'min', 'max'))
+  if abs(high - low) < 10**-digits / 2:
+    return f'{mean:.{digits}f}'
+  return f'{mean:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})'
+
+
+# Within this many accuracy points of non-private training: issue 6's goal at the seed policy.
+GOAL_POINTS = 5.0
+
+
+def _privacy_utility(study: dict, plot_link: Optional[str]) -> list[str]:
+  """The privacy-utility tables (one per partition), the goal's verdict and the plot."""
+  # pylint: disable=g-import-not-at-top
+  from tff_medical.benchmarks import privacy_utility
+  from tff_medical.privacy import policy as policy_lib
+  # pylint: enable=g-import-not-at-top
+  plan = study['plan']
+  seed_policy = policy_lib.default_policy()
+  levels = ('HeadCT', 'AbdomenCT', 'CXR')  # One category of each privacy level.
+  lines = [
+      '## Privacy-utility: accuracy per category against the policy scale', '',
+      'The embedded phantoms' + (' at MedNIST size' if plan['num_per_category'] *
+                                 categories.NUM_CATEGORIES >= 50000 else '') +
+      f' ({plan["num_per_category"]:,} a category, '
+      f'{plan["num_per_category"] * categories.NUM_CATEGORIES:,} images; '
+      f'{100 * plan["test_fraction"]:g}% held out as the test split, never trained on) split '
+      f'into {plan["num_clients"]:,} clients, IID and non-IID (Dirichlet over categories, '
+      f'alpha {plan["dirichlet_alpha"]:g}); {plan["clients_per_round"]} clients a round '
+      f'(Poisson), {plan["rounds"]} rounds, the noise calibrated for them; the demo\'s model '
+      '(16x16 pooled input, one 8-filter conv, flatten head: 3,158 parameters), client and '
+      'server optimizers and clipping (configs/demo.py), the clip target following the images a '
+      'client holds. The whole policy is scaled (x1 is the seed policy); "no DP" trains the same '
+      'way without clipping or noise. Seeds: ' + ', '.join(str(s) for s in plan['seeds']) +
+      ' (data order, model initialization, sampling and noise). Test accuracy, %: mean over '
+      'seeds (min-max).', '',
+      'Trained by the surrogate of class-aware DP-FedAvg '
+      '([tff_medical/benchmarks/surrogate.py](../tff_medical/benchmarks/surrogate.py)): the '
+      'per-category sub-updates of one local step (checked against the product\'s LocalTrainer '
+      'in tests/test_surrogate.py), the calibrated noise and clipped-count noise of '
+      'tff_medical.privacy.accounting, TFF\'s adaptive clip and server optimizer updates, '
+      'without TFF\'s per-round overhead; the real program\'s figures for the demo are in '
+      '[TUNING.md](TUNING.md) and the README.', '',
+  ]
+  if plot_link:
+    lines += [f'![accuracy against the policy scale]({plot_link})', '']
+  for scheme, result in study['partitions'].items():
+    summary = result['summary']
+    lines += [
+        f'### {"IID" if scheme == "iid" else "Non-IID (Dirichlet)"}', '',
+        f'{result["train_examples"]:,} training images over {result["clients"]:,} clients '
+        f'({result["images_per_client"]:.2f} a client, {result["mean_categories_held"]:.2f} '
+        f'categories held on average, at most {result["largest_category_group"]} images of one '
+        f'category at one client); clip target {result["clip_target"]:.3f}; '
+        f'{result["test_examples"]:,} test images.', '',
+        '| policy | epsilon (High / Medium / Low) | all | ' +
+        ' | '.join(categories.DISPLAY_NAMES[c] for c in categories.CATEGORY_IDS) + ' |',
+        '|---|---|---:|' + '---:|' * categories.NUM_CATEGORIES,
+    ]
+    for scale in plan['policy_scales']:
+      key = privacy_utility.scale_key(scale)
+      epsilons = ('-' if scale is None else ' / '.join(
+          f'{seed_policy.budget(c).epsilon * scale:g}' for c in levels))
+      name = 'no DP' if scale is None else (f'**{key} (seed)**' if scale == 1 else key)
+      lines.append(f'| {name} | {epsilons} | {_spread_cell(summary[key]["all"], 1)} | ' +
+                   ' | '.join(_spread_cell(summary[key][c]) for c in categories.CATEGORY_IDS) +
+                   ' |')
+    lines.append('')
+    if 'x1' in summary and 'no_dp' in summary:
+      gaps = privacy_utility.gaps_to_non_private(summary)
+      beyond = {c: g for c, g in gaps.items() if g < -GOAL_POINTS}
+      verdict = ('every category is within {:g} points of non-private training (mean over '
+                 'seeds)'.format(GOAL_POINTS) if not beyond else
+                 'beyond {:g} points of non-private training: '.format(GOAL_POINTS) +
+                 ', '.join(f'{categories.DISPLAY_NAMES[c]} ({g:+.1f})'
+                           for c, g in beyond.items()))
+      lines += [f'At the seed policy {verdict}; per category (points): ' +
+                ', '.join(f'{categories.DISPLAY_NAMES[c]} {g:+.1f}' for c, g in gaps.items()) +
+                '.', '']
+  lines += [f'The whole study took {study["seconds"]:.0f} s.', '']
   return lines
