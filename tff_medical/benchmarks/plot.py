@@ -33,7 +33,7 @@ def _linear_ticks(low: float, high: float) -> list[float]:
   magnitude = 10**math.floor(math.log10(max(raw, 1e-9)))
   step = next(f * magnitude for f in (1, 2, 5, 10) if f * magnitude >= raw)
   start = math.ceil(low / step) * step
-  return [start + i * step for i in range(int((high - start) / step) + 1)]
+  return [start + i * step for i in range(int((high - start) / step + 1e-9) + 1)]
 
 
 def _label(value: float) -> str:
@@ -147,6 +147,10 @@ def privacy_utility_svg(study: dict) -> str:
   keys = [privacy_utility.scale_key(s) for s in dp_scales] + (
       ['no_dp'] if None in scales else [])
   names = {'iid': 'IID', 'dirichlet': 'non-IID (Dirichlet)'}
+  lowest = min(figures[c]['mean'] for result in study['partitions'].values()
+               for figures in result['summary'].values() for c in figures)
+  # From a round tenth below the lowest mean to 1, so that close curves stay apart.
+  y_range = (max(0.0, math.floor(10 * lowest - 0.2) / 10), 1.0)
   body = []
   for column, (scheme, result) in enumerate(study['partitions'].items()):
     summary = result['summary']
@@ -156,7 +160,7 @@ def privacy_utility_svg(study: dict) -> str:
     body += _panel(column * _PANEL_W, 0, f'{names.get(scheme, scheme)}, '
                    f'{result["clients"]:,} clients', 'policy scale (x seed epsilons)',
                    'test accuracy (mean over seeds)', xs, series, log_y=False,
-                   x_tick_labels=labels, y_range=(0.0, 1.0))
+                   x_tick_labels=labels, y_range=y_range)
   width, height = 2 * _PANEL_W, _PANEL_H + 2 * _LEGEND_ROW
   return '\n'.join(
       [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

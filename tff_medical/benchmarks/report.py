@@ -21,7 +21,10 @@ def _load(value) -> str:
 def _machine(results: dict) -> list[str]:
   m = results['machine']
   gpu = (f'yes ({", ".join(m["gpus"])}; only in-process TensorFlow can use it, TFF\'s worker '
-         'is CPU only)' if m['gpu_used'] else 'no (CPU only)')
+         'is CPU only)' if m['gpu_used'] else
+         'no (CPU only). On a GPU, client training (in-process TensorFlow) would run there and '
+         'TFF\'s aggregation would stay on the CPU; that is unmeasured: no machine of this '
+         'project has had a GPU for a benchmark yet')
   lines = [
       '## Machine', '',
       f'- CPU: {m["cpu_model"]}, {m["cpu_count"]} logical cores '
@@ -395,10 +398,8 @@ def _scaling(scaling: dict, plot_link: Optional[str]) -> list[str]:
 
 
 def _spread_cell(figure: dict, digits: int = 0) -> str:
-  mean, low, high = (100 * figure[k] for k in ('mean', 'min', 'max'))
-  if abs(high - low) < 10**-digits / 2:
-    return f'{mean:.{digits}f}'
-  return f'{mean:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})'
+  mean, low, high = (f'{100 * figure[k]:.{digits}f}' for k in ('mean', 'min', 'max'))
+  return mean if low == high else f'{mean} ({low}-{high})'
 
 
 # Within this many accuracy points of non-private training: issue 6's goal at the seed policy.
