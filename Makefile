@@ -38,9 +38,9 @@ test-all: install
 demo: install
 	$(PY) experiments/train.py --config=configs/demo.py --root_output_dir=runs --experiment_name=demo
 
-# Rewrite docs/BENCHMARKS.md, docs/benchmarks.json and docs/benchmarks_scaling.svg (use an
-# otherwise idle machine). Quick by default: a few minutes, CI-sized; bench-full (or
-# BENCH_MODE=full) is the study, up to 59,000 clients, about a quarter of an hour on 2 cores.
+# Rewrite docs/BENCHMARKS.md, docs/benchmarks.json and the two SVG plots (use an otherwise idle
+# machine). Quick by default: a few minutes, CI-sized; bench-full (or BENCH_MODE=full) is the
+# study: scaling up to 59,000 clients and the privacy-utility grid, about 17 min on 2 cores.
 BENCH_MODE ?= quick
 bench: install
 	$(PY) experiments/bench.py --mode=$(BENCH_MODE)
