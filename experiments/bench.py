@@ -118,7 +118,7 @@ def main(argv):
     for key, target in result['targets'].items():
       print(f'{result["setting"]["name"]}: {key} = {target["ratio"]:.2f} '
             f'(target {target["target"]}: {"met" if target["met"] else "not met"})')
-  print(f'wrote {_OUTPUT.value}, {_RESULTS_JSON.value} and {_PLOT.value}')
+  print(f'wrote {_OUTPUT.value}, {_RESULTS_JSON.value}, {_PLOT.value} and {_STUDY_PLOT.value}')
 
 
 if __name__ == '__main__':

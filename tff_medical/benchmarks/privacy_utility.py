@@ -104,7 +104,7 @@ def _summary(runs: dict) -> dict:
   return summary
 
 
-def gaps_to_non_private(summary: dict, scale_key_: str = 'x1') -> dict[str, float]:
-  """Mean accuracy of each category at `scale_key_` minus without DP (points, negative: loss)."""
-  return {c: 100 * (summary[scale_key_][c]['mean'] - summary['no_dp'][c]['mean'])
+def gaps_to_non_private(summary: dict, policy: str = 'x1') -> dict[str, float]:
+  """Mean accuracy of each category at `policy` (a scale_key) minus without DP, in points."""
+  return {c: 100 * (summary[policy][c]['mean'] - summary['no_dp'][c]['mean'])
           for c in categories.CATEGORY_IDS}

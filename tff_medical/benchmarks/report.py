@@ -3,7 +3,9 @@
 from typing import Optional
 
 from tff_medical import categories
+from tff_medical.benchmarks import privacy_utility
 from tff_medical.benchmarks import round_time
+from tff_medical.privacy import policy as policy_lib
 
 _ORDER = [c.value for c in round_time.Contender]
 # Above this 1-minute load per core at start or end, the report says the CPU was shared.
@@ -408,10 +410,6 @@ GOAL_POINTS = 5.0
 
 def _privacy_utility(study: dict, plot_link: Optional[str]) -> list[str]:
   """The privacy-utility tables (one per partition), the goal's verdict and the plot."""
-  # pylint: disable=g-import-not-at-top
-  from tff_medical.benchmarks import privacy_utility
-  from tff_medical.privacy import policy as policy_lib
-  # pylint: enable=g-import-not-at-top
   plan = study['plan']
   seed_policy = policy_lib.default_policy()
   levels = ('HeadCT', 'AbdomenCT', 'CXR')  # One category of each privacy level.
