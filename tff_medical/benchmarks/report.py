@@ -427,7 +427,8 @@ def _privacy_utility(study: dict, plot_link: Optional[str]) -> list[str]:
       'server optimizers and clipping (configs/demo.py), the clip target following the images a '
       'client holds. The whole policy is scaled (x1 is the seed policy); "no DP" trains the same '
       'way without clipping or noise. Seeds: ' + ', '.join(str(s) for s in plan['seeds']) +
-      ' (data order, model initialization, sampling and noise). Test accuracy, %: mean over '
+      ' (model initialization, client sampling and noise; the phantoms and the partition are the '
+      'same in every run). Test accuracy, %: mean over '
       'seeds (min-max).', '',
       'Trained by the surrogate of class-aware DP-FedAvg '
       '([tff_medical/benchmarks/surrogate.py](../tff_medical/benchmarks/surrogate.py)): the '
