@@ -65,6 +65,7 @@ def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> dict:
                                     test_fraction=plan.test_fraction, holdout_fraction=0.0)
     index, offsets = split.csr('train')
     test = split.test_indices
+    x_test, y_test = x[test], y[test]
     counts = split.category_count_matrix('train')
     images_per_client = len(index) / plan.num_clients
     target = surrogate.target_for_clients(images_per_client)
@@ -76,7 +77,7 @@ def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> dict:
             target_unclipped_quantile=target, dp=scale is not NO_DP,
             policy_scale=1.0 if scale is NO_DP else scale)
         run_started = time.perf_counter()
-        outcome = surrogate.train(x, y, index, offsets, x[test], y[test], settings, seed,
+        outcome = surrogate.train(x, y, index, offsets, x_test, y_test, settings, seed,
                                   eval_every=plan.eval_every)
         outcome['seconds'] = time.perf_counter() - run_started
         runs.setdefault(scale_key(scale), []).append(dict(outcome, seed=seed))
