@@ -46,17 +46,9 @@ _MODELS = {'gap': (1, 'gap'), 'pool4_gap': (4, 'gap'), 'pool2_flatten': (2, 'fla
            'pool4_flatten': (4, 'flatten')}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  seed = _SEED.value
-  x_all, y_all = surrogate.as_inputs(phantoms.generate(_NUM_PER_CATEGORY.value, seed=seed))
-  held_out = len(y_all) // 10  # The run's test split: never trained on, never scored here.
-  x, y = x_all[held_out:], y_all[held_out:]
-  x_val, y_val = surrogate.as_inputs(phantoms.generate(max(100, _NUM_PER_CATEGORY.value // 10),
-                                                       seed=1000 + seed))
+def _settings() -> surrogate.Settings:
   pooling, head = _MODELS[_MODEL.value]
-  settings = surrogate.Settings(
+  return surrogate.Settings(
       clients_per_round=_CLIENTS_PER_ROUND.value, rounds=_ROUNDS.value,
       conv_filters=tuple(int(f) for f in _CONV_FILTERS.value), input_pooling=pooling,
       head=head, client_lr=_CLIENT_LR.value, server=_SERVER.value, server_lr=_SERVER_LR.value,
@@ -65,15 +57,27 @@ def main(argv):
                                  surrogate.target_for_clients(1)),
       initial_clip=_INITIAL_CLIP.value, clip_learning_rate=_CLIP_LR.value, dp=_DP.value,
       policy_scale=_POLICY_SCALE.value)
-  start = time.perf_counter()
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
-    result = surrogate.train(
-        x, y, *surrogate.one_image_clients(len(y)), x_val, y_val, settings, seed,
-        eval_every=_EVAL_EVERY.value,
-        log=lambda line: print(f'validation {line} ({time.perf_counter() - start:.0f} s)',
-                               flush=True))
-  finally:
-    runtime.shutdown()  # No TFF computation runs here, but TFF's import set a default context.
+    settings = _settings()
+  except ValueError as e:  # A bad flag value: say which, without a traceback.
+    raise app.UsageError(str(e)) from None
+  seed = _SEED.value
+  x_all, y_all = surrogate.as_inputs(phantoms.generate(_NUM_PER_CATEGORY.value, seed=seed))
+  held_out = len(y_all) // 10  # The run's test split: never trained on, never scored here.
+  x, y = x_all[held_out:], y_all[held_out:]
+  x_val, y_val = surrogate.as_inputs(phantoms.generate(max(100, _NUM_PER_CATEGORY.value // 10),
+                                                       seed=1000 + seed))
+  start = time.perf_counter()
+  result = surrogate.train(
+      x, y, *surrogate.one_image_clients(len(y)), x_val, y_val, settings, seed,
+      eval_every=_EVAL_EVERY.value,
+      log=lambda line: print(f'validation {line} ({time.perf_counter() - start:.0f} s)',
+                             flush=True))
   print(json.dumps({'flags': {name: flags.FLAGS[name].value for name in (
       'num_per_category', 'clients_per_round', 'rounds', 'model', 'conv_filters', 'client_lr',
       'server', 'server_lr', 'dp', 'policy_scale', 'seed')},
@@ -81,6 +85,13 @@ def main(argv):
                     'validation_accuracy': result['accuracy'],
                     'validation_per_category': result['per_category'],
                     'history': result['history']}))
+
+
+def main(argv):
+  try:
+    _main(argv)
+  finally:
+    runtime.shutdown()  # No TFF computation runs here, but TFF's import set a default context.
 
 
 if __name__ == '__main__':
