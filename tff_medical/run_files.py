@@ -1,0 +1,45 @@
+"""The files of a run directory, and which of them may be published.
+
+The release boundary (README "What is private, and from whom"): the privacy guarantee covers what
+is PUBLISHABLE; CONFIDENTIAL files stay with the data custodian. Publishing a confidential file
+breaks the guarantee as accounted: participant lists void the sampling amplification, the
+manifest holds per-client counts, checkpoints hold the sampler's secret.
+Every name a run directory can hold is listed here; anything else is confidential by default.
+"""
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.csv'
+AUDIT_FILE = 'audit_log.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+MANIFEST_FILE = 'partition_manifest.json'
+CHECKPOINT_DIR = 'checkpoints'
+LEDGER_FILE = 'privacy_ledger.json'
+CLIENT_LEDGER_FILE = 'privacy_ledger_client.json'  # Example level with stacked client noise.
+SAVED_MODEL_DIR = 'saved_model'
+MODEL_CARD_FILE = 'model_card.json'
+DASHBOARD_FILE = 'dashboard.html'  # The custodian's page: audit records, participants.
+EMPIRICAL_AUDIT_FILE = 'empirical_audit.json'
+
+# May leave the custodian: the model, its card, the ledgers and the evaluation metrics.
+# metrics.csv holds no per-round timing and no client ids (training/program.py writes only
+# accounted or post-processed values there); the public dashboard is rendered anew by the
+# release command, never copied.
+PUBLISHABLE = frozenset({
+    SAVED_MODEL_DIR, MODEL_CARD_FILE, LEDGER_FILE, CLIENT_LEDGER_FILE, METRICS_FILE,
+    EMPIRICAL_AUDIT_FILE,
+})
+
+# Stays with the custodian, written owner-only (0600 files, 0700 folders).
+CONFIDENTIAL = frozenset({
+    CONFIG_FILE,  # data paths, the data report's per-category counts
+    AUDIT_FILE,  # participants of every round
+    MANIFEST_FILE,  # per-client example ids and counts
+    CHECKPOINT_DIR,  # the sampler's secret, full training state
+    TENSORBOARD_DIR,  # round timing
+    DASHBOARD_FILE,  # audit records and participation by client
+})
+
+
+def is_publishable(name: str) -> bool:
+  """Whether the top-level run-directory entry `name` may be published (default: no)."""
+  return name in PUBLISHABLE
