@@ -700,6 +700,59 @@ def test_only_enrolled_node_keys_join(superlink, pki_dir, tmp_path):
     assert not node_id, f'an unenrolled key was given node {node_id}'
 
 
+def _watch_private_files(root):
+  """Checks `root` before every file-system call this process makes (an audit hook sees each
+  open, chmod, rename, mkdir before it runs), so every state between two calls is observed:
+  a file holding a private key, or its folder, readable by group or others at any moment is
+  recorded as (event, path, mode). Returns (exposures, stop)."""
+  exposures, state = [], {'on': True, 'busy': False}
+  marker = b'PRIVATE KEY'
+
+  def check(event):
+    for folder, _, names in os.walk(root):
+      for name in names:
+        path = os.path.join(folder, name)
+        try:
+          with open(path, 'rb') as f:
+            if marker not in f.read():
+              continue
+          modes = {path: os.stat(path).st_mode, folder: os.stat(folder).st_mode}
+        except OSError:
+          continue  # Renamed away between the walk and the read.
+        exposures.extend((event, p, oct(m & 0o777)) for p, m in modes.items() if m & 0o077)
+
+  def hook(event, args):
+    del args
+    if not state['on'] or state['busy'] or not (event == 'open' or event.startswith('os.')):
+      return
+    state['busy'] = True
+    try:
+      check(event)
+    finally:
+      state['busy'] = False
+
+  sys.addaudithook(hook)  # Cannot be removed: `stop` turns it off.
+  return exposures, lambda: state.update(on=False)
+
+
+def test_no_private_key_is_readable_at_any_moment_of_provisioning(tmp_path):
+  root = str(tmp_path / 'pki')
+  exposures, stop = _watch_private_files(root)
+  try:
+    provisioning.provision(root, ['site-a', 'site-b'])
+    provisioning.enroll_site(root, 'site-c')
+  finally:
+    stop()
+  assert not exposures, exposures[:5]
+  keys = ['ca/ca.key', 'coordinator/key.pem', 'coordinator/auth_key'] + [
+      f'sites/{s}/{k}' for s in ('site-a', 'site-b', 'site-c') for k in ('key.pem', 'auth_key')]
+  for name in keys:
+    path = os.path.join(root, name)
+    assert os.stat(path).st_mode & 0o777 == 0o600, name
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700, name
+  assert os.stat(root).st_mode & 0o777 == 0o700
+
+
 def test_provisioning_writes_private_keys_owner_only(pki_dir):
   for name in ('ca/ca.key', 'coordinator/key.pem', 'coordinator/auth_key',
                'sites/site-a/key.pem', 'sites/site-a/auth_key'):

@@ -7,7 +7,8 @@ Two independent checks decide who may join, both set up here:
 * Flower node authentication: each site signs its requests with its own EC key, and the SuperLink
   accepts only the public keys listed in coordinator/enrolled_sites.csv.
 
-Layout of a PKI folder (private keys are written 0600):
+Layout of a PKI folder (every folder 0700, every private key 0600 from its first byte: written
+through a 0600 temporary file created with O_EXCL, then renamed; never readable by another user):
   ca/ca.pem, ca/ca.key                    the CA: keep ca.key offline, it mints identities
   coordinator/ca.pem, cert.pem, key.pem   TLS identity (server and client auth)
   coordinator/auth_key, auth_key.pub      the SuperLink's node-auth key pair (OpenSSH EC)
@@ -50,10 +51,29 @@ def _utcnow() -> datetime.datetime:
   return datetime.datetime.now(datetime.timezone.utc)
 
 
+def _private_dir(folder: str) -> None:
+  """Creates `folder` and its missing parents owner-only (0700) and makes `folder` 0700.
+
+  os.makedirs gives missing parents the umask's mode (often 0755), so each level is made here.
+  """
+  folder = os.path.abspath(folder)
+  missing = []
+  while not os.path.isdir(folder):
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  for path in reversed(missing):
+    try:
+      os.mkdir(path, 0o700)
+    except FileExistsError:
+      pass
+  os.chmod(missing[0] if missing else folder, 0o700)
+
+
 def _write(path: str, data: bytes, private: bool = False) -> None:
-  fileio.write_atomic(path, data)
-  if private:
-    os.chmod(path, 0o600)
+  """Atomic write into an owner-only folder; a private file is 0600 from creation (mkstemp's
+  O_EXCL 0600 temporary file keeps that mode through the rename): no readable moment."""
+  _private_dir(os.path.dirname(path))
+  fileio.write_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 def _key_pem(key) -> bytes:
