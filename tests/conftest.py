@@ -7,6 +7,19 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import pytest  # pylint: disable=g-import-not-at-top
 
 
+@pytest.fixture(scope='session', autouse=True)
+def audit_key_file(tmp_path_factory):
+  """The audit custodian key for the whole session, in a private temporary folder.
+
+  Set in os.environ so that programs the tests start inherit it: no test writes a key or an
+  anchor in the real home directory.
+  """
+  path = tmp_path_factory.mktemp('audit_custodian') / 'keys' / 'audit.key'
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('TFF_MEDICAL_AUDIT_KEY_FILE', str(path))
+    yield str(path)
+
+
 @pytest.fixture(scope='session')
 def tff_context():
   """Installs the loopback-only TFF context for tests that run federated computations."""
