@@ -310,6 +310,88 @@ class TestBuild:
                                                    live=True))
     assert data['live'] is True and data['runs'][0]['rounds'] == []
 
+  def test_the_custodians_page_says_it_is_confidential_and_how_to_publish(self, synthetic,
+                                                                           tmp_path):
+    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
+    notice = page[page.index(f'id="{dashboard.NOTICE_ID}"'):page.index('<div id="app">')]
+    assert 'CONFIDENTIAL: participants.' in notice and 'experiments/release.py' in notice
+    assert page.index(dashboard.NOTICE_ID) < page.index('<script')  # Shown without scripts.
+    assert data['public'] is False
+    # Its panels stay: audit records with participants, config, participation by client.
+    [run] = data['runs']
+    assert run['audit_latest'][0]['participants'] and run['config']
+    assert run['participation']['distinct_clients'] > 0
+
+  def test_public_page_shows_no_client_id_audit_record_config_or_timing(self, synthetic,
+                                                                         tmp_path):
+    # Built from a full run directory: public mode must not read its confidential files.
+    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
+                                                      public=True, names=['demo']))
+    assert data['public'] is True and 'Public dashboard.' in page and 'CONFIDENTIAL' not in page
+    audit = audit_lib.AuditLog(os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME))
+    records = list(audit.records())
+    participants = {p for r in records for p in r['participants']}
+    assert participants and not [p for p in participants if p in page]
+    # No audit record: none of its hashes (chain, model) is on the page.
+    hashes = [v for r in records for v in r.values()
+              if isinstance(v, str) and re.fullmatch('[0-9a-f]{32,}', v)]
+    assert hashes and not [h for h in hashes if h in page]
+    assert 'round_seconds' not in page and synthetic not in page
+    [run] = data['runs']
+    assert run['name'] == 'demo' and run['path'] == ''
+    assert (run['audit_latest'], run['audit_count'], run['config'],
+            run['participation']) == ([], 0, [], None)
+    assert run['series']['num_clients'] == [10, 10, 10]
+    assert set(run['series']) >= {'eval/accuracy/HeadCT', 'epsilon/CXR', 'clip_norm/Hand',
+                                  'update_norm', 'client_level_epsilon'}
+    # The policy as the ledger records it, with the applied noise multipliers.
+    assert [(b['id'], b['epsilon']) for b in run['policy']['categories']] == [
+        (b.id, b.epsilon) for b in policy_lib.default_policy().budgets]
+    assert run['planned_noise_multipliers'] == _Z
+    checks = {c['id']: c for c in run['compliance']}
+    assert list(checks) == [dashboard.BUDGET_RESPECTED, dashboard.LEDGER_CONSISTENT,
+                            dashboard.NO_IDENTIFIERS]
+    assert all(c['ok'] for c in checks.values()), checks
+    assert 'targets the ledger states' in checks[dashboard.BUDGET_RESPECTED]['reason']
+
+  def test_public_page_works_from_the_publishable_files_alone(self, synthetic, tmp_path):
+    bundle = tmp_path / 'bundle'
+    bundle.mkdir()
+    for name in (ledger_lib.LEDGER_FILENAME, dashboard.METRICS_FILE):
+      shutil.copy(os.path.join(synthetic, name), bundle / name)
+    _, data = _page_data(dashboard.build_dashboard([str(bundle)], str(bundle / 'p.html'),
+                                                   public=True))
+    [run] = data['runs']
+    assert run['problems'] == [] and run['rounds'] == [1, 2, 3]
+    assert all(c['ok'] for c in run['compliance'])
+    # And an overspent ledger is red on the public page as well.
+    _edit_ledger(str(bundle), lambda l: l['categories']['HeadCT'].update(epsilon_spent=0.7))
+    checks = {c.id: c for c in dashboard.public_compliance(str(bundle))}
+    assert not checks[dashboard.BUDGET_RESPECTED].ok
+    assert 'HeadCT: spent 0.7 > budget 0.5' in checks[dashboard.BUDGET_RESPECTED].reason
+
+  def test_public_page_drops_unpublishable_metric_columns(self, synthetic, tmp_path):
+    # Even from a metrics.csv the release did not filter.
+    path = os.path.join(synthetic, dashboard.METRICS_FILE)
+    with open(path, newline='') as f:
+      rows = list(csv.DictReader(f))
+    for row in rows:
+      row['train/accuracy'] = '0.9'
+    with open(path, 'w', newline='') as f:
+      writer = csv.DictWriter(f, list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+    _, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
+                                                   public=True))
+    series = data['runs'][0]['series']
+    assert 'train/accuracy' not in series and 'round_seconds' not in series
+    _, custodian = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'c.html')))
+    assert 'train/accuracy' in custodian['runs'][0]['series']
+
+  def test_names_must_match_the_run_dirs(self, synthetic, tmp_path):
+    with pytest.raises(dashboard.DashboardError, match='one non-empty name per run'):
+      dashboard.build_dashboard([synthetic], str(tmp_path / 'd.html'), names=['a', 'b'])
+
   def test_missing_run_dir_is_refused(self, tmp_path):
     with pytest.raises(dashboard.DashboardError, match='Found none at'):
       dashboard.build_dashboard([str(tmp_path / 'nope')], str(tmp_path / 'd.html'))
@@ -611,10 +693,31 @@ class TestBrowser:
                                  dashboard.LEDGER_CONSISTENT: True, dashboard.AUDIT_CHAIN: True,
                                  dashboard.NO_IDENTIFIERS: True}
     assert page.evaluate("document.querySelectorAll('ul.compliance li.ok').length") == 4
+    assert page.evaluate(f"document.getElementById('{dashboard.NOTICE_ID}').innerText").startswith(
+        'CONFIDENTIAL: participants.')
     screenshot = README_SCREENSHOT if UPDATE_SCREENSHOT else os.path.join(run_dir, 'shot.png')
     page.screenshot(screenshot)
     with open(screenshot, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  def test_the_public_page_renders_its_panels_only(self, real_run, browser, tmp_path):
+    run_dir, _ = real_run
+    output = dashboard.build_dashboard([run_dir], str(tmp_path / 'public.html'), public=True)
+    page = browser.open(output)
+    check = page.self_check()
+    assert page.problems() == [] and check['errors'] == [] and check['resources'] == []
+    assert page.requests() == ['file://' + output]
+    [run] = check['runs']
+    assert set(run['panels']) == set(CHART_PANELS) - {'participation'}
+    for name, panel in run['panels'].items():
+      assert panel['series'] >= 1 and panel['points'] >= 1 and panel['rounds'] == 3, (name, panel)
+    assert run['tables'] == {'budget': 6, 'policy': 6}  # No audit records, no config.
+    assert run['compliance'] == {dashboard.BUDGET_RESPECTED: True,
+                                 dashboard.LEDGER_CONSISTENT: True,
+                                 dashboard.NO_IDENTIFIERS: True}
+    text = page.evaluate('document.body.innerText')
+    assert text.index('Public dashboard.') < text.index('Privacy budget per category')
+    assert 'client_' not in text and run_dir not in text
 
   def test_charts_hover_zoom_and_toggle(self, real_run, browser):
     run_dir, _ = real_run

@@ -43,3 +43,37 @@ CONFIDENTIAL = frozenset({
 def is_publishable(name: str) -> bool:
   """Whether the top-level run-directory entry `name` may be published (default: no)."""
   return name in PUBLISHABLE
+
+
+# Why each confidential entry stays with the custodian, for refusals that say why.
+CONFIDENTIAL_REASONS = {
+    CONFIG_FILE: 'it holds data paths and the per-category counts of the data report',
+    AUDIT_FILE: ('it names the participants of every round; publishing them voids the sampling '
+                 'amplification the ledger assumes'),
+    MANIFEST_FILE: 'it holds every client\'s example ids and per-category counts',
+    CHECKPOINT_DIR: 'it holds the sampler\'s secret and the full training state',
+    TENSORBOARD_DIR: 'it holds per-round timing, which depends on the sampled clients\' data',
+    DASHBOARD_FILE: ('it shows audit records and participation by client; the release command '
+                     'renders a public dashboard instead'),
+}
+
+# What the release command adds to a bundle (never present in a run directory).
+PUBLIC_DASHBOARD_FILE = 'public_dashboard.html'
+BUNDLE_MANIFEST_FILE = 'MANIFEST.json'
+
+# The metrics.csv columns that may be published: accounted values (epsilon, adaptive clip norms
+# from the noised clipped counts, released flags from the ledger), post-processing of released
+# models (update norm between two published models, evaluation of a released model on the
+# custodian's test split), and the number of clients a round as a count. Never per-round timing,
+# never anything naming a client; a column not listed here is dropped from a release.
+PUBLISHABLE_METRIC_COLUMNS = frozenset({
+    'round', 'client_level_epsilon', 'example_level_epsilon', 'update_norm', 'num_clients',
+})
+PUBLISHABLE_METRIC_PREFIXES = ('eval/', 'epsilon/', 'clip_norm/', 'released/')
+
+
+def is_publishable_metric(column: str) -> bool:
+  """Whether the metrics.csv column `column` may be published (default: no)."""
+  return column in PUBLISHABLE_METRIC_COLUMNS or (
+      column.startswith(PUBLISHABLE_METRIC_PREFIXES) and
+      not column.endswith(PUBLISHABLE_METRIC_PREFIXES))

@@ -18,6 +18,15 @@ The compliance panel (`compliance`), each item green or red with its reason:
 * audit chain verified: `audit.verify_run_dir`;
 * no patient identifiers: a documented heuristic scan of the run directory
   (`scan_for_identifiers`).
+
+This page is the data custodian's: it shows the audit records (who took part in each round),
+participation by client and config.json, so it is confidential (run_files.CONFIDENTIAL) and says
+so at its top. `build_dashboard(..., public=True)` renders the page that may be published, from
+the publishable files alone (a release bundle, experiments/release.py): accuracy and loss per
+category, epsilon against the budgets the ledger states, noise multipliers, clients per round as
+counts, clip and update norms, the policy as the ledger records it, and the compliance items that
+need no confidential file (budget respected, ledger consistent with the accountant, identifier
+scan of the bundle). No audit record, client id, configuration or round timing.
 """
 
 import collections
@@ -37,6 +46,7 @@ import numpy as np
 
 from tff_medical import fileio
 from tff_medical import categories
+from tff_medical import run_files
 from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import audit as audit_lib
 from tff_medical.privacy import accounting
@@ -173,8 +183,13 @@ def load_run_policy(
 def check_budgets(ledger_json: Any,
                   policy: Optional[policy_lib.PrivacyPolicy],
                   metrics_rows: Sequence[Mapping[str, str]] = (),
-                  audit_records: Sequence[Mapping[str, Any]] = ()) -> Check:
-  """Every category's spend within its budget, in the ledger and in every round's figures."""
+                  audit_records: Sequence[Mapping[str, Any]] = (),
+                  *,
+                  targets_from: str = 'the ledger (policy file unreadable)') -> Check:
+  """Every category's spend within its budget, in the ledger and in every round's figures.
+
+  Without `policy` the budgets are the ledger's targets; `targets_from` says so in the reason.
+  """
   title = 'Every budget respected'
   if not isinstance(ledger_json, Mapping) or not isinstance(ledger_json.get('categories'),
                                                             Mapping):
@@ -213,7 +228,7 @@ def check_budgets(ledger_json: Any,
       problems.append(f'{c}: audit log shows {worst:.6g} > budget {target:g}')
   if problems:
     return Check(BUDGET_RESPECTED, title, False, '; '.join(problems))
-  where = 'the policy' if policy is not None else 'the ledger (policy file unreadable)'
+  where = 'the policy' if policy is not None else targets_from
   return Check(BUDGET_RESPECTED, title, True,
                f'all 6 categories within their budgets from {where}')
 
@@ -392,7 +407,8 @@ def check_ledger(ledger_json: Any,
   checked = 'the 6 categories' + (' and the client level' if released is not None else '')
   return Check(LEDGER_CONSISTENT, title, True,
                f'schema valid; {checked} recomputed by a fresh {ledger_json["accountant"]} '
-               f'accountant within rel {LEDGER_REL_TOL:g}; matches the audit log and metrics')
+               f'accountant within rel {LEDGER_REL_TOL:g}; matches '
+               f'{"the audit log and metrics" if audit_records else "metrics.csv"}')
 
 
 def check_audit_chain(run_dir: str) -> Check:
@@ -490,8 +506,8 @@ def scan_for_identifiers(run_dir: str, skip: Iterable[str] = ()) -> list[Finding
   return findings
 
 
-def check_identifiers(run_dir: str, skip: Iterable[str] = ()) -> Check:
-  title = 'No patient identifiers in the run directory'
+def check_identifiers(run_dir: str, skip: Iterable[str] = (),
+                      title: str = 'No patient identifiers in the run directory') -> Check:
   findings = scan_for_identifiers(run_dir, skip)
   if findings:
     shown = '; '.join(str(f) for f in findings[:_MAX_FINDINGS])
@@ -517,6 +533,36 @@ def compliance(run_dir: str, skip: Iterable[str] = ()) -> list[Check]:
     budget = check_budgets(ledger_json, policy, rows, records)
     ledger_check = check_ledger(ledger_json, rows, records)
   return [budget, ledger_check, check_audit_chain(run_dir), check_identifiers(run_dir, skip)]
+
+
+def public_compliance(bundle_dir: str, skip: Iterable[str] = ()) -> list[Check]:
+  """The compliance items anyone holding only the publishable files can check.
+
+  Budgets are the ledger's targets (the policy file and config.json stay with the custodian);
+  the ledger is recomputed by a fresh accountant and compared with metrics.csv; the identifier
+  scan covers the bundle. The audit chain is the custodian's to verify: the log is confidential.
+  """
+  ledger_json, problem = read_json(os.path.join(bundle_dir, ledger_lib.LEDGER_FILENAME))
+  rows, columns = read_metrics(bundle_dir)
+  rows = _publishable_rows(rows, columns)
+  if problem:
+    budget = Check(BUDGET_RESPECTED, 'Every budget respected', False, problem)
+    ledger_check = Check(LEDGER_CONSISTENT, 'Ledger consistent with the accountant', False,
+                         problem)
+  else:
+    budget = check_budgets(ledger_json, None, rows,
+                           targets_from='the targets the ledger states')
+    ledger_check = check_ledger(ledger_json, rows)
+  return [budget, ledger_check,
+          check_identifiers(bundle_dir, skip, title='No patient identifiers in the bundle')]
+
+
+def _publishable_rows(rows: Sequence[Mapping[str, str]],
+                      columns: Sequence[str]) -> list[dict[str, str]]:
+  # Defence in depth: a public page reads only the columns a release may hold, even from a
+  # metrics.csv that was not filtered.
+  keep = [c for c in columns if run_files.is_publishable_metric(c)]
+  return [{c: row.get(c) for c in keep} for row in rows]
 
 
 # The page's data.
@@ -614,6 +660,7 @@ def run_data(run_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any
   checks = compliance(run_dir, skip)
   return {
       'name': name,
+      'public': False,
       'path': os.path.abspath(run_dir),
       'dp': bool(config_section.get('dp', ledger_json is not None)),
       'total_rounds': config_section.get('total_rounds'),
@@ -634,6 +681,63 @@ def run_data(run_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any
       'participation': _participation(records, total_clients),
       'audit_count': len(records),
       'audit_latest': [_audit_row(r) for r in records[-LATEST_AUDIT_RECORDS:]][::-1],
+      'compliance': [c.to_json_dict() for c in checks],
+      'problems': problems,
+  }
+
+
+def public_run_data(bundle_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any]:
+  """What the public page shows of one run, from its publishable files only.
+
+  The same shape as `run_data`, with nothing confidential: no path on the custodian's machine,
+  no configuration, no audit record, no participation by client (clients per round stay, as the
+  num_clients counts of metrics.csv), and the policy as the ledger records it (each category's
+  display name, level, target epsilon and applied noise multiplier). Missing files (an audit
+  log, config.json, the manifest, checkpoints: none is in a bundle) are expected.
+  """
+  problems = []
+  rows, columns = read_metrics(bundle_dir)
+  columns = [c for c in columns if run_files.is_publishable_metric(c)]
+  rows = _publishable_rows(rows, columns)
+  ledger_json, problem = read_json(os.path.join(bundle_dir, ledger_lib.LEDGER_FILENAME))
+  problems += [problem] if problem else []
+  ledger = None
+  policy = None
+  multipliers = None
+  if isinstance(ledger_json, Mapping):
+    # An example-level ledger's per-site section stays in the ledger file; the page needs only
+    # the whole's figures.
+    ledger = {k: v for k, v in ledger_json.items() if k != 'sites'}
+    entries = ledger_json.get('categories')
+    if isinstance(entries, Mapping):
+      known = [(c, entries[c]) for c in categories.CATEGORY_IDS
+               if isinstance(entries.get(c), Mapping)]
+      policy = {
+          'source': f'{ledger_lib.LEDGER_FILENAME} (each category\'s target)',
+          'delta': ledger_json.get('delta'),
+          'categories': [dict(id=c, display_name=e.get('display_name'),
+                              privacy_level=e.get('privacy_level'),
+                              epsilon=e.get('target_epsilon'), noise_level=None)
+                         for c, e in known],
+      }
+      multipliers = {c: e.get('noise_multiplier') for c, e in known}
+  checks = public_compliance(bundle_dir, skip)
+  return {
+      'name': name,
+      'public': True,
+      'path': '',
+      'dp': ledger is not None,
+      'total_rounds': None,
+      'rounds': [int(float(row['round'])) for row in rows],
+      'series': _series(rows, columns),
+      'confusion': _latest_confusion(rows),
+      'ledger': ledger,
+      'policy': policy,
+      'planned_noise_multipliers': multipliers,
+      'config': [],
+      'participation': None,
+      'audit_count': 0,
+      'audit_latest': [],
       'compliance': [c.to_json_dict() for c in checks],
       'problems': problems,
   }
@@ -682,6 +786,8 @@ def render_html(data: Mapping[str, Any]) -> str:
       # '</script' inside a script element would end it early.
       'UPLOT_JS': _read_vendor(_UPLOT_JS).replace('</script', '<\\/script'),
       'PAGE_JS': _PAGE_JS.replace('@@SELF_CHECK_ID@@', SELF_CHECK_ID),
+      # In the HTML itself, not drawn by the script: it shows even where scripts do not run.
+      'NOTICE': _PUBLIC_NOTICE if data.get('public') else _CONFIDENTIAL_NOTICE,
   }
   # One pass: text from the run (config values, reasons) is never read as a placeholder.
   return re.sub(r'@@([A-Z_]+)@@', lambda m: values[m.group(1)], _PAGE)
@@ -696,7 +802,9 @@ def build_dashboard(run_dirs: Sequence[str],
                     output_path: str,
                     live: bool = False,
                     *,
-                    refresh_seconds: float = REFRESH_SECONDS) -> str:
+                    refresh_seconds: float = REFRESH_SECONDS,
+                    public: bool = False,
+                    names: Optional[Sequence[str]] = None) -> str:
   """Writes the dashboard of `run_dirs` to `output_path` (atomically); returns its path.
 
   Args:
@@ -706,12 +814,15 @@ def build_dashboard(run_dirs: Sequence[str],
     live: While True the page reloads itself every `refresh_seconds` (a run in progress); the
       final write after training passes False.
     refresh_seconds: The reload period of a live page.
+    public: The page that may be published (see the module docstring), built from the
+      publishable files alone; the default is the custodian's confidential page.
+    names: The runs' names on the page; default: the folders' names.
 
   Returns:
     output_path.
 
   Raises:
-    DashboardError: no run directory, or one that does not exist.
+    DashboardError: no run directory, or one that does not exist, or names that do not match.
   """
   if isinstance(run_dirs, (str, bytes)) or not run_dirs:
     raise DashboardError(f'run_dirs must be a non-empty list of run directories. '
@@ -721,10 +832,17 @@ def build_dashboard(run_dirs: Sequence[str],
       raise DashboardError(f'run_dir must be a folder. Found none at {run_dir}.')
   if not (isinstance(refresh_seconds, (int, float)) and refresh_seconds > 0):
     raise DashboardError(f'refresh_seconds must be positive. Found {refresh_seconds!r}.')
-  names = _run_names(run_dirs)
-  runs = [run_data(d, n, skip=[output_path]) for d, n in zip(run_dirs, names)]
+  if names is None:
+    names = _run_names(run_dirs)
+  elif (isinstance(names, (str, bytes)) or len(names) != len(run_dirs) or
+        not all(isinstance(n, str) and n for n in names)):
+    raise DashboardError(f'names must be one non-empty name per run directory. Found {names!r}.')
+  read = public_run_data if public else run_data
+  runs = [read(d, n, skip=[output_path]) for d, n in zip(run_dirs, names)]
   data = {
-      'title': ('Training dashboard: ' + ', '.join(names)),
+      'title': (('Public dashboard: ' if public else 'Training dashboard (confidential): ') +
+                ', '.join(names)),
+      'public': bool(public),
       'generated': datetime.datetime.now(datetime.timezone.utc).replace(
           microsecond=0).isoformat().replace('+00:00', 'Z'),
       'live': bool(live),
@@ -737,6 +855,21 @@ def build_dashboard(run_dirs: Sequence[str],
   return output_path
 
 
+NOTICE_ID = 'boundary-notice'
+# Which side of the release boundary a page is on (run_files.py; README "Publishing a run").
+_CONFIDENTIAL_NOTICE = f"""<div class="notice confidential" id="{NOTICE_ID}">
+<strong>CONFIDENTIAL: participants.</strong> This page shows who took part in each round (audit
+records, participation by client) and the run's configuration; it stays with the data custodian.
+Publishing it voids the sampling amplification that the privacy ledger assumes. The page that may
+be published is the release bundle's public_dashboard.html:
+<code>python experiments/release.py --run_dir=&lt;this run&gt; --output=&lt;new folder&gt;</code>
+</div>"""
+_PUBLIC_NOTICE = f"""<div class="notice public" id="{NOTICE_ID}">
+<strong>Public dashboard.</strong> Built from the published files of the run alone (privacy
+ledger, evaluation metrics): no participant, no client id, no round timing, no configuration.
+The audit log that names each round's participants stays with the data custodian.
+</div>"""
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -748,6 +881,8 @@ _PAGE = """<!DOCTYPE html>
 <style>@@PAGE_CSS@@</style>
 </head>
 <body>
+<div id="top"></div>
+@@NOTICE@@
 <div id="app"></div>
 <pre id="@@SELF_CHECK_ID@@" hidden></pre>
 <script type="application/json" id="dashboard-data">@@DATA@@</script>
@@ -812,6 +947,10 @@ details > summary { cursor: pointer; font-weight: 600; }
 .scroll { max-height: 360px; overflow: auto; }
 .empty { color: #8a97a5; font-style: italic; padding: 20px 0; }
 .uplot { font-family: inherit; }
+.notice { padding: 10px 24px; font-size: 14px; }
+.notice.confidential { background: #fde8e8; color: #7f1d1d; border-bottom: 2px solid #d62828; }
+.notice.public { background: #e8f7ec; color: #1b4332; border-bottom: 2px solid #2b9348; }
+.notice code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
 """
 
 _PAGE_JS = r"""
@@ -1016,8 +1155,10 @@ _PAGE_JS = r"""
     var grid = el('div', {cls: 'grid'});
     section.appendChild(grid);
 
-    var comp = panel('Compliance', 'Identifier check is a heuristic scan of the run directory ' +
-      'for DICOM UIDs (1.2.840.*, 2.25.*), patient attribute keywords and tags, ' +
+    var comp = panel('Compliance', (run.public ? 'Checked from the published files alone; ' +
+      'the audit chain is verified by the data custodian, who holds the log. ' : '') +
+      'Identifier check is a heuristic scan of the ' + (run.public ? 'bundle' : 'run directory') +
+      ' for DICOM UIDs (1.2.840.*, 2.25.*), patient attribute keywords and tags, ' +
       'Family^Given names and DICOM files; it cannot prove the absence of personal data.');
     comp.body.appendChild(complianceList(run));
     run.compliance.forEach(function (c) { check.compliance[c.id] = c.ok; });
@@ -1092,12 +1233,14 @@ _PAGE_JS = r"""
       [{label: 'update norm', values: seriesOf(run, 'update_norm'), color: RUN_COLORS[0]}],
       {yLabel: 'L2 norm'});
     chartPanel('clients', 'Clients per round', 'Poisson sampling: the number varies around ' +
-      'the expected clients per round.',
+      'the expected clients per round.' + (run.public ? ' Counts only: who took part stays ' +
+      'with the data custodian.' : ''),
       [{label: 'clients', values: seriesOf(run, 'num_clients'), color: '#457b9d', bars: true}],
       {yLabel: 'clients', yRange: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; }});
 
-    // Participation distribution (from the audit log's participants).
+    // Participation distribution (from the audit log's participants): custodian's page only.
     var part = run.participation;
+    if (part) {
     var hp = panel('Client participation distribution', 'How many clients took part in k ' +
       'rounds (audit log participants): ' + part.distinct_clients + ' distinct of ' +
       fmt(part.total_clients) + ' clients over ' + part.rounds.length + ' logged rounds.');
@@ -1108,12 +1251,22 @@ _PAGE_JS = r"""
       {xLabel: 'rounds taken part in', yLabel: 'clients',
        yRange: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; }});
     check.panels.participation.rounds = part.rounds.length;
+    }
 
     // Policy table.
     var pol = panel('Privacy policy', run.policy ? 'δ = ' + run.policy.delta + '; source: ' +
       run.policy.source + (run.dp ? '' : '. Not applied: this run was trained without DP.') :
       'The policy file could not be read.');
-    if (run.policy) {
+    if (run.policy && run.public) {
+      // As the ledger records it: the policy file itself stays with the custodian.
+      var prow = run.policy.categories.map(function (b) {
+        var applied = run.planned_noise_multipliers ? run.planned_noise_multipliers[b.id] : null;
+        return [b.id + ' (' + b.display_name + ')', b.privacy_level, b.epsilon, applied];
+      });
+      pol.body.appendChild(table(['Category', 'Privacy level', 'ε budget', 'Noise multiplier'],
+        prow, [0, 0, 1, 1]));
+      check.tables.policy = prow.length;
+    } else if (run.policy) {
       var prow = run.policy.categories.map(function (b) {
         var planned = run.planned_noise_multipliers ? run.planned_noise_multipliers[b.id] : null;
         return [b.id + ' (' + b.display_name + ')', b.privacy_level, b.epsilon, b.noise_level,
@@ -1150,6 +1303,12 @@ _PAGE_JS = r"""
       cm.body.appendChild(el('div', {cls: 'empty', text: 'no evaluation yet'}));
     }
     grid.appendChild(cm.node);
+
+    if (run.public) {
+      root.appendChild(section);
+      selfCheck.runs.push(check);
+      return;
+    }
 
     // Latest audit records.
     var au = panel('Latest audit records', 'Newest first; ' + run.audit_latest.length + ' of ' +
@@ -1226,7 +1385,8 @@ _PAGE_JS = r"""
 
   function header() {
     var h = el('header', null, [
-      el('h1', {text: 'tff_medical training dashboard'}),
+      el('h1', {text: DATA.public ? 'tff_medical public dashboard' :
+                                    'tff_medical training dashboard'}),
       el('span', {cls: 'badge ' + (DATA.live ? 'live' : 'final'),
                   text: DATA.live ? 'LIVE — reloads every ' + DATA.refresh_seconds + ' s' :
                                     'final'}),
@@ -1256,7 +1416,7 @@ _PAGE_JS = r"""
 
   var app = document.getElementById('app');
   try {
-    app.appendChild(header());
+    document.getElementById('top').appendChild(header());
     var main = el('main');
     app.appendChild(main);
     if (DATA.runs.length > 1) renderCompare(main);
