@@ -1,8 +1,11 @@
 """SavedModel export: serves in a fresh process with TensorFlow alone and agrees with Keras; the
 model card carries the ledger's guarantee per category and refuses what it must not hold."""
 
+import datetime
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -17,6 +20,7 @@ from tff_medical.errors import TffMedicalError
 from tff_medical.export import saved_model
 from tff_medical.models import cnn
 from tff_medical.monitoring import audit
+from tff_medical.privacy import accounting
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling
@@ -165,7 +169,13 @@ class TestModelCard:
     assert card['data_source'] == 'MedNIST'
     assert card['rounds'] == 3
     assert card['accuracy_per_category'] == dict(_ACCURACY, Hand=None)
-    assert card['model']['model_sha256'] == audit.model_weights_sha256(model.get_weights())
+    details = card['model_details']
+    assert details['model_sha256'] == audit.model_weights_sha256(model.get_weights())
+    # Filled from the exported model itself.
+    assert details['num_parameters'] == model.count_params()
+    assert details['architecture'].count('Conv2D(') == 2 and 'Dense(6, softmax)' in (
+        details['architecture'])
+    assert details['version'] == 'round 3' and details['framework'].startswith('TensorFlow ')
     assert [c['id'] for c in card['categories']] == list(categories.CATEGORY_IDS)
     privacy = card['privacy']
     assert privacy['client_level_epsilon'] == ledger_json['client_level_epsilon']
@@ -197,22 +207,51 @@ class TestModelCard:
 
   def test_without_ledger_no_guarantee_is_claimed(self, tmp_path, policy):
     card = saved_model.write_model_card(tmp_path / 'card.json', policy, rounds=5)
-    assert card['privacy'] == {
-        'guarantee': 'none claimed: no privacy ledger was supplied at export'}
+    assert card['privacy']['guarantee'] == (
+        'none claimed: no privacy ledger was supplied at export')
+    assert 'categories' not in card['privacy'] and 'statement' not in card['privacy']
     assert card['rounds'] == 5
+    # Nothing said about the data: the card does not guess.
+    assert card['synthetic_training_data'] is None
+    assert card['training_data']['description'] == 'not stated at export'
 
   def test_no_identifier_reaches_the_card(self, export_dir):
     with open(os.path.join(export_dir, saved_model.MODEL_CARD_FILENAME)) as f:
       text = f.read()
-    # Only category ids appear as keys at category level; no client or patient field at all.
-    for word in ('patient', 'client_0', 'PatientName', 'PatientID'):
+    # The prose may speak of patients (intended use); no field names one, no client id appears.
+    for word in ('client_0', 'PatientName', 'PatientID', 'doe_john'):
       assert word not in text
+
+    def keys(value):
+      if isinstance(value, dict):
+        for key, item in value.items():
+          yield key
+          yield from keys(item)
+      elif isinstance(value, list):
+        for item in value:
+          yield from keys(item)
+
+    found = list(keys(json.loads(text)))
+    assert len(found) > 50  # The walk reached the nested sections.
+    assert not [k for k in found if 'patient' in k.lower() or k.startswith('client_0')]
 
   @pytest.mark.parametrize('kwargs, message', [
       (dict(data_source='/data/patients/doe_john'), 'data_source must be a short name'),
       (dict(accuracy_per_category={'Brain': 0.5}), 'accuracy_per_category keys must be'),
       (dict(accuracy_per_category={'CXR': 1.5}), r'accuracy_per_category.CXR must be a number'),
       (dict(rounds=4), r'rounds must equal the ledger rounds_completed \(3\)'),
+      (dict(accuracy_per_category={'CXR': 0.91}, eval_counts_per_category={'CXR': 7}),
+       r'accuracy_per_category.CXR must be a count of correct images over '
+       r'eval_counts_per_category.CXR \(7\)'),
+      (dict(eval_counts_per_category={'CXR': 7}),
+       'accuracy_per_category.CXR must be given with eval_counts_per_category.CXR = 7'),
+      (dict(eval_counts_per_category={'CXR': -1}),
+       'eval_counts_per_category.CXR must be a non-negative integer'),
+      (dict(eval_counts_per_category={'Brain': 3}), 'eval_counts_per_category keys must be'),
+      (dict(date='31/05/2024'), 'date must be an ISO date'),
+      (dict(num_clients=999), r'num_clients must equal the ledger\'s number of clients \(1000\)'),
+      (dict(model_version='/home/doe/run1'), 'model_version must be a short name'),
+      (dict(evaluation_data_source='C:\\scans'), 'evaluation_data_source must be a short name'),
   ])
   def test_bad_card_input_refused(self, tmp_path, policy, ledger_json, kwargs, message):
     with pytest.raises(TffMedicalError, match=message):
@@ -229,6 +268,210 @@ class TestModelCard:
     broken['categories']['CXR']['epsilon_spent'] = 99.0
     with pytest.raises(TffMedicalError, match='must not exceed target_epsilon'):
       saved_model.write_model_card(tmp_path / 'c.json', policy, broken)
+
+
+# Test counts and correct answers chosen to be the examples of Newcombe (1998), "Two-sided
+# confidence intervals for the single proportion", Statistics in Medicine 17:857, Table I, whose
+# Wilson score intervals (method 3) are published to 4 decimals; plus an all-correct category.
+_NEWCOMBE = {
+    'HeadCT': (81, 263, (0.2553, 0.3662)),
+    'BreastMRI': (15, 148, (0.0624, 0.1605)),
+    'AbdomenCT': (0, 20, (0.0, 0.1611)),
+    'ChestCT': (1, 29, (0.0061, 0.1718)),
+    'CXR': (40, 40, None),
+}
+
+
+def _wilson(correct, total, level=0.95):
+  """The Wilson score interval written out (Wilson 1927), independent of scipy."""
+  z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+  p, n = correct / total, total
+  center = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return max(0.0, center - half), min(1.0, center + half)
+
+
+@pytest.fixture(scope='module')
+def two_relation_ledger_json(policy):
+  """A ledger whose relation (b) is noisier in cost than (a): swapped figures would show."""
+  ledger = ledger_lib.PrivacyLedger(
+      policy, {c: 4.0 for c in categories.CATEGORY_IDS},
+      sampling.SamplingSpec(method='poisson', total_clients=1000,
+                            expected_clients_per_round=20),
+      whole_client_noise_multipliers={c: 3.5 for c in categories.CATEGORY_IDS})
+  for _ in range(3):
+    ledger.record_round({
+        c: accounting.CategoryRoundEvents(dp_accounting.GaussianDpEvent(4.0),
+                                          dp_accounting.GaussianDpEvent(3.5))
+        for c in categories.CATEGORY_IDS})
+  return ledger.to_json_dict()
+
+
+def _card(policy, ledger, data_source, **kwargs):
+  return saved_model.build_model_card(
+      policy, ledger, data_source=data_source,
+      accuracy_per_category={c: k / n for c, (k, n, _) in _NEWCOMBE.items()},
+      eval_counts_per_category=dict({c: n for c, (_, n, _) in _NEWCOMBE.items()}, Hand=0),
+      **kwargs)
+
+
+class TestHonestModelCard:
+  """The model-card sections users expect, for a demonstration (phantom) and a real-data model."""
+
+  @pytest.fixture(scope='class')
+  def phantom_card(self, policy, two_relation_ledger_json):
+    return _card(policy, two_relation_ledger_json, 'phantoms')
+
+  @pytest.fixture(scope='class')
+  def mednist_card(self, policy, two_relation_ledger_json):
+    return _card(policy, two_relation_ledger_json, 'mednist')
+
+  def test_sections_in_model_card_order(self, phantom_card):
+    keys = list(phantom_card)
+    for earlier, later in [('model_details', 'intended_use'), ('intended_use', 'training_data'),
+                           ('training_data', 'evaluation_data'), ('evaluation_data', 'metrics'),
+                           ('metrics', 'limitations'), ('limitations', 'privacy')]:
+      assert keys.index(earlier) < keys.index(later)
+    assert phantom_card['schema_version'] == 2
+    assert phantom_card['model_details']['date'] == datetime.datetime.now(
+        datetime.timezone.utc).date().isoformat()
+
+  def test_phantom_model_says_demonstration_never_saw_a_real_image(self, phantom_card):
+    assert phantom_card['synthetic_training_data'] is True
+    assert phantom_card['demonstration_only'] is True
+    training = phantom_card['training_data']
+    assert training['synthetic'] is True and training['num_clients'] == 1000
+    assert 'synthetic phantoms generated by tff_medical' in training['description']
+    assert 'never seen a real medical image' in training['description']
+    use = phantom_card['intended_use']
+    assert any('research' in u for u in use['primary_uses'])
+    assert any('demonstration' in u for u in use['primary_uses'])
+    assert any('clinical diagnosis' in u for u in use['out_of_scope_uses'])
+    assert any('real images' in u for u in use['out_of_scope_uses'])
+    assert 'never seen a real medical image' in phantom_card['limitations'][0]
+    assert 'CT_small.dcm' in phantom_card['serving_warning']
+
+  def test_limitations(self, phantom_card):
+    text = '\n'.join(phantom_card['limitations'])
+    assert 'six MedNIST classes' in text and '64x64 grayscale' in text
+    assert 'float32' in text and 'OS entropy' in text and 'no discrete Gaussian' in text
+    assert 'Not a medical device' in text
+    noise = phantom_card['privacy']['floating_point_noise']
+    assert 'Mironov' in noise['known_attack'] and '2012' in noise['known_attack']
+    assert 'Philox' in noise['implementation']
+    assert 'discrete Gaussian with secure aggregation' in noise['mitigation']
+
+  def test_evaluation_data_not_covered_by_the_guarantee(self, phantom_card, mednist_card):
+    for card, images in ((phantom_card, 'synthetic'), (mednist_card, 'real')):
+      evaluation = card['evaluation_data']
+      assert evaluation['covered_by_privacy_guarantee'] is False
+      assert card['metrics']['covered_by_privacy_guarantee'] is False
+      assert evaluation['privacy'].startswith(
+          'The evaluation metrics are NOT covered by the differential-privacy guarantee')
+      assert f'held-out {images} images and released as is' in evaluation['privacy']
+    assert 'custodian\'s held-out test split of MedNIST' in (
+        mednist_card['evaluation_data']['description'])
+
+  def test_real_data_model(self, mednist_card):
+    assert mednist_card['synthetic_training_data'] is False
+    assert mednist_card['demonstration_only'] is False
+    assert mednist_card['serving_warning'] is None
+    training = mednist_card['training_data']
+    assert 'custodian\'s MedNIST images, partitioned over 1000 clients' in training['description']
+    assert training['per_client_counts'].startswith('not published')
+    assert not any('phantoms' in line for line in mednist_card['limitations'])
+
+  def test_wilson_intervals_agree_with_independent_computations(self, phantom_card):
+    per_category = phantom_card['metrics']['per_category']
+    for c, (correct, total, published) in _NEWCOMBE.items():
+      entry = per_category[c]
+      assert (entry['correct'], entry['test_images']) == (correct, total)
+      assert entry['accuracy'] == pytest.approx(correct / total)
+      low, high = entry['ci95']
+      assert (low, high) == pytest.approx(_wilson(correct, total), abs=1e-9)
+      if published is not None:
+        assert (round(low, 4), round(high, 4)) == published
+      assert low <= correct / total <= high
+    # statsmodels, when installed, is a third computation.
+    try:
+      # pylint: disable-next=g-import-not-at-top
+      from statsmodels.stats.proportion import proportion_confint
+    except ImportError:
+      proportion_confint = None
+    if proportion_confint is not None:
+      for c, (correct, total, _) in _NEWCOMBE.items():
+        assert per_category[c]['ci95'] == pytest.approx(
+            list(proportion_confint(correct, total, method='wilson')), abs=1e-9)
+    # No test image of Hand: nothing measured, no interval invented.
+    assert per_category['Hand'] == {'display_name': 'Hand X-ray', 'accuracy': None,
+                                    'test_images': 0, 'correct': None, 'ci95': None}
+
+  def test_exact_privacy_statement_names_both_relations(self, phantom_card,
+                                                        two_relation_ledger_json):
+    source = two_relation_ledger_json['categories']['BreastMRI']
+    a = source['relations']['remove_category_examples']['epsilon']
+    b = source['relations']['remove_whole_client']['epsilon']
+    assert a < b == source['epsilon_spent']  # z 3.5 under (b): the larger figure is b.
+    entry = phantom_card['privacy']['categories']['BreastMRI']
+    assert entry['epsilon_by_relation'] == {'remove_category_examples': a,
+                                            'remove_whole_client': b}
+    assert entry['statement'] == (
+        f'Breast MRI (High privacy): everything released is ({b:.4g}, 1e-05)-differentially '
+        'private with respect to both (a) adding or removing all of one client\'s Breast MRI '
+        f'examples, the client stays (epsilon {a:.4g}), and (b) adding or removing one whole '
+        f'client whose only examples are Breast MRI (epsilon {b:.4g}); rdp accountant, poisson '
+        'sampling of clients (rate 0.02), 3 released rounds; target epsilon 0.5.')
+    privacy = phantom_card['privacy']
+    client = two_relation_ledger_json['client_level_epsilon']
+    assert privacy['statement'].startswith(
+        'Per category c, with epsilon_c and delta below: everything released is (epsilon_c, '
+        'delta)-differentially private with respect to (a) adding or removing all of one '
+        'client\'s category-c examples, the client stays, and (b) adding or removing one whole '
+        'client whose only examples are category c; epsilon_c is the larger of the two. '
+        f'A client holding images of several categories: ({client:.4g}, 1e-05)-differential '
+        'privacy with respect to adding or removing one whole client, whatever its categories')
+    assert privacy['privacy_unit'] == 'client' and privacy['accountant'] == 'rdp'
+    assert 'audit_log.jsonl' in privacy['not_published']
+    assert 'partition_manifest.json' in privacy['not_published']
+    assert 'model_card.json' in privacy['published']
+    assert not set(privacy['published']) & set(privacy['not_published'])
+
+  def test_schema_1_ledger_says_relation_b_is_not_accounted(self, policy, ledger_json):
+    old = json.loads(json.dumps(ledger_json))
+    old['schema_version'] = 1
+    for key in ('neighboring_relations', 'earlier_runs'):
+      old.pop(key, None)
+    for entry in old['categories'].values():
+      entry.pop('relations', None)
+      entry.pop('epsilon_this_run', None)
+    card = saved_model.build_model_card(policy, old, data_source='phantoms')
+    entry = card['privacy']['categories']['CXR']
+    assert entry['epsilon_by_relation'] is None
+    assert entry['statement'].startswith(
+        f'CXR (X-ray) (Low privacy): everything released is ({entry["epsilon_spent"]:.4g}, '
+        '1e-05)-differentially private with respect to (a) adding or removing all of one '
+        'client\'s CXR (X-ray) examples, the client stays;')
+    assert entry['statement'].endswith(
+        'Relation (b), adding or removing one whole client whose only examples are CXR (X-ray), '
+        'is not accounted in this ledger (schema version 1): under it the other categories\' '
+        'clipped counts move too, and its epsilon can be slightly larger.')
+    assert '; this ledger accounts (a) only.' in card['privacy']['statement']
+
+  def test_export_and_run_card_agree(self, tmp_path, model, policy, two_relation_ledger_json):
+    extra = {'data_source': 'phantoms', 'accuracy_per_category': {'CXR': 0.75},
+             'eval_counts_per_category': {'CXR': 4}, 'date': '2024-05-31'}
+    export_dir = saved_model.export_saved_model(model, tmp_path / 'm', policy,
+                                                two_relation_ledger_json, model_card_extra=extra)
+    with open(os.path.join(export_dir, saved_model.MODEL_CARD_FILENAME)) as f:
+      exported = json.load(f)
+    # What program.export passes for the run folder's card.
+    written = saved_model.write_model_card(
+        tmp_path, policy, two_relation_ledger_json,
+        model_sha256=audit.model_weights_sha256(model.get_weights()),
+        **saved_model.describe_model(model), **extra)
+    assert exported == written
+    assert exported['metrics']['per_category']['CXR']['ci95'] == pytest.approx(
+        list(_wilson(3, 4)))
 
 
 class TestExportRefusals:
