@@ -5,6 +5,9 @@
 One line per file: `scan1.png  Chest CT  (privacy: Medium)  p=0.93`. PNG, JPEG and DICOM are
 recognised by content. A file that cannot be read gets `path: cannot read image (reason)` on
 stderr and the others go on; the exit status is then 1.
+
+A model whose card says it was trained on synthetic data (the phantoms demo) first gets one
+`warning: ...` line on stderr: its predictions on real images are meaningless.
 """
 
 import os

@@ -2,10 +2,14 @@
 training loaders do; a bad file gets a clear line, the others still get predictions."""
 
 import io
+import json
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -14,6 +18,7 @@ from pydicom.data import get_testdata_file
 import pytest
 
 from tff_medical.data import dicom
+from tff_medical.data import limits
 from tff_medical.data import mednist
 from tff_medical.export import predict
 from tff_medical.export import saved_model
@@ -146,6 +151,35 @@ class TestPredictFiles:
     assert result == predict.ReadFailure(path=str(files / name), reason=reason)
     assert result.line() == f'{files / name}: cannot read image ({reason})'
 
+  def test_fifo_device_and_oversized_image_are_refused_without_reading(self, loaded, tmp_path):
+    # A FIFO used to block predict.py forever, a link to /dev/zero to read until memory ran out.
+    os.mkfifo(tmp_path / 'pipe.dcm')
+    os.symlink('/dev/zero', tmp_path / 'zero.png')
+    buffer = io.BytesIO()
+    Image.new('L', (1, 1)).save(buffer, format='PNG')
+    header = bytearray(buffer.getvalue())
+    header[16:24] = struct.pack('>II', 9000, 9000)  # Declares 81M pixels; holds one.
+    header[29:33] = struct.pack('>I', zlib.crc32(bytes(header[12:29])))
+    (tmp_path / 'large.png').write_bytes(bytes(header))
+    (tmp_path / 'big.jpg').write_bytes(bytes(2048))
+    names = ['pipe.dcm', 'zero.png', 'large.png', 'big.jpg']
+
+    def expire(*_):
+      raise AssertionError('reading blocked')
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(30)
+    try:
+      results = list(predict.predict_files(loaded, [str(tmp_path / n) for n in names]))
+      with pytest.raises(predict.UnreadableImageError, match='file larger than max_file_bytes'):
+        predict.read_image(str(tmp_path / 'big.jpg'), limits.InputLimits(max_file_bytes=1024))
+    finally:
+      signal.alarm(0)
+      signal.signal(signal.SIGALRM, previous)
+    assert [r.reason for r in results] == [
+        'not a regular file', 'not a regular file', 'image larger than max_image_pixels',
+        'unsupported format; expected PNG, JPEG or DICOM']
+
   def test_line_format(self):
     line = predict.Prediction(path='scan1.png', category_id='ChestCT', display_name='Chest CT',
                               privacy_level='Medium', probability=0.9312).line()
@@ -187,3 +221,77 @@ class TestScript:
     assert done.stderr.strip().splitlines()[-1].startswith(
         'error: model_dir must be a SavedModel folder')
     assert 'Traceback' not in done.stderr
+
+
+class TestTrainingDataWarning:
+  """A model whose card says it was trained on synthetic data gets one warning; others none."""
+
+  @pytest.fixture(scope='class')
+  def synthetic_dir(self, tmp_path_factory, model):
+    directory = tmp_path_factory.mktemp('synthetic') / 'model'
+    saved_model.export_saved_model(model, directory, policy_lib.default_policy(),
+                                   model_card_extra={'data_source': 'phantoms'})
+    return str(directory)
+
+  @pytest.fixture(scope='class')
+  def real_dir(self, tmp_path_factory, model):
+    directory = tmp_path_factory.mktemp('real') / 'model'
+    saved_model.export_saved_model(model, directory, policy_lib.default_policy(),
+                                   model_card_extra={'data_source': 'mednist'})
+    return str(directory)
+
+  def _run(self, model_dir, paths):
+    out, err = io.StringIO(), io.StringIO()
+    failures = predict.predict_and_print(model_dir, paths, out, err)
+    return failures, out.getvalue().splitlines(), err.getvalue().splitlines()
+
+  def test_synthetic_model_warns_exactly_once(self, synthetic_dir, files):
+    names = ['ct.dcm', 'scan1.png', 'notes.txt', 'scan2.jpg', 'ct_raw.bin']
+    failures, out, err = self._run(synthetic_dir, [str(files / n) for n in names])
+    assert failures == 1 and len(out) == 4
+    warnings = [line for line in err if line.startswith('warning:')]
+    with open(os.path.join(synthetic_dir, saved_model.MODEL_CARD_FILENAME)) as f:
+      card = json.load(f)
+    assert warnings == [f'warning: {card["serving_warning"]}']
+    assert err[0] == warnings[0]  # Before anything else.
+    assert 'never seen a real medical image' in warnings[0]
+    assert 'meaningless' in warnings[0]
+
+  def test_real_data_model_does_not_warn(self, real_dir, files):
+    failures, out, err = self._run(real_dir, [str(files / 'ct.dcm'), str(files / 'notes.txt')])
+    assert failures == 1 and len(out) == 1
+    assert not [line for line in err if line.startswith('warning:')]
+    assert predict.training_data_warning(real_dir) is None
+
+  def test_card_without_the_field_still_warns_for_phantoms(self, synthetic_dir, tmp_path):
+    copy = tmp_path / 'model'
+    shutil.copytree(synthetic_dir, copy)
+    card_path = copy / saved_model.MODEL_CARD_FILENAME
+    card = json.loads(card_path.read_text())
+    for key in ('synthetic_training_data', 'serving_warning'):
+      del card[key]  # As written before these fields existed.
+    card_path.write_text(json.dumps(card))
+    assert predict.training_data_warning(copy) == saved_model.SYNTHETIC_SERVING_WARNING
+    # A crafted warning (terminal escapes) is replaced by the fixed text.
+    card.update(synthetic_training_data=True, serving_warning='\x1b[2Jall fine')
+    card_path.write_text(json.dumps(card))
+    assert predict.training_data_warning(copy) == saved_model.SYNTHETIC_SERVING_WARNING
+
+  def test_missing_card_warns_that_the_data_is_unknown(self, synthetic_dir, tmp_path):
+    copy = tmp_path / 'model'
+    shutil.copytree(synthetic_dir, copy)
+    os.remove(copy / saved_model.MODEL_CARD_FILENAME)
+    assert predict.training_data_warning(copy) == (
+        f'{copy} has no readable model_card.json: what this model was trained on is unknown')
+    (copy / saved_model.MODEL_CARD_FILENAME).write_text('{not json')
+    assert 'no readable model_card.json' in predict.training_data_warning(copy)
+
+  def test_script_warns_once_on_stderr(self, synthetic_dir, files):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    done = subprocess.run([sys.executable, _SCRIPT, f'--model_dir={synthetic_dir}', 'ct.dcm',
+                           'scan1.png'], cwd=files, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 2
+    warnings = [line for line in done.stderr.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: {saved_model.SYNTHETIC_SERVING_WARNING}']

@@ -12,6 +12,7 @@ data/dicom.py's fixed strings: nothing from a DICOM header is ever printed.
 
 import dataclasses
 import io
+import json
 import os
 from typing import Any, Iterable, Iterator, Sequence, TextIO, Union
 
@@ -111,6 +112,42 @@ def load_model(model_dir: 'str | os.PathLike[str]') -> LoadedModel:
   return LoadedModel(owner=loaded, serve=serve)
 
 
+# What the model card says about the training data: a demonstration model trained on synthetic
+# phantoms must not be served on real images silently.
+
+_MAX_CARD_BYTES = 1 << 20  # A card is about 15 KB; a larger file is not one.
+_MAX_WARNING_CHARS = 500
+
+
+def training_data_warning(model_dir: 'str | os.PathLike[str]') -> 'str | None':
+  """The warning to print once before serving `model_dir`, from its model card; None if none.
+
+  A model whose card says synthetic_training_data (or, in a card written before that field,
+  data_source 'phantoms') gets the card's serving_warning: its predictions on real images are
+  meaningless. An export without a readable card gets a warning that its data is unknown.
+  """
+  model_dir = os.fspath(model_dir)
+  try:
+    with open(os.path.join(model_dir, saved_model.MODEL_CARD_FILENAME), 'rb') as f:
+      data = f.read(_MAX_CARD_BYTES + 1)
+    card = json.loads(data) if len(data) <= _MAX_CARD_BYTES else None
+  except (OSError, ValueError):
+    card = None
+  if not isinstance(card, dict):
+    return (f'{model_dir} has no readable {saved_model.MODEL_CARD_FILENAME}: what this model was '
+            'trained on is unknown')
+  synthetic = card.get('synthetic_training_data',
+                       True if card.get('data_source') == 'phantoms' else None)
+  if synthetic is not True:
+    return None
+  text = card.get('serving_warning')
+  # The card's own words, unless they could be anything but one plain line (a crafted card).
+  if isinstance(text, str) and text.strip() and text.isprintable() and (
+      len(text) <= _MAX_WARNING_CHARS):
+    return text.strip()
+  return saved_model.SYNTHETIC_SERVING_WARNING
+
+
 # Reading one file. The pixel pipelines are the loaders' (shared with training); only the choice
 # of pipeline is made here.
 
@@ -195,10 +232,15 @@ def predict_and_print(model_dir: 'str | os.PathLike[str]', paths: Sequence[str],
                       out: TextIO, err: TextIO) -> int:
   """Prints one line per file (failures to `err`); returns the number of files that failed.
 
+  A model trained on synthetic data (its card says so) first gets one warning line on `err`.
+
   Raises:
     ModelDirError: `model_dir` is not a usable export.
   """
   model = load_model(model_dir)
+  warning = training_data_warning(model_dir)
+  if warning is not None:
+    print(f'warning: {warning}', file=err, flush=True)  # Once, before any prediction.
   failures = 0
   for result in predict_files(model, paths):
     if isinstance(result, ReadFailure):
