@@ -9,6 +9,7 @@ over the DevTools protocol on a pipe (--remote-debugging-pipe: no port, no extra
 import base64
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -141,7 +142,9 @@ class TestCompliance:
     assert not checks[dashboard.BUDGET_RESPECTED].ok
     assert 'HeadCT: spent 0.7 > budget 0.5' in checks[dashboard.BUDGET_RESPECTED].reason
     assert not checks[dashboard.LEDGER_CONSISTENT].ok
-    assert checks[dashboard.AUDIT_CHAIN].ok and checks[dashboard.NO_IDENTIFIERS].ok
+    # The keyed audit record is the reference: the edited ledger disagrees with it.
+    assert 'the privacy ledger says HeadCT' in checks[dashboard.AUDIT_CHAIN].reason
+    assert not checks[dashboard.AUDIT_CHAIN].ok and checks[dashboard.NO_IDENTIFIERS].ok
 
   @pytest.mark.parametrize('field, value', [
       pytest.param('epsilon_spent', 0.2, id='spend_understated'),
@@ -180,44 +183,151 @@ class TestCompliance:
     assert not checks[dashboard.BUDGET_RESPECTED].ok
     assert not checks[dashboard.LEDGER_CONSISTENT].ok
 
-  def test_tampered_audit_record_breaks_the_chain(self, synthetic):
-    path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
-    with open(path) as f:
-      lines = f.readlines()
-    record = json.loads(lines[1])
-    record['update_norm'] = 0.01
-    lines[1] = json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n'
-    with open(path, 'w') as f:
-      f.writelines(lines)
-    chain = _checks(synthetic)[dashboard.AUDIT_CHAIN]
-    assert not chain.ok
-    assert chain.reason.startswith('broken at line 2') and 'record_hash' in chain.reason
-
-  def test_audit_records_cut_from_the_end_break_the_chain(self, synthetic):
-    path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
-    with open(path) as f:
-      lines = f.readlines()
-    with open(path, 'w') as f:
-      f.writelines(lines[:-1])
-    chain = _checks(synthetic)[dashboard.AUDIT_CHAIN]
-    assert not chain.ok and 'expected 3 records' in chain.reason
-
   def test_audit_log_that_disagrees_with_the_ledger_is_red(self, synthetic):
-    # A forged but well-chained log: rewrite round 3's spend and re-hash the whole chain.
+    # Even re-keyed by someone holding the key: round 3's spend rewritten, the chain re-MACed.
     path = os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME)
     with open(path) as f:
       records = [json.loads(line) for line in f]
     records[-1]['epsilon_spent']['CXR'] = 0.1
-    prev = audit_lib.GENESIS_HASH
+    secret = audit_lib.load_key().secret
+    prev = audit_lib.GENESIS_MAC
     with open(path, 'w') as f:
       for record in records:
-        record['prev_hash'] = prev
-        record['record_hash'] = prev = audit_lib.record_hash(record)
+        record['prev_mac'] = prev
+        record['mac'] = prev = audit_lib.record_mac(record, secret)
         f.write(json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n')
     checks = _checks(synthetic)
-    assert checks[dashboard.AUDIT_CHAIN].ok
+    assert not checks[dashboard.AUDIT_CHAIN].ok
+    assert 'the privacy ledger says CXR epsilon_spent' in checks[dashboard.AUDIT_CHAIN].reason
     assert not checks[dashboard.LEDGER_CONSISTENT].ok
     assert 'CXR: audit record of round 3' in checks[dashboard.LEDGER_CONSISTENT].reason
+
+
+def _audit_lines(run_dir):
+  with open(os.path.join(run_dir, audit_lib.AUDIT_LOG_FILENAME)) as f:
+    return f.readlines()
+
+
+def _write_audit_lines(run_dir, lines):
+  with open(os.path.join(run_dir, audit_lib.AUDIT_LOG_FILENAME), 'w') as f:
+    f.writelines(lines)
+
+
+def _chain(run_dir):
+  return dashboard.check_audit_chain(run_dir)
+
+
+class TestAuditChainCheck:
+  """The keyed verifier behind the dashboard's audit item: green for an intact run, red for each
+  tampering. `synthetic` is a copy (no anchor for its path); `in_place` keeps its anchor."""
+
+  @pytest.fixture
+  def in_place(self, tmp_path):
+    return write_synthetic_run(str(tmp_path / 'run'))
+
+  def test_intact_run_is_green_against_anchor_and_ledger(self, in_place):
+    chain = _chain(in_place)
+    assert chain.ok, chain.reason
+    assert chain.reason.startswith('3 keyed records intact (key id ')
+    assert 'the anchor (round 3)' in chain.reason and 'the privacy ledger (3 rounds' in chain.reason
+
+  def test_copied_run_is_green_and_says_what_it_could_not_check(self, synthetic):
+    chain = _chain(synthetic)
+    assert chain.ok and 'Not checked: records removed from the end' in chain.reason
+
+  def test_edited_record_with_every_hash_recomputed_is_red(self, synthetic):
+    # The issue's attack: a middle record's participants and epsilon changed, every later
+    # record re-linked and re-hashed with plain SHA-256 (all a forger without the key can do).
+    lines = _audit_lines(synthetic)
+    records = [json.loads(line) for line in lines]
+    records[1]['participants'][0] = 'client_99999'
+    records[1]['epsilon_spent']['CXR'] = 0.0
+    prev = records[0]['mac']
+    for record in records[1:]:
+      record['prev_mac'] = prev
+      body = {k: v for k, v in record.items() if k != 'mac'}
+      record['mac'] = prev = hashlib.sha256(json.dumps(
+          body, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+    _write_audit_lines(synthetic, [json.dumps(r, sort_keys=True, separators=(',', ':')) + '\n'
+                                   for r in records])
+    chain = _chain(synthetic)
+    assert not chain.ok
+    assert chain.reason.startswith('broken at line 2 (round 2): mac does not match the record')
+
+  def test_tampered_audit_record_breaks_the_chain(self, synthetic):
+    lines = _audit_lines(synthetic)
+    record = json.loads(lines[1])
+    record['update_norm'] = 0.01
+    lines[1] = json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n'
+    _write_audit_lines(synthetic, lines)
+    chain = _chain(synthetic)
+    assert not chain.ok and chain.reason.startswith('broken at line 2 (round 2): mac')
+
+  def test_reordered_records_are_red(self, synthetic):
+    lines = _audit_lines(synthetic)
+    lines[0], lines[1] = lines[1], lines[0]
+    _write_audit_lines(synthetic, lines)
+    chain = _chain(synthetic)
+    assert not chain.ok and chain.reason.startswith('broken at line 1 (round 2): prev_mac')
+
+  def test_records_cut_from_the_end_with_a_ledger_are_red(self, synthetic):
+    _write_audit_lines(synthetic, _audit_lines(synthetic)[:-1])
+    chain = _chain(synthetic)
+    assert not chain.ok
+    assert chain.reason.startswith('broken at line 3: expected 3 records (the privacy ledger')
+
+  def test_records_cut_from_the_end_without_a_ledger_are_red(self, in_place):
+    # A non-DP run has no ledger: the anchor beside the key still knows where the chain ended.
+    os.remove(os.path.join(in_place, ledger_lib.LEDGER_FILENAME))
+    records = [json.loads(line) for line in _audit_lines(in_place)[:-1]]
+    for record in records:
+      for field in ('epsilon_spent', 'client_level_epsilon'):
+        record.pop(field)
+    # (Records without epsilon need a key to write: rebuild the shortened log with it.)
+    _write_audit_lines(in_place, [])
+    rebuilt = audit_lib.AuditLog(os.path.join(in_place, audit_lib.AUDIT_LOG_FILENAME))
+    os.remove(audit_lib.anchor_path(audit_lib.load_key(), rebuilt.path))
+    for record in records:
+      rebuilt.append({k: v for k, v in record.items()
+                      if k in audit_lib.ALLOWED_FIELDS and k != 'time'})
+    assert _chain(in_place).ok
+    _write_audit_lines(in_place, _audit_lines(in_place)[:-1])
+    chain = _chain(in_place)
+    assert not chain.ok
+    assert chain.reason == ('broken at line 2: records removed from the end: the log ends at '
+                            "round 1, but the custodian's anchored head is round 2")
+
+  def test_edited_ledger_epsilon_is_red(self, synthetic):
+    _edit_ledger(synthetic, lambda l: l['categories']['HeadCT'].update(epsilon_spent=0.01))
+    chain = _chain(synthetic)
+    assert not chain.ok
+    assert chain.reason.startswith('broken: the privacy ledger says HeadCT epsilon_spent 0.01, '
+                                   'the audit record of round 3 says ')
+
+  def test_wrong_key_is_red_and_named(self, synthetic, tmp_path, monkeypatch):
+    other = str(tmp_path / 'other' / 'audit.key')
+    audit_lib.load_key(other, create=True)
+    monkeypatch.setenv(audit_lib.KEY_FILE_ENV, other)
+    chain = _chain(synthetic)
+    assert not chain.ok and chain.reason.startswith('wrong key: the log was keyed with key id')
+
+  def test_missing_key_is_red(self, synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv(audit_lib.KEY_FILE_ENV, str(tmp_path / 'absent' / 'audit.key'))
+    chain = _chain(synthetic)
+    assert not chain.ok and chain.reason.startswith('audit key must be a file. Found none at')
+
+  def test_old_unkeyed_log_is_red_and_called_unkeyed(self, synthetic):
+    prev, lines = audit_lib.GENESIS_HASH, []
+    for line in _audit_lines(synthetic):
+      record = {k: v for k, v in json.loads(line).items() if k in audit_lib.ALLOWED_FIELDS}
+      record['prev_hash'] = prev
+      record['record_hash'] = prev = audit_lib.record_hash(record)
+      lines.append(json.dumps(record, sort_keys=True, separators=(',', ':')) + '\n')
+    _write_audit_lines(synthetic, lines)
+    chain = _chain(synthetic)
+    assert not chain.ok and chain.reason.startswith('unkeyed (not tamper-evident): 3 records')
+    # The page still reads its records.
+    assert len(dashboard.read_audit_records(synthetic)[0]) == 3
 
 
 class TestIdentifierScan:

@@ -268,15 +268,47 @@ def _sampling_key(ledger_json: Mapping[str, Any]) -> str:
                                               'expected_clients_per_round')}, sort_keys=True)
 
 
+def _mixed_epsilon(groups: tuple[tuple[float, int, str], ...], delta: float,
+                   accountant: str) -> float:
+  """Epsilon of (z, rounds, sampling JSON) groups, each round sampled as its own run was."""
+  if not groups:
+    return 0.0
+  if accountant == accounting.Accountant.RDP.value:
+    orders, total = None, 0.0
+    for z, n, sampling_json in groups:
+      orders, curve = _one_round_rdp(z, sampling_json)
+      total = total + n * np.asarray(curve)
+    return float(dp_accounting.rdp.compute_epsilon(np.asarray(orders), total, delta)[0])
+  events = [(accounting.round_event(z, sampling_lib.SamplingSpec.from_json_dict(json.loads(sj))),
+             n) for z, n, sj in groups]
+  return accounting.epsilon(events, delta, accountant)
+
+
+def _earlier_groups(ledger_json: Mapping[str, Any], pick) -> tuple[tuple[float, int, str], ...]:
+  groups = []
+  for run in ledger_json.get('earlier_runs') or ():
+    sampling_json = _sampling_key(run)
+    groups.extend((float(z), int(n), sampling_json) for z, n in (pick(run) or ()))
+  return tuple(groups)
+
+
 def recompute_category_epsilon(ledger_json: Mapping[str, Any], category_id: str) -> float:
   """A category's epsilon by a fresh dp_accounting accountant, from the ledger's own figures.
 
-  That is accounting.epsilon([(accounting.round_event(z, spec), rounds_released)], delta,
-  accountant) with the ledger's z, sampling, delta and accountant. The program applies one
-  calibrated multiplier per category for the whole run, so z over rounds_released rounds is the
-  whole history.
+  Schema 2: under each relation, the recorded (z, rounds) groups of this run and of every
+  earlier run on the same data, composed; the larger relation is the category's figure.
+  Schema 1: accounting.epsilon([(accounting.round_event(z, spec), rounds_released)]) with the
+  ledger's one z (one calibrated multiplier for the whole run).
   """
   entry = ledger_json['categories'][category_id]
+  if ledger_json.get('schema_version', 1) >= 2:
+    own = _sampling_key(ledger_json)
+    figures = []
+    for relation, recorded in entry['relations'].items():
+      groups = _earlier_groups(ledger_json, lambda run, r=relation: run.get('spend', {}).get(
+          category_id, {}).get(r)) + tuple((float(z), int(n), own) for z, n in recorded['rounds'])
+      figures.append(_mixed_epsilon(groups, ledger_json['delta'], ledger_json['accountant']))
+    return max(figures)
   groups = ((entry['noise_multiplier'], entry['rounds_released']),)
   if entry['rounds_released'] == 0:
     groups = ()
@@ -289,8 +321,9 @@ def recompute_client_epsilon(ledger_json: Mapping[str, Any],
   """Client-level epsilon from the categories released in each round (one Gaussian a round).
 
   A round releasing categories with multipliers z_i is one Gaussian with 1/z^2 = sum 1/z_i^2
-  (they share the client sample), or 1/z = sum 1/z_i under shared noise; rounds are composed by a fresh accountant. Like the ledger,
-  the result is raised to the largest category epsilon (PLD discretization may invert them).
+  (they share the client sample), or 1/z = sum 1/z_i under shared noise; rounds are composed by
+  a fresh accountant, after earlier runs on the same data. Like the ledger, the result is raised
+  to the largest category epsilon (PLD discretization may invert them).
   """
   mechanism = ledger_json.get('noise_mechanism', shared_noise.NoiseMechanism.PER_CATEGORY_NOISE)
   counts: dict[float, int] = collections.Counter()
@@ -298,8 +331,10 @@ def recompute_client_epsilon(ledger_json: Mapping[str, Any],
     zs = [ledger_json['categories'][c]['noise_multiplier'] for c in round_categories]
     if zs:
       counts[shared_noise.client_noise_multiplier(zs, mechanism)] += 1
-  client = _accountant_epsilon(tuple(sorted(counts.items())), _sampling_key(ledger_json),
-                               ledger_json['delta'], ledger_json['accountant'])
+  own = _sampling_key(ledger_json)
+  groups = _earlier_groups(ledger_json, lambda run: run.get('client_level')) + tuple(
+      (z, n, own) for z, n in sorted(counts.items()))
+  client = _mixed_epsilon(groups, ledger_json['delta'], ledger_json['accountant'])
   return max([client] + [e['epsilon_spent'] for e in ledger_json['categories'].values()])
 
 
@@ -412,16 +447,19 @@ def check_ledger(ledger_json: Any,
 
 
 def check_audit_chain(run_dir: str) -> Check:
-  """`audit.verify_run_dir`: every record intact, chained, and as many as rounds completed."""
+  """`audit.verify_run_dir` with the custodian key: every record's MAC and link, the chain's end
+  against the anchor beside the key, and the privacy ledger's rounds and epsilon against the last
+  record. Red when broken, keyed with another key, unkeyed (an old log: not tamper-evident), or
+  when there is no key to verify with."""
   title = 'Audit chain verified'
   try:
     result = audit_lib.verify_run_dir(run_dir)
-  except TffMedicalError as e:
+  except TffMedicalError as e:  # AuditKeyError included: no key, no verification.
     return Check(AUDIT_CHAIN, title, False, str(e))
-  if result.ok:
-    return Check(AUDIT_CHAIN, title, True, f'{result.records} records, hash chain intact')
-  return Check(AUDIT_CHAIN, title, False,
-               f'broken at line {result.first_bad_line}: {result.reason}')
+  reason = result.describe()
+  if result.ok and result.notes:
+    reason += '. Not checked: ' + '; '.join(result.notes)
+  return Check(AUDIT_CHAIN, title, result.ok, reason)
 
 
 # The identifier scan: a heuristic, not a proof. It looks for what DICOM metadata leaves behind
