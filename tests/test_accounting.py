@@ -333,11 +333,28 @@ def test_split_validation(args, message):
 
 def test_category_splits_cover_all_categories_in_order():
   zs = {c: 1.0 + i for i, c in enumerate(categories.CATEGORY_IDS)}
-  splits = accounting.category_splits(zs, 200)
+  splits = accounting.category_splits(zs, 400)
   assert tuple(splits) == categories.CATEGORY_IDS
   for c, split in splits.items():
     assert split.noise_multiplier == zs[c]
     assert split.inflation <= 1.05 * (1 + 1e-12)
+    # Both relations' rounds are at least as noisy as the calibrated z, recomputed by hand.
+    others = sum((2 * splits[d].clipped_count_stddev)**-2 for d in splits if d != c)
+    assert split.other_counts_inverse_square == pytest.approx(others)
+    relation_a = (split.value_noise_multiplier**-2 + split.clipped_count_stddev**-2)**-0.5
+    relation_b = (split.value_noise_multiplier**-2 +
+                  (2 * split.clipped_count_stddev)**-2 + others)**-0.5
+    assert min(relation_a, relation_b) == pytest.approx(zs[c], rel=1e-9)
+    assert relation_a >= zs[c] * (1 - 1e-12) and relation_b >= zs[c] * (1 - 1e-12)
+
+
+def test_category_splits_refuse_what_the_whole_client_relation_cannot_carry():
+  # Relation (a) alone fits z = 6 at 200 clients a round (count stddev 20 = 0.1 m); with the
+  # other five counts moving under relation (b), the value noise would exceed 1.05 z.
+  accounting.choose_clipped_count_stddev(6.0, 200)
+  zs = {c: 1.0 + i for i, c in enumerate(categories.CATEGORY_IDS)}
+  with pytest.raises(PolicyError, match='must leave room for both relations'):
+    accounting.category_splits(zs, 200)
 
 
 def test_split_json_round_trip_and_refusals():

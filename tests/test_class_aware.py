@@ -205,8 +205,23 @@ class TestExecution:
     output = process.next(process.initialize(), _client_values(np.zeros((2, 6, 2))))
     events = class_aware.dp_events(output.state)
     for c in CATS:
-      assert isinstance(events[c], dp_accounting.GaussianDpEvent)
-      assert events[c].noise_multiplier == pytest.approx(splits[c].noise_multiplier, rel=1e-5)
+      removal, whole_client = events[c]
+      assert isinstance(removal, dp_accounting.GaussianDpEvent)
+      assert removal.noise_multiplier == pytest.approx(splits[c].noise_multiplier, rel=1e-5)
+      # Relation (b): c's value and count, and every other released count at sensitivity 0.5.
+      expected = (splits[c].value_noise_multiplier**-2 + sum(
+          (2 * splits[d].clipped_count_stddev)**-2 for d in CATS))**-0.5
+      assert whole_client.noise_multiplier == pytest.approx(expected, rel=1e-5)
+
+  def test_whole_client_event_counts_only_released_categories(self):
+    splits = {c: accounting.adaptive_clip_split(2.0, 5.0, 7.0) for c in CATS}
+    process = class_aware.ClassAwareFactory.dp(splits).create(_value_type(2))
+    state = class_aware.with_released_categories(process.initialize(), ['HeadCT', 'CXR'])
+    output = process.next(state, _client_values(np.zeros((2, 6, 2))))
+    events = class_aware.dp_events(output.state)
+    assert [c for c in CATS if events[c] is not None] == ['HeadCT', 'CXR']
+    expected = (splits['CXR'].value_noise_multiplier**-2 + 2 * (2 * 7.0)**-2)**-0.5
+    assert events['CXR'].remove_whole_client.noise_multiplier == pytest.approx(expected, rel=1e-5)
 
 
 def test_with_released_categories_rejects_unknown():

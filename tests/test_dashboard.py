@@ -154,7 +154,16 @@ class TestCompliance:
   def test_ledger_that_the_accountant_contradicts_is_red(self, synthetic, field, value):
     # Each edit keeps the ledger's schema valid and within budget: only recomputing catches it.
     def edit(ledger):
-      ledger['categories']['HeadCT'][field] = value
+      entry = ledger['categories']['HeadCT']
+      entry[field] = value
+      for relation in entry['relations'].values():  # Schema 2 repeats each figure per relation.
+        if field == 'epsilon_spent':
+          relation['epsilon'] = value
+        elif field == 'noise_multiplier':
+          relation['noise_multiplier'] = value
+          relation['rounds'] = [[value, n] for _, n in relation['rounds']]
+        else:
+          relation['rounds'] = [[relation['rounds'][0][0], value]]
     _edit_ledger(synthetic, edit)
     with open(os.path.join(synthetic, ledger_lib.LEDGER_FILENAME)) as f:
       ledger_lib.validate_ledger_json(json.load(f))

@@ -190,7 +190,7 @@ def test_record_round_refuses_an_overspending_event():
     pytest.param({'CXR': dp_accounting.GaussianDpEvent(0.0)},
                  r'events\[CXR\]: GaussianDpEvent.noise_multiplier must be positive',
                  id='zero_noise'),
-    pytest.param({'CXR': 1.5}, r'events\[CXR\] must be a DpEvent or None. Found 1.5.',
+    pytest.param({'CXR': 1.5}, r'events\[CXR\] must be a CategoryRoundEvents, a DpEvent or None. Found 1.5.',
                  id='not_an_event'),
 ])
 def test_record_round_validation(events, message):
@@ -243,9 +243,17 @@ def test_json_has_the_published_shape():
   payload = ledger.to_json_dict()
   ledger_lib.validate_ledger_json(payload)
   assert list(payload) == ['schema_version', 'accountant', 'privacy_unit',
-                           'neighboring_relation', 'delta', 'sampling', 'rounds_completed',
-                           'client_level_epsilon', 'categories']
-  assert payload['schema_version'] == 1
+                           'neighboring_relation', 'neighboring_relations', 'delta', 'sampling',
+                           'rounds_completed', 'client_level_epsilon', 'categories',
+                           'earlier_runs']
+  assert payload['schema_version'] == 2
+  assert payload['neighboring_relations'] == {
+      'remove_category_examples':
+          "adding or removing all of one client's category-c examples; the client stays",
+      'remove_whole_client':
+          'adding or removing one whole client whose only examples are category c',
+      'client_level': 'adding or removing one whole client, whatever its categories'}
+  assert payload['earlier_runs'] == []
   assert payload['privacy_unit'] == 'client'
   assert payload['neighboring_relation'] == 'add_or_remove_one'
   assert payload['sampling'] == {'method': 'poisson', 'total_clients': 1000,
@@ -255,7 +263,13 @@ def test_json_has_the_published_shape():
   assert payload['categories']['HeadCT'] == {
       'display_name': 'Head CT', 'privacy_level': 'High', 'target_epsilon': 0.5,
       'noise_multiplier': 3.0, 'rounds_released': ledger.rounds_released('HeadCT'),
-      'epsilon_spent': ledger.epsilon_spent('HeadCT'), 'status': ledger.status('HeadCT').value}
+      'epsilon_spent': ledger.epsilon_spent('HeadCT'),
+      'epsilon_this_run': ledger.epsilon_spent('HeadCT'), 'status': ledger.status('HeadCT').value,
+      # A bare Gaussian is the same round under both relations.
+      'relations': {
+          relation: {'epsilon': ledger.epsilon_spent('HeadCT'), 'noise_multiplier': 3.0,
+                     'rounds': [[3.0, ledger.rounds_released('HeadCT')]]}
+          for relation in ('remove_category_examples', 'remove_whole_client')}}
   assert payload['categories']['CXR']['rounds_released'] == 3
   assert json.loads(json.dumps(payload)) == payload
 
@@ -290,7 +304,9 @@ def _set(path, value):
     pytest.param(_set(['categories', 'CXR', 'rounds_released'], 4), 'rounds_released must be',
                  id='released_after_end'),
     pytest.param(_set(['rounds_completed'], True), 'rounds_completed must be', id='bool'),
-    pytest.param(_set(['schema_version'], 2), 'schema_version must be 1', id='schema'),
+    pytest.param(_set(['schema_version'], 3), 'schema_version must be 1 or 2', id='schema'),
+    # A version 1 ledger is read with its own shape: the version 2 keys are then unexpected.
+    pytest.param(_set(['schema_version'], 1), 'unexpected', id='schema_1_with_version_2_keys'),
     pytest.param(_set(['client_level_epsilon'], float('nan')), 'client_level_epsilon must be',
                  id='nan'),
     pytest.param(_set(['categories', 'CXR', 'epsilon_spent'], 0), 'must be positive after',
@@ -331,8 +347,10 @@ def test_state_keeps_freezing_and_long_histories_cheaply():
   policy = POLICY.scaled(100.0)
   state['policy'] = policy.to_json_dict()
   row = {c: None for c in categories.CATEGORY_IDS}
-  state['history'] = [{'count': 5000, 'noise_multipliers': dict(row, CXR=20.0)},
-                      {'count': 3000, 'noise_multipliers': row}]
+  state['history'] = [{'count': 5000, 'noise_multipliers': dict(row, CXR=20.0),
+                       'whole_client_noise_multipliers': dict(row, CXR=20.0)},
+                      {'count': 3000, 'noise_multipliers': row,
+                       'whole_client_noise_multipliers': row}]
   state['frozen'] = {'HeadCT': 17}
   start = time.perf_counter()
   restored = PrivacyLedger.from_state(state, policy)

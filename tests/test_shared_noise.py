@@ -326,8 +326,14 @@ class TestExecution:
     output = process.next(process.initialize(), _client_values(np.ones((2, 6, 2))))
     events = class_aware.dp_events(output.state)
     for c in CATS:
-      assert isinstance(events[c], dp_accounting.GaussianDpEvent)
-      assert events[c].noise_multiplier == pytest.approx(SEED_Z[c], rel=1e-5)
+      removal, whole_client = events[c]
+      assert isinstance(removal, dp_accounting.GaussianDpEvent)
+      assert removal.noise_multiplier == pytest.approx(SEED_Z[c], rel=1e-5)
+      # Relation (b): the one shared count moves by 0.5 (multiplier 2 s_n), never more than (a).
+      value = splits[c].value_noise_multiplier
+      expected = (value**-2 + (2 * splits[c].clipped_count_stddev)**-2)**-0.5
+      assert whole_client.noise_multiplier == pytest.approx(expected, rel=1e-5)
+      assert whole_client.noise_multiplier >= removal.noise_multiplier
     state = class_aware.with_released_categories(output.state, ['CXR', 'Hand'])
     second = process.next(state, _client_values(np.ones((2, 6, 2))))
     events = class_aware.dp_events(second.state)

@@ -252,26 +252,27 @@ def released_categories(state: Any) -> tuple[str, ...]:
 
 
 def dp_events(state: Any) -> dict[str, Any]:
-  """The DP event each released category's mechanism applied in the round that produced `state`.
+  """The DP events each released category's mechanism applied in the round that made `state`.
 
-  Each is one GaussianDpEvent at the true per-category multiplier: TFF's recorded event (value
-  and clipped-count Gaussians, count at sensitivity 0.5) converted by accounting.category_event
-  to count sensitivity 1. Frozen categories get None: their inner state was kept, so the event
+  Each is an accounting.CategoryRoundEvents: relation (a), TFF's recorded event (value and
+  clipped-count Gaussians, count at sensitivity 0.5) converted by accounting.category_event to
+  count sensitivity 1; relation (b), accounting.whole_client_events over every released
+  category's recorded event. Frozen categories get None: their inner state was kept, so the event
   in it is an old one. Read from the aggregator state itself, never from the plan.
   """
   from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
   if shared_noise.is_shared_noise_state(state):
     return shared_noise.dp_events(state)
   released = released_categories(state)
-  events = {}
-  for category_id in categories.CATEGORY_IDS:
-    if category_id in released:
-      events[category_id] = accounting.category_event(
-          differential_privacy.extract_dp_event_from_state(
-              _as_dp_state(state[STATE_INNER][category_id])))
-    else:
-      events[category_id] = None
-  return events
+  recorded = {
+      c: (differential_privacy.extract_dp_event_from_state(_as_dp_state(state[STATE_INNER][c]))
+          if c in released else None) for c in categories.CATEGORY_IDS
+  }
+  whole_client = accounting.whole_client_events(recorded)
+  return {
+      c: (accounting.CategoryRoundEvents(accounting.category_event(recorded[c]), whole_client[c])
+          if c in released else None) for c in categories.CATEGORY_IDS
+  }
 
 
 def clip_norms(state: Any) -> dict[str, float]:

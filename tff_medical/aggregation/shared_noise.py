@@ -288,8 +288,8 @@ def _numerator_state(state: Any):
   return dp_state, query_state[0]
 
 
-def dp_events(state: Any) -> dict[str, Optional[dp_accounting.GaussianDpEvent]]:
-  """One GaussianDpEvent per released category (None if frozen), from the applied mechanism.
+def dp_events(state: Any) -> dict[str, Optional[accounting.CategoryRoundEvents]]:
+  """One CategoryRoundEvents per released category (None if frozen), from the applied mechanism.
 
   The state's event is [Gaussian(z_v,c) for each category] + [count Gaussian at sensitivity
   0.5]; category c's is accounting.category_event of (its value Gaussian, the count), i.e.
@@ -302,8 +302,13 @@ def dp_events(state: Any) -> dict[str, Optional[dp_accounting.GaussianDpEvent]]:
     raise PolicyError('a shared-noise aggregator state must record ComposedDpEvent of six value '
                       f'Gaussians and the count. Found {event!r}.')
   released = class_aware.released_categories(state)
+  # Relation (b): a whole client moves the one shared count by 0.5, as TFF records it, so its
+  # round is the value Gaussian with the count as recorded (never more than relation (a)).
   return {
-      c: accounting.category_event(dp_accounting.ComposedDpEvent([parts[i], parts[-1]]))
+      c: accounting.CategoryRoundEvents(
+          accounting.category_event(dp_accounting.ComposedDpEvent([parts[i], parts[-1]])),
+          dp_accounting.GaussianDpEvent(accounting.effective_noise_multiplier(
+              dp_accounting.ComposedDpEvent([parts[i], parts[-1]]))))
       if c in released else None for i, c in enumerate(CATS)
   }
 

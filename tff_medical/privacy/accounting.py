@@ -20,6 +20,12 @@ mechanism to DpEvents:
   count multiplier s (`category_event`, `split_noise_multiplier`). The 0.5 per sampled client
   that this rewrite drops follows the client's sampling, so this is not a formal reduction;
   tests/test_accounting.py checks numerically that the true one-round pair is dominated.
+* Two relations per category (`Relation`): (a) removing one client's category-c examples while
+  the client stays (above), and (b) adding or removing a whole client whose only examples are
+  category c. Under (b) the client's record is +-0.5 in EVERY released category's clipped count
+  (its other sub-updates are zero, counted as unclipped), so c's round is c's value Gaussian
+  composed with all released counts at sensitivity 0.5 (`whole_client_events`). Calibration
+  (`category_splits`) sizes the value noise so that both stay within the budget.
 * Poisson sampling is accounted as PoissonSampledDpEvent(q, Gaussian(z)) under add-or-remove-one.
 * A fixed-size sample is accounted as SampledWithoutReplacementDpEvent(N, m, Gaussian(z / 2))
   under replace-one: replacing a client moves a clipped sum by up to 2C, and dp_accounting 0.4.3
@@ -32,7 +38,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import dp_accounting
 from dp_accounting import pld
@@ -55,6 +61,21 @@ CALIBRATION_MARGIN = 1e-5
 # TFF's default clipped-count noise, as a fraction of the expected clients per round
 # (DifferentiallyPrivateFactory.gaussian_adaptive; Andrew et al. recommend m / 20).
 TFF_DEFAULT_COUNT_NOISE_FRACTION = 0.05
+
+
+class Relation(enum.Enum):
+  """The neighbouring relations each category's budget holds under (module docstring)."""
+
+  REMOVE_CATEGORY_EXAMPLES = 'remove_category_examples'
+  REMOVE_WHOLE_CLIENT = 'remove_whole_client'
+
+
+RELATION_STATEMENTS = {
+    Relation.REMOVE_CATEGORY_EXAMPLES:
+        'adding or removing all of one client\'s category-c examples while the client stays',
+    Relation.REMOVE_WHOLE_CLIENT:
+        'adding or removing one whole client whose only examples are category c',
+}
 
 
 class Accountant(enum.Enum):
@@ -286,13 +307,14 @@ def _round_rdp(z: float, sampling: SamplingSpec) -> tuple[np.ndarray, np.ndarray
   return orders, curve
 
 
-def rounds_epsilon(groups: Iterable[tuple[float, int]],
+def rounds_epsilon(groups: Iterable[tuple],
                    sampling: SamplingSpec,
                    delta: float,
                    accountant: Union[Accountant, str] = Accountant.RDP) -> float:
-  """Epsilon of rounds given as (effective multiplier, count) groups.
+  """Epsilon of rounds given as (effective multiplier, count[, sampling]) groups.
 
-  The same figure as `epsilon([(round_event(z, sampling), count), ...], delta, accountant)`.
+  The same figure as `epsilon([(round_event(z, sampling), count), ...], delta, accountant)`;
+  a group's own SamplingSpec (an earlier run on the same data) replaces `sampling`.
   For RDP, each distinct multiplier's RDP curve is computed once by dp_accounting and cached
   (a curve costs ~0.1-0.3 s; a ledger asks for a few epsilons every round, over a handful of
   distinct multipliers); composing is then count * curve summed, which is what
@@ -301,14 +323,19 @@ def rounds_epsilon(groups: Iterable[tuple[float, int]],
   """
   accountant = check_sampling_accountant(sampling, accountant)
   delta = _probability('delta', delta)
-  groups = [(positive('noise_multiplier', z), positive_int('count', n)) for z, n in groups]
+  groups = [(positive('noise_multiplier', g[0]), positive_int('count', g[1]),
+             g[2] if len(g) > 2 else sampling) for g in groups]
   if not groups:
     return 0.0
+  methods = {spec.method for _, _, spec in groups}
+  if len(methods) > 1:
+    raise PolicyError('rounds must all use one sampling method to compose under one relation. '
+                      'Found both Poisson and fixed-size sampling.')
   if accountant is Accountant.PLD:
-    return epsilon([(round_event(z, sampling), n) for z, n in groups], delta, accountant)
+    return epsilon([(round_event(z, spec), n) for z, n, spec in groups], delta, accountant)
   orders, total = None, 0.0
-  for z, n in groups:
-    orders, curve = _round_rdp(z, sampling)
+  for z, n, spec in groups:
+    orders, curve = _round_rdp(z, spec)
     total = total + n * curve
   return float(rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
 
@@ -317,20 +344,31 @@ def calibrate_noise_multiplier(target_epsilon: float,
                                delta: float,
                                rounds: int,
                                sampling: SamplingSpec,
-                               accountant: Union[Accountant, str] = Accountant.RDP) -> float:
+                               accountant: Union[Accountant, str] = Accountant.RDP,
+                               earlier: EventsArg = ()) -> float:
   """Smallest z (within 1e-6, plus CALIBRATION_MARGIN) meeting (target_epsilon, delta).
 
-  Calibrates `rounds` rounds of `round_event(z, sampling)` with
-  dp_accounting.calibrate_dp_mechanism. The result is the effective multiplier the accountant is
-  fed; with adaptive clipping it is split by `choose_clipped_count_stddev`.
+  Calibrates `rounds` rounds of `round_event(z, sampling)`, after the `earlier` events (what
+  earlier runs released from the same data), with dp_accounting.calibrate_dp_mechanism. The
+  result is the effective multiplier the accountant is fed; with adaptive clipping it is split
+  by `category_splits`.
   """
   target_epsilon = positive('target_epsilon', target_epsilon)
   delta = _probability('delta', delta)
   rounds = positive_int('rounds', rounds)
   accountant = check_sampling_accountant(sampling, accountant)
+  earlier = list(earlier)
 
   def make_event(z):
-    return dp_accounting.SelfComposedDpEvent(round_event(z, sampling), rounds)
+    new_rounds = dp_accounting.SelfComposedDpEvent(round_event(z, sampling), rounds)
+    return dp_accounting.ComposedDpEvent([_as_composed(earlier), new_rounds]) if earlier \
+        else new_rounds
+
+  if earlier:
+    already = epsilon(earlier, delta, accountant)
+    if already >= target_epsilon:
+      raise PolicyError(f'target_epsilon must exceed what earlier runs on the same data spent. '
+                        f'Found {target_epsilon:g}, already spent {already:.4g}.')
 
   def calibrate(kind, bracket):
     try:
@@ -369,9 +407,14 @@ def calibrate_noise_multiplier(target_epsilon: float,
 def calibrate_category_noise(policy: PrivacyPolicy,
                              sampling: SamplingSpec,
                              rounds: int,
-                             accountant: Union[Accountant, str] = Accountant.RDP
+                             accountant: Union[Accountant, str] = Accountant.RDP,
+                             earlier: Optional[Mapping[str, Mapping[Relation, list]]] = None
                             ) -> dict[str, float]:
   """Each category's effective noise multiplier for its budget over `rounds` rounds.
+
+  Args:
+    earlier: Optional {category: {Relation: [(DpEvent, count), ...]}}: what earlier runs on the
+      same data released; each category's z then fits what is left under every relation.
 
   Returns:
     {category id: z}, in CATEGORY_IDS order.
@@ -382,6 +425,15 @@ def calibrate_category_noise(policy: PrivacyPolicy,
   result = {}
   for category_id in categories.CATEGORY_IDS:
     target = policy.budget(category_id).epsilon
+    spent_before = {r: e for r, e in ((earlier or {}).get(category_id) or {}).items() if e}
+    if spent_before:
+      try:
+        result[category_id] = max(
+            calibrate_noise_multiplier(target, policy.delta, rounds, sampling, accountant, e)
+            for e in spent_before.values())
+      except PolicyError as e:
+        raise PolicyError(f'{category_id}: {e}') from None
+      continue
     if target not in by_epsilon:
       by_epsilon[target] = calibrate_noise_multiplier(target, policy.delta, rounds, sampling,
                                                       accountant)
@@ -397,29 +449,40 @@ _SPLIT_TOLERANCE = 1e-9
 
 
 def split_noise_multiplier(noise_multiplier: float,
-                           clipped_count_stddev: float) -> tuple[float, float]:
+                           clipped_count_stddev: float,
+                           other_counts_inverse_square: float = 0.0) -> tuple[float, float]:
   """(value noise multiplier, count noise multiplier) at effective multiplier z and count stddev s.
 
-  Under the per-category relation the clipped count has sensitivity 1 (module docstring), so
-  its multiplier is s, not TFF's 2 s, and z_v = (z**-2 - s**-2)**-0.5 makes
-  1 / z_v**2 + 1 / s**2 = 1 / z**2. This needs s > z: stricter than TFF's own check (z < 2 s),
-  which assumes sensitivity 0.5.
+  Relation (a): the clipped count has sensitivity 1 (module docstring), so its multiplier is s,
+  not TFF's 2 s, and needs 1 / z_v**2 + 1 / s**2 <= 1 / z**2 (so s > z: stricter than TFF's own
+  check z < 2 s). Relation (b): 1 / z_v**2 + 1 / (2 s)**2 + o <= 1 / z**2, with o the sum of
+  1 / (2 s_d)**2 over the other categories' counts. z_v is the smallest meeting both.
   """
   z = positive('noise_multiplier', noise_multiplier)
   s = positive('clipped_count_stddev', clipped_count_stddev)
+  others = float(other_counts_inverse_square)
+  if not others >= 0 or not math.isfinite(others):
+    raise PolicyError(f'other_counts_inverse_square must be non-negative. Found {others!r}.')
   if z >= s:
     raise PolicyError(f'clipped_count_stddev must be more than noise_multiplier ({z:.6g}): the '
                       f'per-category clipped count has sensitivity 1. Found {s:.6g}.')
-  return (z**-2 - s**-2)**-0.5, s
+  counts = max(s**-2, (2 * s)**-2 + others)
+  if counts >= z**-2:
+    raise PolicyError(
+        f'noise_multiplier must leave room for the clipped counts that move when a whole client '
+        f'is added or removed: 1/z**2 must exceed {counts:.6g}. Found z={z:.6g}.')
+  return (z**-2 - counts)**-0.5, s
 
 
-def tff_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
+def tff_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float,
+                         other_counts_inverse_square: float = 0.0) -> float:
   """The noise_multiplier to pass to TFF's gaussian_adaptive so that its values get our z_v.
 
-  TFF derives z_v = (z_tff**-2 - (2 s)**-2)**-0.5 (sensitivity 0.5 on the count); solving for
-  our z_v = (z**-2 - s**-2)**-0.5 gives z_tff = (z**-2 - 0.75 s**-2)**-0.5 (< 2 s when s > z).
+  TFF derives z_v = (z_tff**-2 - (2 s)**-2)**-0.5 (sensitivity 0.5 on the count), so
+  z_tff = (z_v**-2 + (2 s)**-2)**-0.5 (< 2 s when s > z).
   """
-  value_multiplier, _ = split_noise_multiplier(noise_multiplier, clipped_count_stddev)
+  value_multiplier, _ = split_noise_multiplier(noise_multiplier, clipped_count_stddev,
+                                               other_counts_inverse_square)
   return (value_multiplier**-2 + (2 * float(clipped_count_stddev))**-2)**-0.5
 
 
@@ -440,6 +503,8 @@ class AdaptiveClipSplit:
     tff_noise_multiplier: What to pass to gaussian_adaptive as noise_multiplier: TFF assumes
       count sensitivity 0.5, so it must be given (z_v**-2 + (2 s)**-2)**-0.5 to apply our z_v.
     inflation: z_v / z, how much more value noise than z the values get.
+    other_counts_inverse_square: o = sum of 1 / (2 s_d)**2 over the other categories' counts,
+      which relation (b) adds to this category's round (0 in plans from before relation (b)).
   """
 
   noise_multiplier: float
@@ -449,10 +514,11 @@ class AdaptiveClipSplit:
   count_noise_multiplier: float
   tff_noise_multiplier: float
   inflation: float
+  other_counts_inverse_square: float = 0.0
 
   def __post_init__(self):
     expected = _split_fields(self.noise_multiplier, self.expected_clients_per_round,
-                             self.clipped_count_stddev)
+                             self.clipped_count_stddev, self.other_counts_inverse_square)
     for field in ('value_noise_multiplier', 'count_noise_multiplier', 'tff_noise_multiplier',
                   'inflation'):
       value, want = getattr(self, field), expected[field]
@@ -467,6 +533,12 @@ class AdaptiveClipSplit:
     """s / m: stddev of the noise on the estimated unclipped fraction."""
     return self.clipped_count_stddev / self.expected_clients_per_round
 
+  @property
+  def whole_client_noise_multiplier(self) -> float:
+    """The planned round's multiplier under relation (b): value, own and other counts at 0.5."""
+    return (self.value_noise_multiplier**-2 + (2 * self.clipped_count_stddev)**-2 +
+            self.other_counts_inverse_square)**-0.5
+
   def to_json_dict(self) -> dict[str, float]:
     return dict(dataclasses.asdict(self), count_noise_fraction=self.count_noise_fraction)
 
@@ -476,6 +548,8 @@ class AdaptiveClipSplit:
     fields = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(value, Mapping):
       raise PolicyError(f'AdaptiveClipSplit JSON must be an object. Found {value!r}.')
+    # Plans written before relation (b) have no other_counts_inverse_square: it was 0.
+    value = dict({'other_counts_inverse_square': 0.0}, **value)
     missing = [k for k in fields if k not in value]
     unknown = sorted(str(k) for k in value if k not in fields and k != 'count_noise_fraction')
     if missing or unknown:
@@ -491,27 +565,30 @@ class AdaptiveClipSplit:
 
 
 def _split_fields(noise_multiplier: float, expected_clients_per_round: float,
-                  clipped_count_stddev: float) -> dict[str, float]:
+                  clipped_count_stddev: float,
+                  other_counts_inverse_square: float = 0.0) -> dict[str, float]:
   z = positive('noise_multiplier', noise_multiplier)
   m = positive('expected_clients_per_round', expected_clients_per_round)
   s = positive('clipped_count_stddev', clipped_count_stddev)
-  value_multiplier, count_multiplier = split_noise_multiplier(z, s)
+  value_multiplier, count_multiplier = split_noise_multiplier(z, s, other_counts_inverse_square)
   return dict(
       noise_multiplier=z,
       expected_clients_per_round=m,
       clipped_count_stddev=s,
       value_noise_multiplier=value_multiplier,
       count_noise_multiplier=count_multiplier,
-      tff_noise_multiplier=tff_noise_multiplier(z, s),
-      inflation=value_multiplier / z)
+      tff_noise_multiplier=tff_noise_multiplier(z, s, other_counts_inverse_square),
+      inflation=value_multiplier / z,
+      other_counts_inverse_square=float(other_counts_inverse_square))
 
 
 def adaptive_clip_split(noise_multiplier: float,
                         expected_clients_per_round: float,
-                        clipped_count_stddev: float) -> AdaptiveClipSplit:
+                        clipped_count_stddev: float,
+                        other_counts_inverse_square: float = 0.0) -> AdaptiveClipSplit:
   """The split of effective multiplier z at clipped-count stddev s (needs s > z)."""
   return AdaptiveClipSplit(**_split_fields(noise_multiplier, expected_clients_per_round,
-                                           clipped_count_stddev))
+                                           clipped_count_stddev, other_counts_inverse_square))
 
 
 def choose_clipped_count_stddev(noise_multiplier: float,
@@ -596,9 +673,67 @@ def category_event(tff_event: dp_accounting.DpEvent) -> dp_accounting.GaussianDp
 
 def category_splits(noise_multipliers: Mapping[str, float],
                     expected_clients_per_round: float,
-                    **kwargs) -> dict[str, AdaptiveClipSplit]:
-  """`choose_clipped_count_stddev` for each category's z, in CATEGORY_IDS order."""
+                    max_value_noise_inflation: float = 1.05,
+                    max_count_noise_fraction: float = 0.1) -> dict[str, AdaptiveClipSplit]:
+  """Each category's split of its z, meeting both relations, in CATEGORY_IDS order.
+
+  Starts from `choose_clipped_count_stddev` (relation (a)); relation (b) then adds the other
+  categories' counts to each round, which the value noise absorbs. Where that takes a category's
+  value noise past `max_value_noise_inflation`, every count stddev grows (less count signal per
+  category, more room for the values) up to `max_count_noise_fraction` of m; beyond it, refused.
+  """
+  kwargs = dict(max_value_noise_inflation=max_value_noise_inflation,
+                max_count_noise_fraction=max_count_noise_fraction)
+  zs = {c: noise_multipliers[c] for c in categories.CATEGORY_IDS}
+  m = positive('expected_clients_per_round', expected_clients_per_round)
+  stddevs = {c: choose_clipped_count_stddev(zs[c], m, **kwargs).clipped_count_stddev
+             for c in categories.CATEGORY_IDS}
+  ceiling = max_count_noise_fraction * m
+  while True:
+    total = sum((2 * s)**-2 for s in stddevs.values())
+    try:
+      splits = {c: adaptive_clip_split(zs[c], m, stddevs[c], total - (2 * stddevs[c])**-2)
+                for c in categories.CATEGORY_IDS}
+      worst = max(splits.values(), key=lambda split: split.inflation)
+      if worst.inflation <= max_value_noise_inflation:
+        return splits
+      problem = f'value noise {worst.inflation:.4g}x noise_multiplier {worst.noise_multiplier:.4g}'
+    except PolicyError as e:
+      problem = str(e)
+    if all(s >= ceiling for s in stddevs.values()):
+      raise PolicyError(
+          'noise_multiplier must leave room for both relations at clipped_count_stddev up to '
+          f'{max_count_noise_fraction:g} of {m:g} clients per round. Found {problem}. Use more '
+          'clients per round, fewer rounds or larger budgets, or allow more value noise '
+          '(max_value_noise_inflation).')
+    stddevs = {c: min(s * 1.1, ceiling) for c, s in stddevs.items()}
+
+
+class CategoryRoundEvents(NamedTuple):
+  """One category's round under each relation: what the ledger records."""
+
+  remove_category_examples: dp_accounting.GaussianDpEvent
+  remove_whole_client: dp_accounting.GaussianDpEvent
+
+
+def whole_client_events(tff_events: Mapping[str, Optional[dp_accounting.DpEvent]]
+                       ) -> dict[str, Optional[dp_accounting.GaussianDpEvent]]:
+  """Each released category's round under relation (b), from TFF's recorded events.
+
+  tff_events: category -> what gaussian_adaptive records, ComposedDpEvent([Gaussian(z_v),
+  Gaussian(2 s)]) (count at sensitivity 0.5, right for a whole client), or None if not
+  released. Category c's round is its value and count Gaussians composed with the count
+  Gaussians of every other released category: one Gaussian, 1/z**2 = sum of 1/z_i**2.
+  """
+  parts = {}
+  for c, event in tff_events.items():
+    if event is None:
+      continue
+    category_event(event)  # Refuses any other shape.
+    parts[c] = event.events
   return {
-      c: choose_clipped_count_stddev(noise_multipliers[c], expected_clients_per_round, **kwargs)
-      for c in categories.CATEGORY_IDS
+      c: (dp_accounting.GaussianDpEvent(effective_noise_multiplier(dp_accounting.ComposedDpEvent(
+          list(parts[c]) + [parts[d][1] for d in parts if d != c])))
+          if c in parts else None)
+      for c in tff_events
   }

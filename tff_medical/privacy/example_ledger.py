@@ -615,7 +615,7 @@ def validate_example_ledger_json(ledger: Any) -> None:
   largest = 0.0
   for c, entry in whole.items():
     where = f'categories.{c}'
-    if not ledger_lib.check_keys(where, entry, ledger_lib.CATEGORY_KEYS, problems):
+    if not ledger_lib.check_keys(where, entry, ledger_lib.CATEGORY_KEYS_V1, problems):
       continue
     if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
       problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '

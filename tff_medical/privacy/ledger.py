@@ -45,7 +45,8 @@ from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingMethod
 from tff_medical.privacy.sampling import SamplingSpec
 
-SCHEMA_VERSION = 1
+# 2: both neighbouring relations per category, earlier runs on the same data (1 still read).
+SCHEMA_VERSION = 2
 LEDGER_FILENAME = 'privacy_ledger.json'
 _CACHE_LIMIT = 512
 
@@ -95,8 +96,106 @@ def merge_runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[flo
   return tuple((z, n) for z, n in groups)
 
 
+Relation = accounting.Relation
+_RELATIONS = tuple(Relation)
+
+# What each guarantee is about, as the ledger and the model card state it (README "What is
+# private, and from whom"). Fixed-size sampling is accounted under replace-one.
+RELATION_STATEMENTS = {
+    SamplingMethod.POISSON: {
+        Relation.REMOVE_CATEGORY_EXAMPLES.value:
+            'adding or removing all of one client\'s category-c examples; the client stays',
+        Relation.REMOVE_WHOLE_CLIENT.value:
+            'adding or removing one whole client whose only examples are category c',
+        'client_level': 'adding or removing one whole client, whatever its categories',
+    },
+    SamplingMethod.FIXED_SIZE: {
+        Relation.REMOVE_CATEGORY_EXAMPLES.value:
+            'replacing one client\'s category-c examples by others; the client stays',
+        Relation.REMOVE_WHOLE_CLIENT.value:
+            'replacing one whole client whose only examples are category c by another such client',
+        'client_level': 'replacing one whole client by another',
+    },
+}
+
+
+def _round_pair(field: str, event: Any,
+                sampling: SamplingSpec) -> Optional[tuple[float, float]]:
+  """(z under relation (a), z under relation (b)) of one category's round; None if not released.
+
+  A bare GaussianDpEvent is the same round under both relations. Under replace-one (fixed-size
+  sampling) relation (b) replaces a category-c-only client by another: every other count keeps
+  its record, so (b) is (a).
+  """
+  if event is None:
+    return None
+  if isinstance(event, accounting.CategoryRoundEvents):
+    parts = tuple(event)
+  elif isinstance(event, dp_accounting.DpEvent):
+    parts = (event, event)
+  else:
+    raise PolicyError(f'{field} must be a CategoryRoundEvents, a DpEvent or None. Found {event!r}.')
+  zs = []
+  for part in parts:
+    if not isinstance(part, (dp_accounting.GaussianDpEvent, dp_accounting.NoOpDpEvent)):
+      # A composition does not say which part is the clipped count, whose per-category
+      # sensitivity differs from what TFF records: only converted events are accepted.
+      raise PolicyError(f'{field} must be a GaussianDpEvent (convert TFF\'s event with '
+                        f'accounting.category_event). Found {part!r}.')
+    try:
+      zs.append(accounting.effective_noise_multiplier(part))
+    except PolicyError as e:
+      raise PolicyError(f'{field}: {e}') from None
+  if zs[0] is None:
+    return None
+  if zs[1] is None or sampling.method is SamplingMethod.FIXED_SIZE:
+    zs[1] = zs[0]
+  return zs[0], zs[1]
+
+
+class EarlierRuns:
+  """What earlier runs released from the same data (tff_medical.privacy.budget_registry).
+
+  Attributes:
+    runs: [(run id, registry entry)], as the registry lists them.
+  """
+
+  def __init__(self, runs: Sequence[tuple[str, Mapping[str, Any]]] = ()):
+    self.runs = [(run_id, entry) for run_id, entry in runs]
+    non_private = [run_id for run_id, entry in self.runs if not entry.get('private', True)]
+    if non_private:
+      raise PolicyError('earlier runs on this data must all be private to compose a guarantee. '
+                        f'Found non-private runs {", ".join(non_private)}.')
+
+  def groups(self, category_id: str, relation: Relation) -> tuple[tuple[float, int, SamplingSpec], ...]:
+    found = []
+    for _, entry in self.runs:
+      spec = SamplingSpec.from_json_dict(entry['sampling'])
+      for z, n in (entry.get('spend', {}).get(category_id, {}).get(relation.value) or ()):
+        found.append((float(z), int(n), spec))
+    return tuple(found)
+
+  def client_groups(self) -> tuple[tuple[float, int, SamplingSpec], ...]:
+    found = []
+    for _, entry in self.runs:
+      spec = SamplingSpec.from_json_dict(entry['sampling'])
+      found.extend((float(z), int(n), spec) for z, n in (entry.get('client_level') or ()))
+    return tuple(found)
+
+  def events(self, category_id: str, relation: Relation) -> list:
+    """[(round DpEvent, count)] for accounting.calibrate_category_noise."""
+    return [(accounting.round_event(z, spec), n) for z, n, spec in self.groups(category_id, relation)]
+
+  def to_json(self) -> list[dict[str, Any]]:
+    return [dict(entry, run_id=run_id) for run_id, entry in self.runs]
+
+
 class PrivacyLedger:
-  """Per-category and client-level epsilon of what was released, with hard budgets."""
+  """Per-category and client-level epsilon of what was released, with hard budgets.
+
+  Each category is accounted under both relations (accounting.Relation); its epsilon_spent, the
+  figure the budget limits, is the larger, over this run and every earlier run on the same data.
+  """
 
   def __init__(self,
                policy: PrivacyPolicy,
@@ -104,17 +203,22 @@ class PrivacyLedger:
                sampling: SamplingSpec,
                accountant: Union[Accountant, str] = Accountant.RDP,
                noise_mechanism: Union[shared_noise.NoiseMechanism, str] = (
-                   shared_noise.NoiseMechanism.PER_CATEGORY_NOISE)):
+                   shared_noise.NoiseMechanism.PER_CATEGORY_NOISE),
+               whole_client_noise_multipliers: Optional[Mapping[str, float]] = None,
+               earlier: Optional[EarlierRuns] = None):
     """Starts an empty ledger.
 
     Args:
       policy: The budgets (epsilon per category, shared delta).
-      noise_multipliers: Planned effective multiplier per category (all six), used to predict
-        a category's next round before it has released one.
+      noise_multipliers: Planned effective multiplier per category (all six) under relation (a),
+        used to predict a category's next round before it has released one.
       sampling: How clients are sampled; must be what the sampler in use draws.
       accountant: RDP or PLD (PLD needs Poisson sampling).
       noise_mechanism: How the aggregator noises the categories (per_category_noise or
         shared_noise); decides how they combine into the client-level epsilon.
+      whole_client_noise_multipliers: Planned multipliers under relation (b) (the split's
+        whole_client_noise_multiplier); default: as under (a).
+      earlier: What earlier runs on the same data spent; composed into every figure.
     """
     if not isinstance(policy, PrivacyPolicy):
       raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
@@ -122,28 +226,36 @@ class PrivacyLedger:
     self._sampling = sampling
     self._accountant = accounting.check_sampling_accountant(sampling, accountant)
     self._mechanism = shared_noise.as_noise_mechanism(noise_mechanism)
-    if not isinstance(noise_multipliers, Mapping):
-      raise PolicyError(f'noise_multipliers must be a mapping of category to multiplier. '
-                        f'Found {noise_multipliers!r}.')
-    unknown = sorted(set(noise_multipliers) - set(categories.CATEGORY_IDS))
-    missing = [c for c in categories.CATEGORY_IDS if c not in noise_multipliers]
-    if unknown or missing:
-      raise PolicyError(f'noise_multipliers must have exactly the six categories. Found '
-                        f'unknown {unknown} and missing {missing}.')
-    self._planned = {
-        c: _finite_positive(f'noise_multipliers[{c}]', noise_multipliers[c])
-        for c in categories.CATEGORY_IDS
-    }
+    self._earlier = earlier or EarlierRuns()
+    planned_a = self._planned_map('noise_multipliers', noise_multipliers)
+    planned_b = (planned_a if whole_client_noise_multipliers is None else
+                 self._planned_map('whole_client_noise_multipliers',
+                                   whole_client_noise_multipliers))
+    self._planned = {c: (planned_a[c], planned_b[c]) for c in categories.CATEGORY_IDS}
     self._history: list[list] = []  # [round tuple, count]: consecutive equal rounds merged.
     self._frozen: dict[str, int] = {}  # category -> rounds_completed when it was frozen.
     self._cache: dict[tuple, float] = {}
+    self._spent_by_relation = {c: {r: 0.0 for r in _RELATIONS} for c in categories.CATEGORY_IDS}
     self._spent = {c: 0.0 for c in categories.CATEGORY_IDS}
+    self._spent_this_run = {c: 0.0 for c in categories.CATEGORY_IDS}
     self._client_epsilon = 0.0
+    self._recompute()
     self._update_frozen()
+
+  @staticmethod
+  def _planned_map(field: str, values: Any) -> dict[str, float]:
+    if not isinstance(values, Mapping):
+      raise PolicyError(f'{field} must be a mapping of category to multiplier. Found {values!r}.')
+    unknown = sorted(set(values) - set(categories.CATEGORY_IDS))
+    missing = [c for c in categories.CATEGORY_IDS if c not in values]
+    if unknown or missing:
+      raise PolicyError(f'{field} must have exactly the six categories. Found '
+                        f'unknown {unknown} and missing {missing}.')
+    return {c: _finite_positive(f'{field}[{c}]', values[c]) for c in categories.CATEGORY_IDS}
 
   # Accounting, all through accounting.rounds_epsilon (dp_accounting) on rebuilt events.
 
-  def _epsilon_of(self, groups: tuple[tuple[float, int], ...]) -> float:
+  def _epsilon_of(self, groups: tuple) -> float:
     if not groups:
       return 0.0
     if groups not in self._cache:
@@ -153,40 +265,53 @@ class PrivacyLedger:
                                                       self._policy.delta, self._accountant)
     return self._cache[groups]
 
-  def _category_runs(self, index: int, extra: Optional[float] = None):
-    values = [(round_[index], count) for round_, count in self._history]
+  def _category_runs(self, index: int, relation: int, extra: Optional[float] = None):
+    values = [(None if round_[index] is None else round_[index][relation], count)
+              for round_, count in self._history]
     if extra is not None:
       values.append((extra, 1))
     return merge_runs(values)
 
-  def _client_runs(self):
-    return merge_runs([(_combined(round_, self._mechanism), count) for round_, count in self._history])
+  def _with_earlier(self, category_id: str, relation: int, own) -> tuple:
+    return self._earlier.groups(category_id, _RELATIONS[relation]) + tuple(own)
 
-  def _last_applied(self, index: int) -> Optional[float]:
+  def _client_runs(self):
+    return merge_runs([(_combined([None if z is None else z[0] for z in round_], self._mechanism),
+                        count) for round_, count in self._history])
+
+  def _last_applied(self, index: int, relation: int = 0) -> Optional[float]:
     for round_, _ in reversed(self._history):
       if round_[index] is not None:
-        return round_[index]
+        return round_[index][relation]
     return None
 
-  def _next_multiplier(self, category_id: str) -> float:
+  def _next_multiplier(self, category_id: str, relation: int) -> float:
     # The smaller of plan and last applied: the prediction never underestimates the next spend
     # of a round like the last one or the planned one.
-    last = self._last_applied(categories.LABEL_OF[category_id])
-    planned = self._planned[category_id]
+    last = self._last_applied(categories.LABEL_OF[category_id], relation)
+    planned = self._planned[category_id][relation]
     return planned if last is None else min(planned, last)
 
   def _update_frozen(self) -> None:
     for index, c in enumerate(categories.CATEGORY_IDS):
       if c in self._frozen:
         continue
-      after_next = self._epsilon_of(self._category_runs(index, self._next_multiplier(c)))
+      after_next = max(
+          self._epsilon_of(self._with_earlier(
+              c, r, self._category_runs(index, r, self._next_multiplier(c, r))))
+          for r in range(len(_RELATIONS)))
       if after_next > self._policy.budget(c).epsilon:
         self._frozen[c] = self.rounds_completed
 
   def _recompute(self) -> None:
     for index, c in enumerate(categories.CATEGORY_IDS):
-      self._spent[c] = self._epsilon_of(self._category_runs(index))
-    client = self._epsilon_of(self._client_runs())
+      for r, relation in enumerate(_RELATIONS):
+        self._spent_by_relation[c][relation] = self._epsilon_of(
+            self._with_earlier(c, r, self._category_runs(index, r)))
+      self._spent[c] = max(self._spent_by_relation[c].values())
+      self._spent_this_run[c] = max(self._epsilon_of(self._category_runs(index, r))
+                                    for r in range(len(_RELATIONS)))
+    client = self._epsilon_of(self._earlier.client_groups() + self._client_runs())
     # The client-level mechanism dominates every category's, but PLD's discretization could
     # invert the two estimates by ~1e-4; raising an upper bound keeps it a valid bound.
     self._client_epsilon = max([client] + list(self._spent.values()))
@@ -210,6 +335,10 @@ class PrivacyLedger:
     return self._mechanism
 
   @property
+  def earlier(self) -> EarlierRuns:
+    return self._earlier
+
+  @property
   def rounds_completed(self) -> int:
     return sum(count for _, count in self._history)
 
@@ -217,7 +346,7 @@ class PrivacyLedger:
     """Categories whose next round keeps them within budget, in CATEGORY_IDS order.
 
     The others are frozen ('exhausted'), permanently. The next round is predicted as one more
-    round at the smaller of the planned and the last applied multiplier.
+    round at the smaller of the planned and the last applied multiplier, under each relation.
     """
     self._update_frozen()
     return tuple(c for c in categories.CATEGORY_IDS if c not in self._frozen)
@@ -231,8 +360,17 @@ class PrivacyLedger:
     return len(self._frozen) == len(categories.CATEGORY_IDS)
 
   def epsilon_spent(self, category_id: str) -> float:
+    """The category's guarantee: the larger relation, over every run on the same data."""
     self._policy.budget(category_id)
     return self._spent[category_id]
+
+  def epsilon_by_relation(self, category_id: str) -> dict[str, float]:
+    self._policy.budget(category_id)
+    return {r.value: e for r, e in self._spent_by_relation[category_id].items()}
+
+  def epsilon_this_run(self, category_id: str) -> float:
+    self._policy.budget(category_id)
+    return self._spent_this_run[category_id]
 
   @property
   def client_level_epsilon(self) -> float:
@@ -244,25 +382,34 @@ class PrivacyLedger:
     index = categories.LABEL_OF[category_id]
     return sum(count for round_, count in self._history if round_[index] is not None)
 
-  def noise_multiplier(self, category_id: str) -> float:
+  def noise_multiplier(self, category_id: str, relation: int = 0) -> float:
     """The effective multiplier last fed to the accountant (the planned one before any)."""
     self._policy.budget(category_id)
-    last = self._last_applied(categories.LABEL_OF[category_id])
-    return self._planned[category_id] if last is None else last
+    last = self._last_applied(categories.LABEL_OF[category_id], relation)
+    return self._planned[category_id][relation] if last is None else last
 
-  def record_round(self, events: Mapping[str, Optional[dp_accounting.DpEvent]]) -> None:
+  def spend_groups(self) -> dict[str, Any]:
+    """This run's spend as the budget registry records it (no earlier runs)."""
+    return {
+        'spend': {c: {r.value: [list(g) for g in self._category_runs(index, i)]
+                      for i, r in enumerate(_RELATIONS)}
+                  for index, c in enumerate(categories.CATEGORY_IDS)},
+        'client_level': [list(g) for g in self._client_runs()],
+    }
+
+  def record_round(self, events: Mapping[str, Any]) -> None:
     """Records the DP events one round applied, per category (None: not released).
 
     Args:
-      events: Category id -> the round's unsampled GaussianDpEvent for that category's
-        sub-aggregate (class_aware.dp_events), NoOpDpEvent, or None (not released). Missing
-        categories count as None.
+      events: Category id -> the round's accounting.CategoryRoundEvents for that category's
+        sub-aggregate (class_aware.dp_events), a single GaussianDpEvent (the same under both
+        relations), NoOpDpEvent, or None (not released). Missing categories count as None.
 
     Raises:
       PolicyError: for an unknown category, an event that is not a single Gaussian (a raw TFF
         event must go through accounting.category_event first), an event for an exhausted
-        category, or one that would take a category over its budget. Nothing is recorded then:
-        the round must not be released.
+        category, or one that would take a category over its budget under either relation.
+        Nothing is recorded then: the round must not be released.
     """
     if not isinstance(events, Mapping):
       raise PolicyError(f'events must be a mapping of category id to DpEvent or None. '
@@ -272,25 +419,10 @@ class PrivacyLedger:
       raise PolicyError(f'events keys must be category ids ({", ".join(categories.CATEGORY_IDS)}'
                         f'). Found {unknown}.')
     round_num = self.rounds_completed + 1
-    zs = []
-    for c in categories.CATEGORY_IDS:
-      event = events.get(c)
-      if event is None:
-        zs.append(None)
-        continue
-      if not isinstance(event, dp_accounting.DpEvent):
-        raise PolicyError(f'events[{c}] must be a DpEvent or None. Found {event!r}.')
-      if not isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.NoOpDpEvent)):
-        # A composition does not say which part is the clipped count, whose per-category
-        # sensitivity differs from what TFF records: only the converted event is accepted.
-        raise PolicyError(f'events[{c}] must be a GaussianDpEvent (convert TFF\'s event with '
-                          f'accounting.category_event). Found {event!r}.')
-      try:
-        zs.append(accounting.effective_noise_multiplier(event))
-      except PolicyError as e:
-        raise PolicyError(f'events[{c}]: {e}') from None
-    for index, (c, z) in enumerate(zip(categories.CATEGORY_IDS, zs)):
-      if z is None:
+    pairs = [_round_pair(f'events[{c}]', events.get(c), self._sampling)
+             for c in categories.CATEGORY_IDS]
+    for index, (c, pair) in enumerate(zip(categories.CATEGORY_IDS, pairs)):
+      if pair is None:
         continue
       target = self._policy.budget(c).epsilon
       if c in self._frozen:
@@ -298,12 +430,14 @@ class PrivacyLedger:
             f'events[{c}] must be None in round {round_num}: the category is exhausted (frozen '
             f'after round {self._frozen[c]}, epsilon {self._spent[c]:.6g} of {target:g}). '
             f'Found {events[c]!r}.')
-      after = self._epsilon_of(self._category_runs(index, z))
-      if after > target:
-        raise PolicyError(
-            f'events[{c}] must keep epsilon within {target:g} in round {round_num}. Found '
-            f'noise multiplier {z:.6g}, which would spend {after:.6g}.')
-    round_ = tuple(zs)
+      for r, relation in enumerate(_RELATIONS):
+        after = self._epsilon_of(self._with_earlier(c, r, self._category_runs(index, r, pair[r])))
+        if after > target:
+          raise PolicyError(
+              f'events[{c}] must keep epsilon within {target:g} in round {round_num}. Found '
+              f'noise multiplier {pair[r]:.6g} ({relation.value}), which would spend '
+              f'{after:.6g}.')
+    round_ = tuple(pairs)
     if self._history and self._history[-1][0] == round_:
       self._history[-1][1] += 1
     else:
@@ -318,6 +452,7 @@ class PrivacyLedger:
         'accountant': self._accountant.value,
         'privacy_unit': 'client',
         'neighboring_relation': _RELATION_NAMES[self._sampling.method],
+        'neighboring_relations': dict(RELATION_STATEMENTS[self._sampling.method]),
         'delta': self._policy.delta,
         'sampling': dict(self._sampling.to_json_dict(), rate=self._sampling.rate),
         'rounds_completed': self.rounds_completed,
@@ -330,9 +465,19 @@ class PrivacyLedger:
                 'noise_multiplier': self.noise_multiplier(b.id),
                 'rounds_released': self.rounds_released(b.id),
                 'epsilon_spent': self._spent[b.id],
+                'epsilon_this_run': self._spent_this_run[b.id],
                 'status': self.status(b.id).value,
+                'relations': {
+                    r.value: {
+                        'epsilon': self._spent_by_relation[b.id][r],
+                        'noise_multiplier': self.noise_multiplier(b.id, i),
+                        'rounds': [list(g) for g in self._category_runs(
+                            categories.LABEL_OF[b.id], i)],
+                    } for i, r in enumerate(_RELATIONS)
+                },
             } for b in self._policy.budgets
         },
+        'earlier_runs': self._earlier.to_json(),
     }
     if self._mechanism is not shared_noise.NoiseMechanism.PER_CATEGORY_NOISE:
       # Only when not the default: the published shape of per-category ledgers is unchanged.
@@ -340,17 +485,25 @@ class PrivacyLedger:
     return published
 
   def state(self) -> dict[str, Any]:
-    """JSON-able checkpoint state: the history of applied multipliers, not derived figures."""
+    """JSON-able checkpoint state: the history of applied multipliers, not derived figures.
+
+    Earlier runs are not part of it: they are read from the budget registry at every start,
+    so a run resumed after another run on the same data sees that run's spend too.
+    """
     return {
         'schema_version': SCHEMA_VERSION,
         'accountant': self._accountant.value,
         'noise_mechanism': self._mechanism.value,
         'sampling': self._sampling.to_json_dict(),
         'policy': self._policy.to_json_dict(),
-        'planned_noise_multipliers': dict(self._planned),
+        'planned_noise_multipliers': {c: p[0] for c, p in self._planned.items()},
+        'planned_whole_client_noise_multipliers': {c: p[1] for c, p in self._planned.items()},
         'history': [{
             'count': count,
-            'noise_multipliers': dict(zip(categories.CATEGORY_IDS, round_)),
+            'noise_multipliers': {c: None if z is None else z[0]
+                                  for c, z in zip(categories.CATEGORY_IDS, round_)},
+            'whole_client_noise_multipliers': {c: None if z is None else z[1]
+                                               for c, z in zip(categories.CATEGORY_IDS, round_)},
         } for round_, count in self._history],
         'frozen': dict(self._frozen),
     }
@@ -361,8 +514,8 @@ class PrivacyLedger:
                  policy: PrivacyPolicy,
                  sampling: Optional[SamplingSpec] = None,
                  accountant: Optional[Union[Accountant, str]] = None,
-                 noise_mechanism: Optional[Union[shared_noise.NoiseMechanism, str]] = None
-                ) -> 'PrivacyLedger':
+                 noise_mechanism: Optional[Union[shared_noise.NoiseMechanism, str]] = None,
+                 earlier: Optional[EarlierRuns] = None) -> 'PrivacyLedger':
     """Restores a ledger; refuses one saved under another policy, sampling or accountant.
 
     Args:
@@ -372,12 +525,17 @@ class PrivacyLedger:
       accountant: If given, the resumed run's accountant; must equal the saved one.
       noise_mechanism: If given, the resumed run's noise mechanism; must equal the saved one
         (a state without one was saved by per-category noise).
+      earlier: What earlier runs on the same data spent (the budget registry, now).
 
     Returns:
       A ledger identical to the saved one (history, frozen categories, epsilons).
     """
     if not isinstance(state, Mapping):
       raise PolicyError(f'ledger state must be a mapping. Found {state!r}.')
+    if state.get('schema_version') == 1:
+      raise PolicyError('ledger state was saved before whole-client removal (relation (b)) was '
+                        'accounted, so this run cannot be resumed within its stated guarantee. '
+                        'Its released outputs stand; start a new run (a new --experiment_name).')
     if state.get('schema_version') != SCHEMA_VERSION:
       raise PolicyError(f'ledger state schema_version must be {SCHEMA_VERSION}. '
                         f'Found {state.get("schema_version")!r}.')
@@ -401,7 +559,7 @@ class PrivacyLedger:
       raise PolicyError('ledger state must match the resumed run. Found differences (saved vs '
                         f'current): {"; ".join(differences)}.')
     ledger = cls(policy, state.get('planned_noise_multipliers'), saved_sampling, saved_accountant,
-                 saved_mechanism)
+                 saved_mechanism, state.get('planned_whole_client_noise_multipliers'), earlier)
     ledger._history = _history_from_state(state.get('history'))
     frozen = state.get('frozen')
     rounds = ledger.rounds_completed
@@ -468,12 +626,18 @@ def _history_from_state(raw: Any) -> list[list]:
   for entry in raw:
     count = entry.get('count') if isinstance(entry, Mapping) else None
     zs = entry.get('noise_multipliers') if isinstance(entry, Mapping) else None
+    whole = entry.get('whole_client_noise_multipliers') if isinstance(entry, Mapping) else None
     if (isinstance(count, bool) or not isinstance(count, int) or count < 1 or
-        not isinstance(zs, Mapping) or set(zs) != set(categories.CATEGORY_IDS)):
-      raise PolicyError('ledger state history entries must have a positive count and a '
-                        f'multiplier or null for each category. Found {entry!r}.')
+        not isinstance(zs, Mapping) or set(zs) != set(categories.CATEGORY_IDS) or
+        not isinstance(whole, Mapping) or set(whole) != set(categories.CATEGORY_IDS) or
+        any((zs[c] is None) != (whole[c] is None) for c in categories.CATEGORY_IDS)):
+      raise PolicyError('ledger state history entries must have a positive count and, under '
+                        'both relations, a multiplier or null for each category. '
+                        f'Found {entry!r}.')
     round_ = tuple(
-        None if zs[c] is None else _finite_positive(f'history noise_multipliers[{c}]', zs[c])
+        None if zs[c] is None else
+        (_finite_positive(f'history noise_multipliers[{c}]', zs[c]),
+         _finite_positive(f'history whole_client_noise_multipliers[{c}]', whole[c]))
         for c in categories.CATEGORY_IDS)
     if history and history[-1][0] == round_:
       history[-1][1] += count
@@ -484,13 +648,16 @@ def _history_from_state(raw: Any) -> list[list]:
 
 # The published ledger's shape.
 
-_TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
-             'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
+_TOP_KEYS_V1 = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
+                'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
+_TOP_KEYS = _TOP_KEYS_V1 + ('neighboring_relations', 'earlier_runs')
 # Optional top-level keys: absent in ledgers written before they existed.
 _OPTIONAL_TOP_KEYS = ('noise_mechanism',)
 SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
-CATEGORY_KEYS = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
-                  'rounds_released', 'epsilon_spent', 'status')
+CATEGORY_KEYS_V1 = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
+                    'rounds_released', 'epsilon_spent', 'status')
+CATEGORY_KEYS = CATEGORY_KEYS_V1 + ('epsilon_this_run', 'relations')
+_RELATION_KEYS = ('epsilon', 'noise_multiplier', 'rounds')
 _TOLERANCE = 1e-9
 
 
@@ -531,15 +698,27 @@ def validate_ledger_json(ledger: Any) -> None:
     example_ledger.validate_example_ledger_json(ledger)
     return
   problems: list[str] = []
-  if not check_keys('ledger', ledger, _TOP_KEYS, problems, _OPTIONAL_TOP_KEYS):
+  version = ledger.get('schema_version') if isinstance(ledger, Mapping) else None
+  # Version 1 ledgers (one relation, no earlier runs) stay readable.
+  top_keys, category_keys = ((_TOP_KEYS_V1, CATEGORY_KEYS_V1) if version == 1 else
+                             (_TOP_KEYS, CATEGORY_KEYS))
+  if not check_keys('ledger', ledger, top_keys, problems, _OPTIONAL_TOP_KEYS):
     raise PolicyError(' '.join(problems))
   mechanisms = [m.value for m in shared_noise.NoiseMechanism]
   if 'noise_mechanism' in ledger and ledger['noise_mechanism'] not in mechanisms:
     problems.append(f'noise_mechanism must be one of {", ".join(mechanisms)}. '
                     f'Found {ledger["noise_mechanism"]!r}.')
-  if not is_int(ledger['schema_version']) or ledger['schema_version'] != SCHEMA_VERSION:
-    problems.append(f'schema_version must be {SCHEMA_VERSION}. '
+  if not is_int(ledger['schema_version']) or ledger['schema_version'] not in (1, SCHEMA_VERSION):
+    problems.append(f'schema_version must be 1 or {SCHEMA_VERSION}. '
                     f'Found {ledger["schema_version"]!r}.')
+  if version == SCHEMA_VERSION:
+    if not isinstance(ledger['earlier_runs'], list):
+      problems.append(f'earlier_runs must be a list. Found {ledger["earlier_runs"]!r}.')
+    statements = ledger['neighboring_relations']
+    wanted = RELATION_STATEMENTS.get(_METHOD_BY_VALUE.get(
+        ledger['sampling'].get('method') if isinstance(ledger['sampling'], Mapping) else None))
+    if wanted is not None and statements != wanted:
+      problems.append(f'neighboring_relations must be {wanted!r}. Found {statements!r}.')
   if ledger['accountant'] not in [a.value for a in Accountant]:
     problems.append(f'accountant must be one of rdp, pld. Found {ledger["accountant"]!r}.')
   if ledger['privacy_unit'] != 'client':
@@ -586,8 +765,10 @@ def validate_ledger_json(ledger: Any) -> None:
     raise PolicyError(' '.join(problems))
   for c, entry in entries.items():
     where = f'categories.{c}'
-    if not check_keys(where, entry, CATEGORY_KEYS, problems):
+    if not check_keys(where, entry, category_keys, problems):
       continue
+    if version == SCHEMA_VERSION:
+      _check_relations(where, entry, problems)
     if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
       problems.append(f'{where}.display_name must be a non-empty string. '
                       f'Found {entry["display_name"]!r}.')
@@ -607,7 +788,9 @@ def validate_ledger_json(ledger: Any) -> None:
     if not is_number(spent) or spent < 0:
       problems.append(f'{where}.epsilon_spent must be a non-negative number. Found {spent!r}.')
       continue
-    if released == 0 and spent != 0:
+    if version == SCHEMA_VERSION and ledger['earlier_runs']:
+      pass  # Earlier runs on the same data: spend without a round of this run is expected.
+    elif released == 0 and spent != 0:
       problems.append(f'{where}.epsilon_spent must be 0 with no round released. Found {spent!r}.')
     if released and spent == 0:
       problems.append(f'{where}.epsilon_spent must be positive after {released} released '
@@ -623,3 +806,36 @@ def validate_ledger_json(ledger: Any) -> None:
 
 
 _RELATION_NAMES_BY_VALUE = {method.value: name for method, name in _RELATION_NAMES.items()}
+_METHOD_BY_VALUE = {method.value: method for method in SamplingMethod}
+
+
+def _check_relations(where: str, entry: Mapping[str, Any], problems: list[str]) -> None:
+  """Both relations present, each within the target, epsilon_spent their larger."""
+  relations = entry['relations']
+  names = [r.value for r in _RELATIONS]
+  if not check_keys(f'{where}.relations', relations, names, problems):
+    return
+  epsilons = []
+  for name in names:
+    if not check_keys(f'{where}.relations.{name}', relations[name], _RELATION_KEYS, problems):
+      return
+    value = relations[name]['epsilon']
+    rounds = relations[name]['rounds']
+    if not is_number(value) or value < 0:
+      problems.append(f'{where}.relations.{name}.epsilon must be a non-negative number. '
+                      f'Found {value!r}.')
+      return
+    if not isinstance(rounds, list) or not all(
+        isinstance(g, list) and len(g) == 2 and is_number(g[0]) and g[0] > 0 and is_int(g[1]) and
+        g[1] > 0 for g in rounds) or (is_int(entry['rounds_released']) and
+                                      sum(g[1] for g in rounds) != entry['rounds_released']):
+      problems.append(f'{where}.relations.{name}.rounds must be [multiplier, count] pairs '
+                      f'counting rounds_released ({entry["rounds_released"]!r}). Found {rounds!r}.')
+    if is_number(entry['target_epsilon']) and value > entry['target_epsilon']:
+      problems.append(f'{where}.relations.{name}.epsilon must not exceed target_epsilon '
+                      f'({entry["target_epsilon"]!r}). Found {value!r}.')
+    epsilons.append(value)
+  spent = entry['epsilon_spent']
+  if is_number(spent) and not math.isclose(spent, max(epsilons), rel_tol=_TOLERANCE):
+    problems.append(f'{where}.epsilon_spent must be the larger relation\'s epsilon '
+                    f'({max(epsilons)!r}). Found {spent!r}.')

@@ -211,9 +211,12 @@ class RunLedger(LedgerView):
     """Records the round: each site's DP-SGD events, and the stacked client-level event."""
     client_events = None
     if self.client is not None:
-      event = class_aware.dp_events(aggregator_state)[FIRST]
-      if event is None:
+      events = class_aware.dp_events(aggregator_state)[FIRST]
+      if events is None:
         raise PolicyError(f'the stacked client-level aggregator must release its {FIRST} slot.')
+      # Only the first slot reaches the model (the others have weight 0 and publish nothing), so
+      # a whole site moves one count by 0.5: relation (b) is within relation (a)'s event.
+      event = events.remove_category_examples
       # The combined update carries every category the sites trained on this round.
       trained = set()
       for output in site_outputs.values():
