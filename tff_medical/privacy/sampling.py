@@ -7,17 +7,30 @@ and the sampling in the ledger must be the same `SamplingSpec`.
 
 A round's sample is a pure function of (seed, round_num), so a resumed run draws exactly the
 samples it would have drawn, and the checkpointed state is four numbers, not a generator state.
+Sampling amplification holds only while the sample is secret: the training program seeds the
+sampler with `new_secret()` (OS entropy), never the public config seed, and keeps it only in its
+owner-only checkpoints.
 """
 
 import dataclasses
 import enum
 import numbers
+import secrets
 from typing import Any, Mapping, Union
 
 import numpy as np
 
 from tff_medical.errors import parse_enum
 from tff_medical.errors import PolicyError
+
+
+# 256 bits: the sample must not be guessable by anyone who sees the published outputs.
+_SECRET_BITS = 256
+
+
+def new_secret() -> int:
+  """A sampler seed from OS entropy, for a run whose samples must stay secret."""
+  return secrets.randbits(_SECRET_BITS)
 
 
 class SamplingMethod(enum.Enum):
@@ -158,8 +171,9 @@ class _Sampler:
     return cls(saved.total_clients, saved.expected_clients_per_round, state.get('seed'))
 
   def __repr__(self):
+    # Never the seed: a repr can reach a log, and the seed reveals every round's sample.
     return (f'{type(self).__name__}(total_clients={self.total_clients}, '
-            f'expected_clients_per_round={self.expected_clients_per_round}, seed={self._seed})')
+            f'expected_clients_per_round={self.expected_clients_per_round})')
 
 
 class PoissonSampler(_Sampler):
