@@ -5,8 +5,11 @@ import io
 import json
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -15,6 +18,7 @@ from pydicom.data import get_testdata_file
 import pytest
 
 from tff_medical.data import dicom
+from tff_medical.data import limits
 from tff_medical.data import mednist
 from tff_medical.export import predict
 from tff_medical.export import saved_model
@@ -146,6 +150,35 @@ class TestPredictFiles:
     (result,) = predict.predict_files(loaded, [str(files / name)])
     assert result == predict.ReadFailure(path=str(files / name), reason=reason)
     assert result.line() == f'{files / name}: cannot read image ({reason})'
+
+  def test_fifo_device_and_oversized_image_are_refused_without_reading(self, loaded, tmp_path):
+    # A FIFO used to block predict.py forever, a link to /dev/zero to read until memory ran out.
+    os.mkfifo(tmp_path / 'pipe.dcm')
+    os.symlink('/dev/zero', tmp_path / 'zero.png')
+    buffer = io.BytesIO()
+    Image.new('L', (1, 1)).save(buffer, format='PNG')
+    header = bytearray(buffer.getvalue())
+    header[16:24] = struct.pack('>II', 9000, 9000)  # Declares 81M pixels; holds one.
+    header[29:33] = struct.pack('>I', zlib.crc32(bytes(header[12:29])))
+    (tmp_path / 'large.png').write_bytes(bytes(header))
+    (tmp_path / 'big.jpg').write_bytes(bytes(2048))
+    names = ['pipe.dcm', 'zero.png', 'large.png', 'big.jpg']
+
+    def expire(*_):
+      raise AssertionError('reading blocked')
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(30)
+    try:
+      results = list(predict.predict_files(loaded, [str(tmp_path / n) for n in names]))
+      with pytest.raises(predict.UnreadableImageError, match='file larger than max_file_bytes'):
+        predict.read_image(str(tmp_path / 'big.jpg'), limits.InputLimits(max_file_bytes=1024))
+    finally:
+      signal.alarm(0)
+      signal.signal(signal.SIGALRM, previous)
+    assert [r.reason for r in results] == [
+        'not a regular file', 'not a regular file', 'image larger than max_image_pixels',
+        'unsupported format; expected PNG, JPEG or DICOM']
 
   def test_line_format(self):
     line = predict.Prediction(path='scan1.png', category_id='ChestCT', display_name='Chest CT',

@@ -15,6 +15,12 @@ padded with black to a square (so anatomy keeps its proportions) and resized to 
 (area averaging when shrinking). pydicom decodes what it can natively; JPEG-LS, 12-bit JPEG and
 some JPEG 2000 files need the pylibjpeg or gdcm plugins and are skipped without them.
 
+Input limits (data/limits.py) are checked before any pixel is decoded: only regular files are
+opened, files above max_file_bytes are not read, a deflated dataset is inflated in bounded steps
+and skipped above max_inflated_bytes before pydicom inflates it, and Rows x Columns x
+SamplesPerPixel (one frame) and the whole declared pixel data are checked against
+max_image_pixels and max_dicom_pixel_bytes. Each refusal is a skip reason of the report.
+
 Patient identifiers never leave this module:
   * Only the tags named in `_TAGS` are read (pydicom's `specific_tags`), plus the file meta group
     that pydicom always reads to learn the transfer syntax. PatientName, PatientID, dates, UIDs
@@ -42,17 +48,20 @@ import os
 import re
 from typing import Any, BinaryIO, Mapping, Optional, Union
 import warnings
+import zlib
 
 from absl import logging
 import numpy as np
 from PIL import Image
 import pydicom
 from pydicom import errors as pydicom_errors
+from pydicom import filereader as pydicom_filereader
 from pydicom import multival
 from pydicom import pixels as pydicom_pixels
 from pydicom import uid as pydicom_uid
 
 from tff_medical import categories
+from tff_medical.data import limits as limits_lib
 from tff_medical.data import source
 from tff_medical.errors import DataError
 
@@ -302,8 +311,23 @@ def _to_model_image(display: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(display), 0, 255).astype(np.uint8)
 
 
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
+def _check_pixel_size(ds: pydicom.Dataset, limits: limits_lib.InputLimits) -> None:
+  """Refuses, from the header alone, an image too large to decode; raises _Skip."""
+  rows = int(ds.get('Rows', 0) or 0)
+  columns = int(ds.get('Columns', 0) or 0)
+  samples = int(ds.get('SamplesPerPixel', 1) or 1)
+  frames = int(ds.get('NumberOfFrames', 1) or 1)
+  bits = int(ds.get('BitsAllocated', 8) or 8)
+  frame_pixels = max(rows, 0) * max(columns, 0) * max(samples, 1)
+  if frame_pixels > limits.max_image_pixels:
+    raise _Skip(limits_lib.REASON_TOO_MANY_PIXELS)
+  if frame_pixels * max(frames, 1) * -(-max(bits, 1) // 8) > limits.max_dicom_pixel_bytes:
+    raise _Skip(limits_lib.REASON_PIXEL_DATA_TOO_LARGE)
+
+
+def _pixels(ds: pydicom.Dataset, limits: limits_lib.InputLimits) -> np.ndarray:
   """The (64, 64) uint8 image of a dataset; raises _Skip."""
+  _check_pixel_size(ds, limits)
   samples = int(ds.get('SamplesPerPixel', 1) or 1)
   photometric = _text(ds, 'PhotometricInterpretation').strip().upper()
   if not photometric or samples not in (1, 3):
@@ -353,10 +377,53 @@ def _set_raw_transfer_syntax(ds: pydicom.Dataset) -> None:
   ds.file_meta.TransferSyntaxUID = syntax
 
 
-def _read_dataset(source: Any, force: bool) -> pydicom.Dataset:
-  """Reads `_TAGS` of one file that has pixel data; raises _Skip. Call inside _quiet_pydicom."""
+_INFLATE_CHUNK = 64 * 1024  # Inflates to at most ~66 MB (deflate's ratio is below 1032:1).
+
+
+def _check_inflated_size(fp: BinaryIO, force: bool, max_bytes: int) -> None:
+  """Inflates a deflated dataset in bounded steps, keeping nothing; raises _Skip above max_bytes.
+
+  pydicom inflates the whole dataset in one call before it parses anything, so a 133 KB file of
+  deflated zeros would become gigabytes before any header check could run. `fp` is left where
+  it was.
+  """
+  start = fp.tell()
   try:
+    pydicom_filereader.read_preamble(fp, force)
+    # pydicom's own file meta reader (private, pinned pydicom 3.0), so that this check and
+    # dcmread agree on the transfer syntax.
+    meta = pydicom_filereader._read_file_meta_info(fp)  # pylint: disable=protected-access
+    if meta.get('TransferSyntaxUID') != pydicom_uid.DeflatedExplicitVRLittleEndian:
+      return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    while chunk := fp.read(_INFLATE_CHUNK):
+      try:
+        inflated += len(inflater.decompress(chunk))
+      except zlib.error:
+        raise _Skip(REASON_UNREADABLE) from None
+      if inflated > max_bytes:
+        raise _Skip(limits_lib.REASON_INFLATED_TOO_LARGE)
+  finally:
+    fp.seek(start)
+
+
+def _read_dataset(source: Any, force: bool, limits: limits_lib.InputLimits) -> pydicom.Dataset:
+  """Reads `_TAGS` of one file that has pixel data; raises _Skip. Call inside _quiet_pydicom.
+
+  A path is opened only if it is a regular file within `limits.max_file_bytes`.
+  """
+  if not hasattr(source, 'read'):
+    try:
+      with limits_lib.open_regular_file(os.fspath(source), limits.max_file_bytes) as f:
+        return _read_dataset(f, force, limits)
+    except limits_lib.InputRefused as refused:
+      raise _Skip(refused.reason) from None
+  try:
+    _check_inflated_size(source, force, limits.max_inflated_bytes)
     ds = pydicom.dcmread(source, specific_tags=list(_TAGS), force=force)
+  except _Skip:
+    raise
   except pydicom_errors.InvalidDicomError:
     raise _Skip(REASON_NOT_DICOM) from None
   except Exception:  # pylint: disable=broad-except
@@ -372,8 +439,8 @@ def _read_dataset(source: Any, force: bool) -> pydicom.Dataset:
   return ds
 
 
-def read_dicom_image(source: 'str | os.PathLike[str] | BinaryIO', *,
-                     force: bool = False) -> np.ndarray:
+def read_dicom_image(source: 'str | os.PathLike[str] | BinaryIO', *, force: bool = False,
+                     limits: limits_lib.InputLimits = limits_lib.DEFAULT_LIMITS) -> np.ndarray:
   """One DICOM file as the (64, 64) uint8 image training sees, whatever its metadata.
 
   For inference on single files: no category mapping, same pixel handling and the same privacy
@@ -383,14 +450,17 @@ def read_dicom_image(source: 'str | os.PathLike[str] | BinaryIO', *,
     source: a path or a binary file object.
     force: also read files without the 128-byte preamble and 'DICM' (old or raw datasets),
       taken as uncompressed in the encoding pydicom detects.
+    limits: the input limits (data/limits.py); max_file_bytes applies to a path only, a file
+      object is the caller's to bound.
 
   Raises:
     UnusableDicomError: with a fixed `reason` (never header content).
   """
+  limits = limits_lib.check_limits(limits)
   with _quiet_pydicom():
-    ds = _read_dataset(source, force)
+    ds = _read_dataset(source, force, limits)
     try:
-      return _pixels(ds)
+      return _pixels(ds, limits)
     except _Skip:
       raise
     except Exception:  # pylint: disable=broad-except
@@ -398,16 +468,17 @@ def read_dicom_image(source: 'str | os.PathLike[str] | BinaryIO', *,
       raise _Skip(REASON_UNREADABLE) from None
 
 
-def _read(path: str, mapping: DicomMapping) -> tuple[np.ndarray, int]:
+def _read(path: str, mapping: DicomMapping,
+          limits: limits_lib.InputLimits) -> tuple[np.ndarray, int]:
   """Reads one file of a folder; returns (image, label) or raises _Skip."""
-  ds = _read_dataset(path, force=False)
+  ds = _read_dataset(path, False, limits)
   try:
     category, reason = mapping.category_for(
         _text(ds, 'Modality'), _text(ds, 'BodyPartExamined'),
         (_text(ds, 'StudyDescription'), _text(ds, 'SeriesDescription')))
     if category is None:
       raise _Skip(reason)
-    return _pixels(ds), categories.LABEL_OF[category]
+    return _pixels(ds, limits), categories.LABEL_OF[category]
   except _Skip:
     raise
   except Exception:  # pylint: disable=broad-except
@@ -430,6 +501,7 @@ def load_dicom_folder(
     extra_mapping_path: Optional['str | os.PathLike[str]'] = None,
     *,
     skipped_paths: PathReport = PathReport.PSEUDONYMIZED,
+    limits: limits_lib.InputLimits = limits_lib.DEFAULT_LIMITS,
 ) -> source.LabeledImages:
   """Loads every DICOM image under `path` (recursively) whose metadata maps to a category.
 
@@ -439,6 +511,7 @@ def load_dicom_folder(
       format. None uses the default rules.
     extra_mapping_path: a JSON file of rules added to `mapping` (or to the default).
     skipped_paths: how skipped files are named in the report (see the module docstring).
+    limits: the input limits checked before decoding (see data/limits.py).
 
   Returns:
     The images (N, 64, 64) uint8 in file order, their labels, and the report of skipped files.
@@ -450,6 +523,7 @@ def load_dicom_folder(
   root = os.fspath(path)
   if not isinstance(skipped_paths, PathReport):
     raise DataError(f'skipped_paths must be a PathReport. Found {skipped_paths!r}.')
+  limits = limits_lib.check_limits(limits)
   if mapping is None:
     rules = DicomMapping.default()
   elif isinstance(mapping, DicomMapping):
@@ -467,7 +541,7 @@ def load_dicom_folder(
   with _quiet_pydicom():
     for index, relative in enumerate(list_dicom_files(root)):
       try:
-        image, label = _read(os.path.join(root, relative), rules)
+        image, label = _read(os.path.join(root, relative), rules, limits)
       except _Skip as skip:
         report.skip(f'file #{index}' if pseudonymized else relative, skip.reason)
         continue

@@ -7,7 +7,9 @@ Each is turned into the 64x64 uint8 grayscale image that training used, by the l
 data/mednist.py for PNG and JPEG, data/dicom.py (Modality LUT, window, square padding) for DICOM.
 
 A file that cannot be read is reported with a reason and the others go on. Reasons for DICOM are
-data/dicom.py's fixed strings: nothing from a DICOM header is ever printed.
+data/dicom.py's fixed strings: nothing from a DICOM header is ever printed. The loaders' input
+limits (data/limits.py) apply before anything is decoded: a FIFO or device is never read (it
+would block or never end), nor a file above max_file_bytes, nor an image above the pixel limits.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ import tensorflow as tf
 
 from tff_medical import categories
 from tff_medical.data import dicom
+from tff_medical.data import limits as limits_lib
 from tff_medical.data import mednist
 from tff_medical.errors import TffMedicalError
 from tff_medical.export import saved_model
@@ -152,45 +155,50 @@ def training_data_warning(model_dir: 'str | os.PathLike[str]') -> 'str | None':
 # of pipeline is made here.
 
 
-def _read_dicom(data: bytes, force: bool) -> np.ndarray:
+def _read_dicom(data: bytes, force: bool, limits: limits_lib.InputLimits) -> np.ndarray:
   try:
-    return dicom.read_dicom_image(io.BytesIO(data), force=force)
+    return dicom.read_dicom_image(io.BytesIO(data), force=force, limits=limits)
   except dicom.UnusableDicomError as e:
     raise UnreadableImageError(e.reason) from None
 
 
-def _read_picture(data: bytes, kind: str) -> np.ndarray:
+def _read_picture(data: bytes, kind: str, limits: limits_lib.InputLimits) -> np.ndarray:
   try:
-    image, _ = mednist.decode_image(data)
+    image, _ = mednist.decode_image(data, limits)
+  except limits_lib.InputRefused as e:
+    raise UnreadableImageError(e.reason) from None
   except Exception:  # pylint: disable=broad-except
     # PIL raises many types (OSError, SyntaxError, DecompressionBombError...) for bad files.
     raise UnreadableImageError(f'corrupt or truncated {kind} data') from None
   return image
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str,
+               limits: limits_lib.InputLimits = limits_lib.DEFAULT_LIMITS) -> np.ndarray:
   """The (64, 64) uint8 image of one file, as training would see it.
 
   Raises:
     UnreadableImageError: with the reason the file cannot be used.
   """
+  if os.path.isdir(path):
+    raise UnreadableImageError('is a folder, not a file')
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except IsADirectoryError:
-    raise UnreadableImageError('is a folder, not a file') from None
-  except OSError as e:
-    raise UnreadableImageError(f'cannot open file: {e.strerror}') from None
+    data = limits_lib.read_regular_file(path, limits.max_file_bytes)
+  except limits_lib.InputRefused as e:
+    if e.reason == limits_lib.REASON_UNREADABLE_FILE:
+      # The user named this file: say why it cannot be opened (missing, permissions).
+      raise UnreadableImageError(f'cannot open file: {e.detail}') from None
+    raise UnreadableImageError(e.reason) from None
   if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b'DICM':
-    return _read_dicom(data, force=False)
+    return _read_dicom(data, False, limits)
   if data.startswith(_PNG_SIGNATURE):
-    return _read_picture(data, 'PNG')
+    return _read_picture(data, 'PNG', limits)
   if data.startswith(_JPEG_SIGNATURE):
-    return _read_picture(data, 'JPEG')
+    return _read_picture(data, 'JPEG', limits)
   # DICOM without the preamble (older or raw datasets): accepted only if pixels come out, since
   # a forced parse of arbitrary bytes rarely fails outright.
   try:
-    return _read_dicom(data, force=True)
+    return _read_dicom(data, True, limits)
   except UnreadableImageError:
     raise UnreadableImageError(REASON_UNSUPPORTED) from None
 
