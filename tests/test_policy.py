@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import signal
 
 import pytest
 
@@ -38,6 +40,13 @@ def test_user_policy_file_in_any_order(tmp_path):
   assert policy.budget('Hand').epsilon == 3.0
 
 
+_DELTA_RULE = 'delta must be a number in (0, 0.001] (well below 1/number of clients).'
+
+
+def test_largest_allowed_delta_is_accepted():
+  assert policy_lib.policy_from_dict(dict(_seed_dict(), delta=1e-3)).delta == 1e-3
+
+
 def _mutate(fn):
   raw = copy.deepcopy(_seed_dict())
   fn(raw)
@@ -55,9 +64,11 @@ def _set_epsilon(value):
     (_set_epsilon(float('nan')), 'HeadCT.epsilon must be a positive number. Found nan.'),
     (_set_epsilon(True), 'HeadCT.epsilon must be a positive number. Found True.'),
     (_set_epsilon(None), 'HeadCT.epsilon must be a positive number. Found None.'),
-    (lambda raw: raw.__setitem__('delta', 0), 'delta must be a number in (0, 1). Found 0.'),
-    (lambda raw: raw.__setitem__('delta', 1.0), 'delta must be a number in (0, 1). Found 1.0.'),
-    (lambda raw: raw.pop('delta'), 'delta must be a number in (0, 1). Found None.'),
+    (lambda raw: raw.__setitem__('delta', 0), f'{_DELTA_RULE} Found 0.'),
+    (lambda raw: raw.__setitem__('delta', 1.0), f'{_DELTA_RULE} Found 1.0.'),
+    (lambda raw: raw.__setitem__('delta', 0.99), f'{_DELTA_RULE} Found 0.99.'),
+    (lambda raw: raw.__setitem__('delta', 0.0011), f'{_DELTA_RULE} Found 0.0011.'),
+    (lambda raw: raw.pop('delta'), f'{_DELTA_RULE} Found None.'),
     (lambda raw: raw['categories'].pop(1),
      'categories must list all six categories. Found none for BreastMRI.'),
     (lambda raw: raw['categories'][1].__setitem__('id', 'Knee'),
@@ -70,7 +81,7 @@ def _set_epsilon(value):
     (lambda raw: raw.__setitem__('categories', {}),
      'categories must be a list of category entries. Found {}.'),
 ], ids=['eps_zero', 'eps_negative', 'eps_text', 'eps_nan', 'eps_bool', 'eps_missing',
-        'delta_zero', 'delta_one', 'delta_missing', 'category_missing', 'category_unknown',
+        'delta_zero', 'delta_one', 'delta_0.99', 'delta_above_1e-3', 'delta_missing', 'category_missing', 'category_unknown',
         'category_duplicate', 'level_unknown', 'categories_not_list'])
 def test_invalid_policy_is_refused_naming_field_and_value(mutation, message):
   with pytest.raises(PolicyError) as error:
@@ -85,6 +96,39 @@ def test_unreadable_policy_files(tmp_path):
   broken.write_text('{"delta": ')
   with pytest.raises(PolicyError, match='must be valid JSON'):
     policy_lib.load_policy(str(broken))
+
+
+def test_policy_path_that_is_not_a_readable_json_file_is_one_clear_error(tmp_path):
+  latin1 = tmp_path / 'latin1.json'
+  latin1.write_bytes(json.dumps(_seed_dict()).replace('Head CT', 'T\u00eate').encode('latin-1'))
+  deep = tmp_path / 'deep.json'
+  deep.write_text('[' * 100_000)
+  big = tmp_path / 'big.json'
+  big.write_bytes(b' ' * (2 << 20))
+  os.mkfifo(tmp_path / 'pipe.json')
+  cases = [
+      (latin1, f'policy file must be UTF-8 JSON. Found a byte that is not UTF-8 at offset '
+               f'{latin1.read_bytes().index(0xea)} of {latin1}.'),
+      (tmp_path, f'policy file must be a regular file. Found {tmp_path}, which is not '
+                 '(a folder?).'),
+      (tmp_path / 'pipe.json', f'policy file must be a regular file. Found '
+                               f'{tmp_path / "pipe.json"}, which is not (a folder?).'),
+      (deep, f'policy file must be valid JSON. Found nesting too deep in {deep}.'),
+      (big, f'policy file must be at most 1048576 bytes. Found a larger file at {big}.'),
+  ]
+  def expire(*_):
+    raise AssertionError('load_policy blocked (opened the FIFO?)')
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(10)
+  try:
+    for path, message in cases:
+      with pytest.raises(PolicyError) as error:
+        policy_lib.load_policy(str(path))
+      assert str(error.value) == message
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def test_scaled_policy():

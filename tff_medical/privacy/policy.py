@@ -14,6 +14,16 @@ DEFAULT_POLICY_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     'configs', 'privacy_policy.json')
 
+# The largest delta a policy may set. An (epsilon, delta) guarantee still holds for a mechanism
+# that publishes one whole client's data with probability delta, so it means something only when
+# delta is well below 1/number of clients (Dwork & Roth 2014, section 2.3). A policy is written
+# before the number of clients is known, so this is a fixed ceiling rather than 1/n: it refuses
+# typos like 0.99 or 0.1 (0.99 let round 1 train, then every rerun failed), keeps delta < 1/n for
+# up to 1000 clients, and leaves the usual 1e-5 to 1e-7 far inside.
+MAX_DELTA = 1e-3
+# A policy is a few hundred bytes; a larger file is not one (and is not read whole).
+_MAX_POLICY_BYTES = 1 << 20
+
 
 class PrivacyLevel(enum.Enum):
   HIGH = 'High'
@@ -85,8 +95,9 @@ def policy_from_dict(raw: Mapping[str, Any]) -> PrivacyPolicy:
   if not isinstance(raw, Mapping):
     raise PolicyError(f'policy must be a JSON object. Found {type(raw).__name__}.')
   delta = raw.get('delta')
-  if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-    raise PolicyError(f'delta must be a number in (0, 1). Found {delta!r}.')
+  if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= MAX_DELTA:
+    raise PolicyError(f'delta must be a number in (0, {MAX_DELTA:g}] (well below 1/number of '
+                      f'clients). Found {delta!r}.')
   entries = raw.get('categories')
   if not isinstance(entries, list):
     raise PolicyError(f'categories must be a list of category entries. Found {entries!r}.')
@@ -123,14 +134,33 @@ def policy_from_dict(raw: Mapping[str, Any]) -> PrivacyPolicy:
 
 
 def load_policy(path: str = DEFAULT_POLICY_PATH) -> PrivacyPolicy:
-  """Reads and validates a policy file (JSON)."""
+  """Reads and validates a policy file (UTF-8 JSON); raises PolicyError for any unusable file."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise PolicyError(f'policy file must exist. Found no file at {path}.')
+  if not os.path.isfile(path):
+    # Never opened: a folder fails to open, a FIFO would block.
+    raise PolicyError(f'policy file must be a regular file. Found {path}, which is not '
+                      '(a folder?).')
   try:
-    with open(path) as f:
-      raw = json.load(f)
-  except FileNotFoundError:
-    raise PolicyError(f'policy file must exist. Found no file at {path}.') from None
+    with open(path, 'rb') as f:
+      data = f.read(_MAX_POLICY_BYTES + 1)
+  except OSError as e:
+    raise PolicyError(f'policy file must be readable. Found {path}: {e.strerror}.') from None
+  if len(data) > _MAX_POLICY_BYTES:
+    raise PolicyError(f'policy file must be at most {_MAX_POLICY_BYTES} bytes. Found a larger '
+                      f'file at {path}.')
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise PolicyError(f'policy file must be UTF-8 JSON. Found a byte that is not UTF-8 at '
+                      f'offset {e.start} of {path}.') from None
+  try:
+    raw = json.loads(text)
   except json.JSONDecodeError as e:
     raise PolicyError(f'policy file must be valid JSON. Found an error in {path}: {e}.') from None
+  except RecursionError:
+    raise PolicyError(f'policy file must be valid JSON. Found nesting too deep in {path}.') from None
   return policy_from_dict(raw)
 
 
