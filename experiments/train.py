@@ -19,6 +19,8 @@ from absl import logging
 import tensorflow  # pylint: disable=unused-import
 from ml_collections import config_flags
 
+from tff_medical.training import flag_parsing  # pylint: disable=g-import-not-at-top
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/demo.py.', lock_config=True)
 _ROOT_OUTPUT_DIR = flags.DEFINE_string('root_output_dir', 'runs', 'Where run directories go.')
@@ -60,4 +62,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # An unknown --config.<field> or a missing config file is a one-line usage error.
+  app.run(main, flags_parser=flag_parsing.parse_flags_with_usage)

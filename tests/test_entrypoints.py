@@ -184,3 +184,52 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path):
   assert verified.ok and verified.records == 4, verified
   with open(run_dir / 'privacy_ledger.json') as f:
     assert json.load(f)['rounds_completed'] == 4
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/smoke.py', '--config.totl_rounds=3'],
+     'FATAL Flags parsing error: --config.totl_rounds: the config has no field \'totl_rounds\'. '
+     'Did you mean "total_rounds" instead of "totl_rounds"?'),
+    (['--config=configs/smoke.py', '--config.model.bogus=1'],
+     "FATAL Flags parsing error: --config.model.bogus: the config has no field 'bogus'."),
+    (['--config=configs/nowhere.py'],
+     'FATAL Flags parsing error: --config: no config file at configs/nowhere.py.'),
+    (['--config=configs'],
+     'FATAL Flags parsing error: --config: configs is a folder, not a config file.'),
+], ids=['unknown_field', 'unknown_nested_field', 'missing_config_file', 'config_is_a_folder'])
+def test_bad_config_flag_is_a_one_line_usage_error(tmp_path, args, message):
+  child = _start([*args, '--experiment_name=bad'], tmp_path)
+  _, err = child.communicate(timeout=120)
+  assert child.returncode == 1
+  lines = [line for line in err.splitlines() if 'tensorflow' not in line and line.strip()]
+  assert lines[-2:] == [message, 'Pass --helpshort or --helpfull to see help on flags.']
+  assert 'Traceback' not in err
+  assert not (tmp_path / 'bad').exists()
+
+
+def _policy_file(tmp_path, kind):
+  with open(os.path.join(REPO, 'configs', 'privacy_policy.json'), 'rb') as f:
+    seed = f.read()
+  if kind == 'folder':
+    return str(tmp_path)
+  path = tmp_path / 'policy.json'
+  if kind == 'latin1':
+    path.write_bytes(seed.replace(b'Head CT', 'T\u00eate'.encode('latin-1')))
+  else:
+    path.write_bytes(seed.replace(b'"delta": 1e-5', b'"delta": 0.99'))
+  return str(path)
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('latin1', 'policy file must be UTF-8 JSON'),
+    ('folder', 'policy file must be a regular file'),
+    ('delta', 'delta must be a number in (0, 0.001]'),
+], ids=['non_utf8_policy', 'policy_is_a_folder', 'delta_0.99'])
+def test_bad_policy_file_is_one_clear_error_before_any_round(tmp_path, kind, message):
+  policy = _policy_file(tmp_path, kind)
+  child = _start([*SMALL, f'--config.policy={policy}', '--experiment_name=bad'], tmp_path)
+  out, err = child.communicate(timeout=300)
+  assert child.returncode != 0
+  assert message in out + err
+  assert 'Traceback' not in out + err
+  assert not _metric_rounds(tmp_path / 'bad')
