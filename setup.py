@@ -12,7 +12,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['tff_medical', 'tff_medical.*']),
     package_data={'tff_medical': ['data/*.json', 'monitoring/vendor/*']},
     # Not a Python module: a shared library preloaded into TFF's C++ worker so that its gRPC
-    # server binds to loopback only (the worker has no flag for the listen address).
+    # server listens on a private Unix socket, not a TCP port (the worker has no flag for that).
     ext_modules=[
         setuptools.Extension(
             'tff_medical.runtime._loopback_bind',

@@ -1,4 +1,4 @@
-"""Process-level runtime: TFF's worker confined to loopback and tied to our lifetime."""
+"""Process-level runtime: TFF's worker reachable only by this process, tied to our lifetime."""
 
 from tff_medical.runtime.worker import current_worker
 from tff_medical.runtime.worker import install_execution_context

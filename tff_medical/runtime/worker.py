@@ -1,23 +1,31 @@
-"""TFF's C++ worker, started so that it is reachable from this host only and dies with us.
+"""TFF's C++ worker, started so that only this process can reach it, and dying with us.
 
 TFF 0.87 runs computations in `worker_binary`, a gRPC server it starts as a child process. As
 shipped, that process (a) inherits our stdout, so `python x.py | tail` and CI wait on it forever,
-(b) outlives the Python process, and (c) listens on all interfaces without authentication. This
+(b) outlives the Python process, and (c) listens on a TCP port of all interfaces without
+authentication: whoever reads the port from /proc/net/tcp6 (any local user) can send it a
+computation that runs with our rights. The pip package has no in-process C++ executor, so this
 module replaces TFF's launcher (executor_stacks.executor_factory.local_cpp_executor_factory) with
 one that fixes all three:
-  - the worker's output goes to a log file, never to our stdout or stderr;
-  - the kernel kills it when the thread that started it dies (PR_SET_PDEATHSIG), so even a
-    `kill -9` of Python leaves nothing behind; a normal exit stops it through atexit;
-  - a preloaded shim (loopback_bind.c) turns its wildcard bind into a loopback bind, and the
-    listening sockets are checked in /proc before any computation is sent; a worker found
-    listening elsewhere is killed and an error raised.
+  - the worker's output goes to a log file in a private (0700) directory, never to our stdout or
+    stderr; the directory is removed at shutdown unless the worker failed;
+  - the kernel kills it when the thread that started it dies (PR_SET_PDEATHSIG, armed by the
+    shim as the worker loads), so even a `kill -9` of Python leaves nothing behind; a normal exit
+    stops it through atexit;
+  - a preloaded shim (loopback_bind.c) turns the bind of its gRPC port into a bind to a Unix
+    socket in that private directory, so there is no TCP port at all and the kernel refuses
+    every other uid at connect(); the shim also closes any accepted connection whose peer is
+    another uid (SO_PEERCRED). Before any computation is sent, /proc is checked: a worker holding
+    an inet listening socket, or a socket directory others may enter, is killed and an error
+    raised.
 """
 
 import atexit
-import ctypes
 import glob
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,7 +39,6 @@ import portpicker
 
 from tff_medical.errors import RuntimeIsolationError
 
-_PR_SET_PDEATHSIG = 1
 _STARTUP_TIMEOUT_SEC = 120.0
 _GRPC_MAX_MESSAGE_LENGTH_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_CHANNEL_OPTIONS = [
@@ -40,10 +47,10 @@ _GRPC_CHANNEL_OPTIONS = [
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
 ]
 _TCP_LISTEN_STATE = '0A'
-_LOOPBACK_HEX = frozenset({
-    '0100007F',  # 127.0.0.1 as /proc/net/tcp writes it (little-endian)
-    '00000000000000000000000001000000',  # ::1 in /proc/net/tcp6
-})
+# sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+_MAX_UNIX_PATH_BYTES = 107
+_SOCKET_NAME = 'worker.sock'
+_LOG_NAME = 'worker.log'
 
 
 def loopback_shim_path() -> str:
@@ -67,16 +74,21 @@ def worker_binary_path() -> str:
   return path
 
 
-def _die_with_parent() -> None:
-  """Runs in the child between fork and exec."""
-  libc = ctypes.CDLL('libc.so.6', use_errno=True)
-  libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def listening_addresses(port: int) -> list[str]:
-  """Local addresses (hex, as in /proc/net/tcp*) of sockets listening on `port`."""
+def inet_listeners(pid: int) -> list[str]:
+  """'address:port' (hex, as in /proc/net) of every TCP listening or UDP socket `pid` holds."""
+  inodes = set()
+  try:
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+      try:
+        target = os.readlink(f'/proc/{pid}/fd/{fd}')
+      except OSError:
+        continue  # Closed while we looked.
+      if target.startswith('socket:['):
+        inodes.add(target[len('socket:['):-1])
+  except OSError:
+    return []
   found = []
-  for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+  for table in ('/proc/net/tcp', '/proc/net/tcp6', '/proc/net/udp', '/proc/net/udp6'):
     try:
       with open(table) as f:
         lines = f.readlines()[1:]
@@ -84,30 +96,56 @@ def listening_addresses(port: int) -> list[str]:
       continue
     for line in lines:
       fields = line.split()
-      address, port_hex = fields[1].split(':')
-      if fields[3] == _TCP_LISTEN_STATE and int(port_hex, 16) == port:
-        found.append(address)
+      listening = 'udp' in table or fields[3] == _TCP_LISTEN_STATE
+      if listening and fields[9] in inodes:
+        found.append(fields[1])
   return found
 
 
+def make_private_dir() -> str:
+  """A new directory only our uid may enter, short enough to hold the worker's socket path."""
+  directory = tempfile.mkdtemp(prefix='tff_medical_worker_')  # mkdtemp creates it 0700.
+  if len(os.path.join(directory, _SOCKET_NAME).encode()) > _MAX_UNIX_PATH_BYTES:
+    # A long TMPDIR (some batch systems set one) cannot hold a socket path; /tmp can.
+    os.rmdir(directory)
+    directory = tempfile.mkdtemp(prefix='tff_medical_worker_', dir='/tmp')
+  return directory
+
+
+def open_private_log(path: str) -> int:
+  """A new owner-only file at `path`; a file or symlink already there is an error, never used."""
+  return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def check_private_dir(directory: str) -> None:
+  """Raises unless `directory` is a real directory of ours that no other uid may enter."""
+  info = os.lstat(directory)
+  if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or
+      stat.S_IMODE(info.st_mode) & 0o077):
+    raise RuntimeIsolationError(
+        f'The TFF worker\'s socket directory {directory} is not private to this user (mode '
+        f'{stat.S_IMODE(info.st_mode):o}); refusing to send it data.')
+
+
 class LocalWorker:
-  """One TFF C++ worker process, bound to loopback, owned by this process."""
+  """One TFF C++ worker process, reachable through a private Unix socket, owned by this process."""
 
   def __init__(self, max_concurrent_computation_calls: int = -1):
     self._max_calls = max_concurrent_computation_calls
     self._process: Optional[subprocess.Popen] = None
-    self._port: Optional[int] = None
     self._stub = None
+    self._channel: Optional[grpc.Channel] = None
     self._lock = threading.Lock()
-    self.log_path = os.path.join(tempfile.gettempdir(), f'tff_medical_worker_{os.getpid()}.log')
+    self.directory: Optional[str] = None
+    self.log_path: Optional[str] = None
 
   @property
   def pid(self) -> Optional[int]:
     return self._process.pid if self._process is not None else None
 
   @property
-  def port(self) -> Optional[int]:
-    return self._port
+  def socket_path(self) -> Optional[str]:
+    return os.path.join(self.directory, _SOCKET_NAME) if self.directory else None
 
   def running(self) -> bool:
     return self._process is not None and self._process.poll() is None
@@ -116,41 +154,64 @@ class LocalWorker:
     with self._lock:
       if self.running():
         return
+      self._stop_locked()  # A worker that died since: keep its log, say where.
       from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub  # pylint: disable=g-import-not-at-top
 
+      binary, shim = worker_binary_path(), loopback_shim_path()
+      self.directory = make_private_dir()
+      self.log_path = os.path.join(self.directory, _LOG_NAME)
+      # The worker still needs a --port; the shim binds a Unix socket in its place, so the number
+      # only has to differ from other ports the worker might bind.
       port = portpicker.pick_unused_port()
       env = dict(os.environ)
-      env['LD_PRELOAD'] = ':'.join(p for p in (loopback_shim_path(), env.get('LD_PRELOAD')) if p)
-      with open(self.log_path, 'ab') as log:
+      env['LD_PRELOAD'] = ':'.join(p for p in (shim, env.get('LD_PRELOAD')) if p)
+      env['TFF_MEDICAL_WORKER_PORT'] = str(port)
+      env['TFF_MEDICAL_WORKER_SOCKET'] = self.socket_path
+      env['TFF_MEDICAL_PARENT_PID'] = str(os.getpid())  # The shim arms PR_SET_PDEATHSIG.
+      log = open_private_log(self.log_path)
+      try:
         process = subprocess.Popen(
-            [worker_binary_path(), f'--port={port}',
-             f'--max_concurrent_computation_calls={self._max_calls}'],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-            preexec_fn=_die_with_parent, close_fds=True)
-      self._process, self._port = process, port
-      channel = grpc.insecure_channel(f'localhost:{port}', _GRPC_CHANNEL_OPTIONS)
-      stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+            [binary, f'--port={port}', f'--max_concurrent_computation_calls={self._max_calls}'],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True)
+      except OSError:
+        self._remove_directory(keep_log=False)
+        raise
+      finally:
+        os.close(log)
+      self._process = process
+      self._channel = grpc.insecure_channel(f'unix:{self.socket_path}', _GRPC_CHANNEL_OPTIONS)
+      stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
       deadline = time.monotonic() + _STARTUP_TIMEOUT_SEC
       while not stub.is_ready:
+        if inet_listeners(process.pid):
+          # The shim did not take the port (not preloaded?); say so now, not after the timeout.
+          self._check_confined()
         if process.poll() is not None:
-          raise RuntimeIsolationError(
-              f'TFF worker exited with code {process.returncode} at start; see {self.log_path}.')
+          self._fail_locked(f'TFF worker exited with code {process.returncode} at start')
         if time.monotonic() > deadline:
-          self._stop_locked()
-          raise RuntimeIsolationError(f'TFF worker did not start; see {self.log_path}.')
+          self._fail_locked('TFF worker did not start')
         time.sleep(0.2)
-      self._check_loopback_only()
+      self._check_confined()
       self._stub = stub
-      logging.info('TFF worker pid %d on 127.0.0.1:%d', process.pid, port)
+      logging.info('TFF worker pid %d on %s', process.pid, self.socket_path)
 
-  def _check_loopback_only(self) -> None:
-    addresses = listening_addresses(self._port)
-    exposed = [a for a in addresses if a not in _LOOPBACK_HEX]
-    if exposed or not addresses:
-      self._stop_locked()
-      raise RuntimeIsolationError(
-          'TFF worker is not confined to loopback (listening on '
-          f'{exposed or "nothing visible"}); refusing to send it data.')
+  def _check_confined(self) -> None:
+    """Before any data is sent: no inet listener, and a socket only our uid can reach."""
+    exposed = inet_listeners(self._process.pid)
+    if exposed:
+      self._fail_locked(f'TFF worker listens on inet sockets {exposed}; refusing to send it data')
+    try:
+      check_private_dir(self.directory)
+      info = os.lstat(self.socket_path)
+    except (OSError, RuntimeIsolationError) as e:
+      self._fail_locked(str(e))
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+      self._fail_locked(f'{self.socket_path} is not a socket of this user')
+
+  def _fail_locked(self, message: str) -> None:
+    """Stops the worker, keeps its log for the reader, and raises."""
+    self._stop_locked(keep_log=True)
+    raise RuntimeIsolationError(f'{message.rstrip(".")}; its log is {self.log_path}.')
 
   def stub(self):
     if self._stub is None or not self.running() or not self._stub.is_ready:
@@ -163,16 +224,36 @@ class LocalWorker:
     with self._lock:
       self._stop_locked()
 
-  def _stop_locked(self) -> None:
+  def _stop_locked(self, keep_log: bool = False) -> None:
     process, self._process, self._stub = self._process, None, None
-    if process is None or process.poll() is not None:
+    if self._channel is not None:
+      self._channel.close()  # Else it keeps trying to reconnect to a socket that is gone.
+      self._channel = None
+    if process is not None and process.poll() is None:
+      process.send_signal(signal.SIGTERM)
+      try:
+        process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    elif process is not None and not keep_log:
+      # It ended before we asked it to: a crash whose log is worth keeping.
+      keep_log = True
+      logging.warning('TFF worker pid %d ended by itself (code %s); its log is %s',
+                      process.pid, process.returncode, self.log_path)
+    self._remove_directory(keep_log)
+
+  def _remove_directory(self, keep_log: bool) -> None:
+    directory, self.directory = self.directory, None
+    if directory is None:
       return
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
+    if keep_log:
+      try:
+        os.unlink(os.path.join(directory, _SOCKET_NAME))
+      except OSError:
+        pass  # Never created, or already gone.
+    else:
+      shutil.rmtree(directory, ignore_errors=True)
 
 
 _worker: Optional[LocalWorker] = None
