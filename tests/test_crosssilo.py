@@ -49,11 +49,14 @@ class InProcessDriver:
 
   Messages are deep-copied as serialization would; every reply is kept (what the coordinator
   receives). A node listed in `drop_at` stops answering from that SecAgg+ stage on, as a site
-  that dies does.
+  that dies does. `sites`: {node: site} as the SuperLink's identity binding reports it (default:
+  the i-th node in order is site-i).
   """
 
-  def __init__(self, apps, drop_at=None):
+  def __init__(self, apps, drop_at=None, sites=None):
     self.apps = dict(apps)
+    self.sites = dict(sites) if sites is not None else {
+        n: f'site-{i}' for i, n in enumerate(sorted(apps))}
     self.contexts = {n: Context(node_id=n, node_config={}, state=RecordSet(), run_config={})
                      for n in apps}
     self.replies = []
@@ -62,6 +65,9 @@ class InProcessDriver:
 
   def get_node_ids(self):
     return [n for n in self.apps if n not in self.dead]
+
+  def node_identities(self):
+    return {n: s for n, s in self.sites.items() if n not in self.dead}
 
   def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
     del ttl
@@ -165,32 +171,44 @@ def test_quantized_round_trip_matches_tf_privacy_records():
   rng = np.random.default_rng(1)
   sites = [[[rng.normal(0, s, shape).astype(np.float32) for shape in shapes]
             for s in (0.01, 0.1, 1.0, 0.2, 0.0, 3.0)] for _ in range(3)]
-  encoded = [mechanism.encode_site_records(queries, params, s) for s in sites]
+  seed = 12345
+  encoded = [mechanism.encode_site_records(queries, params, s, seed) for s in sites]
   # Flower's quantization of each site, integer sum, and the workflow's dequantization.
   quantized = [quantization.quantize([e], mechanism.CLIPPING_RANGE,
                                      mechanism.QUANTIZATION_RANGE)[0] for e in encoded]
-  for q, e in zip(quantized, encoded):  # The rounded record is within the clip norm.
+  d = mechanism.num_parameters(shapes)
+  big_d = mechanism.padded_length(d)
+  assert big_d == 32
+  for q in quantized:  # The rounded record is within the clip norm.
     back = quantization.dequantize([q], mechanism.CLIPPING_RANGE,
                                    mechanism.QUANTIZATION_RANGE)[0]
-    d = mechanism.num_parameters(shapes)
     for i in range(categories.NUM_CATEGORIES):
-      assert np.linalg.norm(back[i * (d + 1):i * (d + 1) + d]) <= 1.0 + 1e-12
+      part = back[i * (big_d + 1):i * (big_d + 1) + big_d] / np.sqrt(big_d)
+      assert np.linalg.norm(part) <= 1.0 + 1e-12
   total = quantization.dequantize([np.sum(quantized, axis=0)], mechanism.CLIPPING_RANGE,
                                   mechanism.QUANTIZATION_RANGE)[0]
   total -= (len(sites) - 1) * mechanism.CLIPPING_RANGE  # As the workflow does.
   clip = {c: mechanism.clip_norm(queries[c], states[c]) for c in categories.CATEGORY_IDS}
-  decoded = mechanism.decode_secure_sum(total, 3, clip, shapes)
-  # Independent: clip each sub-update to the norm with numpy, and count the unclipped ones.
+  decoded = mechanism.decode_secure_sum(total, 3, clip, shapes, seed, max_sites=3)
+  # Independent: clip each sub-update to the norm with numpy, count the unclipped ones, and
+  # apply the encoding's bound with a dense Hadamard matrix (scipy) and the round's signs.
+  from scipy import linalg  # pylint: disable=g-import-not-at-top
+  hadamard = linalg.hadamard(big_d) / np.sqrt(big_d)
   for i, c in enumerate(categories.CATEGORY_IDS):
-    want = [np.zeros(shape) for shape in shapes]
+    signs = mechanism._signs(seed, i, big_d)  # pylint: disable=protected-access
+    want = np.zeros(big_d)
     bits = 0.0
     for site in sites:
-      norm = np.sqrt(sum(np.sum(v.astype(np.float64)**2) for v in site[i]))
+      flat = np.concatenate([v.ravel() for v in site[i]]).astype(np.float64)
+      norm = np.linalg.norm(flat)
       scale = min(1.0, clip[c] / norm) if norm > 0 else 1.0
-      want = [w + v * scale for w, v in zip(want, site[i])]
+      padded = np.zeros(big_d)
+      padded[:d] = flat * scale / clip[c] * mechanism.rounding_shrink()
+      rotated = np.clip(hadamard @ (signs * padded), -1 / np.sqrt(big_d), 1 / np.sqrt(big_d))
+      want += signs * (hadamard @ rotated) * clip[c]
       bits += 0.5 if norm <= clip[c] else -0.5
-    for got, expected in zip(decoded.values[c], want):
-      np.testing.assert_allclose(got, expected, atol=1e-4 * clip[c])
+    got = np.concatenate([v.ravel() for v in decoded.values[c]])
+    np.testing.assert_allclose(got, want[:d], atol=1e-4 * clip[c])
     assert decoded.bits[c] == pytest.approx(bits, abs=1e-4)
 
 
@@ -198,13 +216,53 @@ def test_decode_bounds_what_a_site_can_inject():
   shapes = [(10,)]
   d = 10
   clip = {c: 0.5 for c in categories.CATEGORY_IDS}
-  wild = np.full(mechanism.encoded_length(shapes), 1e6)
-  decoded = mechanism.decode_secure_sum(wild, 3, clip, shapes)
+  wild = np.full(mechanism.encoded_length(shapes), 1e6)  # A site with its own client.
+  decoded = mechanism.decode_secure_sum(wild, 2, clip, shapes, 7, max_sites=3)
   for c in categories.CATEGORY_IDS:
-    assert np.linalg.norm(np.concatenate(decoded.values[c])) == pytest.approx(3 * 0.5, rel=1e-6)
-    assert decoded.bits[c] == 1.5
+    assert decoded.projected[c]
+    assert np.linalg.norm(np.concatenate(decoded.values[c])) <= 3 * 0.5 * (1 + 1e-9)
+    assert decoded.bits[c] == 1.5  # max_sites / 2, whatever the sites in the sum.
   with pytest.raises(ValueError):
-    mechanism.decode_secure_sum(np.full(6 * (d + 1), np.nan), 3, clip, shapes)
+    mechanism.decode_secure_sum(np.full(6 * (16 + 1), np.nan), 3, clip, shapes, 7, 3)
+  with pytest.raises(ValueError, match='max_sites'):
+    mechanism.decode_secure_sum(np.zeros(6 * 17), 4, clip, shapes, 7, 3)
+  del d
+
+
+def test_rotation_is_an_orthonormal_hadamard_rotation():
+  from scipy import linalg  # pylint: disable=g-import-not-at-top
+  assert [mechanism.padded_length(d) for d in (1, 2, 3, 1350, 2048)] == [1, 2, 4, 2048, 2048]
+  x = np.random.default_rng(0).normal(size=100)
+  rotated = mechanism.rotate(x, 5, 2)
+  signs = mechanism._signs(5, 2, 128)  # pylint: disable=protected-access
+  padded = np.concatenate([x, np.zeros(28)])
+  np.testing.assert_allclose(rotated, linalg.hadamard(128) @ (signs * padded) / np.sqrt(128),
+                             atol=1e-12)
+  np.testing.assert_allclose(mechanism.unrotate(rotated, 5, 100, 2), x, atol=1e-12)
+  assert not np.allclose(mechanism.rotate(x, 6, 2), rotated)  # The seed matters.
+
+
+@pytest.mark.parametrize('n', [2, 5, 10])
+def test_a_site_at_its_maximum_adds_no_more_than_one_clip_norm(n):
+  """Anything a site can send inside Flower's range decodes to norm <= 1 clip norm (the old
+  encoding: sqrt(d)); its count bit to at most one honest site's +-0.5."""
+  from tff_medical.crosssilo import influence  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(n)
+  d = 300
+  big_d = mechanism.padded_length(d)
+  for _ in range(20):
+    extreme = rng.choice([-1.0, 1.0], big_d) * mechanism.CLIPPING_RANGE
+    assert np.linalg.norm(mechanism.decode_unit_sum(extreme, 3, d, n)[0]) <= 1 + 1e-9
+  m = influence.measure(n, d=1350, trials=5)
+  assert m.before > 0.95  # The finding, reproduced on the old encoding.
+  assert m.attacker_norm <= 1 + 1e-9
+  # The share of the round a site at its max takes is about one honest site's at its max (the
+  # honest update loses ~29% of its norm to the encoding's clip, the corner of the box does not).
+  assert m.at_max <= 1.2 * m.honest_at_max
+  assert m.at_max < 0.8 if n == 2 else m.at_max < 1.5 / n + 0.05
+  assert m.honest_cosine > 0.9 and 0.6 < m.honest_norm < 0.8
+  reach = influence.count_reach(n)
+  assert reach['at_max'] == 1.0 and reach['own_client'] == n
 
 
 def test_noise_on_the_secure_sum_has_the_planned_stddev():
@@ -389,7 +447,8 @@ def _example_apps(tmp_path, calls):
 
     def fit(weights, config, worker=worker, i=i):
       vector = worker.fit(weights, config)
-      calls.append((i, int(config['round']), [np.array(w) for w in weights], vector))
+      calls.append((i, int(config['round']), [np.array(w) for w in weights], vector,
+                    int(config[site_worker.KEY_ROTATION])))
       return vector
 
     apps[301 + i] = secagg.make_site_app(fit, worker.report)
@@ -490,7 +549,9 @@ def test_example_level_coordinator_adds_no_noise_to_the_mean(example_run):
   second = [c for c in calls if c[1] == 2]
   assert len(first) == 3 and len(second) == 3
   w0, w1 = first[0][2], second[0][2]
-  deltas = [vector * EXAMPLE_BOUND for _, _, _, vector in first]  # encode: delta / bound
+  d = sum(w.size for w in first[0][2])
+  deltas = [mechanism.decode_unit_sum(vector, seed, d, 1)[0] * EXAMPLE_BOUND  # Undoes encode.
+            for _, _, _, vector, seed in first]
   assert all(np.linalg.norm(d) < EXAMPLE_BOUND for d in deltas)  # not clipped
   assert np.linalg.norm(np.mean(deltas, axis=0)) > 1e-2  # the sites did move the model
   got = np.concatenate([(a - b).ravel() for a, b in zip(w0, w1)])
@@ -502,15 +563,21 @@ def test_example_level_coordinator_adds_no_noise_to_the_mean(example_run):
 def test_example_update_encoding_bounds_each_site():
   shapes = [(3, 4), (5,)]
   small = [np.full(s, 0.01, np.float32) for s in shapes]
-  np.testing.assert_allclose(mechanism.encode_site_update(small, 2.0) * 2.0,
-                             np.concatenate([v.ravel() for v in small]), rtol=1e-6)
+  encoded = mechanism.encode_site_update(small, 2.0, 9)
+  mean, projected = mechanism.decode_update_sum(encoded, 1, 2.0, shapes, 9)
+  assert not projected
+  np.testing.assert_allclose(np.concatenate([m.ravel() for m in mean]),
+                             np.concatenate([v.ravel() for v in small]), rtol=1e-5)
   huge = [np.full(s, 1e6, np.float32) for s in shapes]
-  assert np.linalg.norm(mechanism.encode_site_update(huge, 2.0)) == pytest.approx(1.0)
-  mean, projected = mechanism.decode_update_sum(np.full(17, 1e3), 2, 2.0, shapes)
-  assert projected and np.linalg.norm(np.concatenate([m.ravel() for m in mean])) == (
-      pytest.approx(2.0, rel=1e-6))
+  encoded = mechanism.encode_site_update(huge, 2.0, 9)
+  assert np.all(np.abs(encoded) <= mechanism.CLIPPING_RANGE) and encoded.shape == (32,)
+  mean, _ = mechanism.decode_update_sum(encoded, 1, 2.0, shapes, 9)
+  assert np.linalg.norm(np.concatenate([m.ravel() for m in mean])) <= 2.0
+  mean, projected = mechanism.decode_update_sum(np.full(32, 1e3), 2, 2.0, shapes, 9)
+  assert projected and np.linalg.norm(np.concatenate([m.ravel() for m in mean])) <= (
+      2.0 * (1 + 1e-6))
   with pytest.raises(ValueError, match='finite'):
-    mechanism.decode_update_sum(np.full(17, np.nan), 2, 2.0, shapes)
+    mechanism.decode_update_sum(np.full(32, np.nan), 2, 2.0, shapes, 9)
 
 
 def test_example_level_resume_keeps_site_ledgers_and_freezes(example_run):
@@ -553,6 +620,45 @@ def test_example_level_site_that_lost_its_ledger_is_left_out(example_run, tmp_pa
   fresh = site_worker.ExampleSite(str(tmp_path), 'site-1', images.labels, settings)
   assert fresh.report().releasable == categories.CATEGORY_IDS  # Its budget would restart...
   assert 'lost its ledger' in unit._accept(fresh.report())  # ...so it is left out.  # pylint: disable=protected-access
+
+
+def test_a_site_reporting_under_another_name_is_refused_and_the_ledger_untouched(tmp_path):
+  """Node 301 holds site-0's certificate and key but reports as site-1 (with its own 8 images a
+  category); the real site-1 (10 a category) must still be taken, with its own figures."""
+  from tff_medical.data import phantoms  # pylint: disable=g-import-not-at-top
+  from tff_medical.privacy import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  deployment = coordinator.Deployment(pki_dir='unused', num_sites=3, threshold=2)
+  config = coordinator._cross_silo_config(_example_config(tmp_path), deployment)  # pylint: disable=protected-access
+  run_dir = str(tmp_path / 'run')
+  os.makedirs(run_dir)
+  unit = coordinator._ExampleLevel(config, policy_lib.load_policy(config.policy), [], run_dir)  # pylint: disable=protected-access
+  claims = {301: ('site-1', 8), 302: ('site-1', 10), 303: ('site-2', 12)}
+  apps = {}
+  for node, (name, size) in claims.items():
+    worker = site_worker.SiteWorker(phantoms.generate(size, seed=node), node, site_name=name,
+                                    state_dir=str(tmp_path / 'state' / str(node)))
+    apps[node] = secagg.make_site_app(worker.fit, worker.report)
+  driver = InProcessDriver(apps, sites={301: 'site-0', 302: 'site-1', 303: 'site-2'})
+  prepared = unit.prepare(driver, [301, 302, 303], 1, deployment, driver.node_identities())
+  assert sorted(prepared.node_ids) == [302, 303]
+  example = unit.ledger.example
+  assert sorted(example.sites) == ['site-1', 'site-2']
+  assert example.site_spec('site-1').sampling.rate == pytest.approx(8 / (6 * 10), rel=1e-12)
+
+
+def test_only_nodes_that_proved_their_key_are_counted():
+  """Flower lists a node registered on a public key alone; the coordinator must not count it."""
+
+  class Listed:
+    def get_node_ids(self):
+      return [1, 2, 3]
+
+    def node_identities(self):
+      return {1: 'site-a', 2: 'site-b'}  # Node 3 never passed the HMAC check.
+
+  deployment = coordinator.Deployment(pki_dir='unused', num_sites=3, threshold=2,
+                                      join_timeout=1.0, stage_timeout=0.5)
+  assert coordinator._wait_for_sites(Listed(), deployment, None) == [1, 2]  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('change, message', [
@@ -663,8 +769,9 @@ def test_superlink_refuses_missing_expired_and_foreign_certificates(superlink, p
     assert not _tls_ready(address, grpc.ssl_channel_credentials(f.read()), timeout=2.0)
 
 
-def _create_node(address, site_folder, keys):
-  """Flower's own Fleet connection (as a SuperNode opens it): registers, returns the node id."""
+def _create_node(address, site_folder, keys, during=None):
+  """Flower's own Fleet connection (as a SuperNode opens it): registers, returns the node id.
+  `during(conn, node_id)` runs while the node is registered."""
   import grpc  # pylint: disable=g-import-not-at-top
   from flwr.client.grpc_rere_client import connection  # pylint: disable=g-import-not-at-top
   from flwr.common.retry_invoker import RetryInvoker, exponential  # pylint: disable=g-import-not-at-top
@@ -672,12 +779,20 @@ def _create_node(address, site_folder, keys):
   transport.present_client_certificate(site_folder)
   try:
     invoker = RetryInvoker(exponential, grpc.RpcError, max_tries=1, max_time=10)
+    outcome = {}
     with connection.grpc_request_response(address, False, invoker,
                                           root_certificates=b'unused',
                                           authentication_keys=keys) as conn:
-      node_id = conn[2]()
-      conn[3]()  # delete_node
-      return node_id
+      try:  # Flower's context manager logs and swallows what is raised inside it.
+        outcome['node_id'] = conn[2]()
+        if during is not None:
+          during(conn, outcome['node_id'])
+        conn[3]()  # delete_node
+      except Exception as e:  # pylint: disable=broad-except
+        outcome['error'] = e
+    if 'error' in outcome:
+      raise outcome['error']
+    return outcome['node_id']
   finally:
     connection.create_channel = original
 
@@ -751,6 +866,62 @@ def test_no_private_key_is_readable_at_any_moment_of_provisioning(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600, name
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700, name
   assert os.stat(root).st_mode & 0o777 == 0o700
+
+
+def _keys(folder, private_from=None):
+  return (provisioning.load_private_key(os.path.join(private_from or folder, 'auth_key')),
+          provisioning.load_public_key(os.path.join(folder, 'auth_key.pub')))
+
+
+def test_node_identity_comes_from_the_certificate_and_a_proven_key(superlink, pki_dir,
+                                                                   tmp_path):
+  import grpc  # pylint: disable=g-import-not-at-top
+  site_a = provisioning.site_dir(pki_dir, 'site-a')
+  # site-c: no other test registers it (Flower 1.12 keeps a deleted node's id for its key).
+  site_c = provisioning.site_dir(pki_dir, 'site-c')
+  seen = {}
+
+  def pull(conn, node_id):
+    conn[0]()  # PullTaskIns: HMAC-checked, proves the private key.
+    seen[node_id] = superlink.identities().get(node_id)
+
+  node = _create_node(superlink.fleet_address, site_c, _keys(site_c), during=pull)
+  assert seen == {node: 'site-c'}
+  # site-a's certificate with site-c's (whole) key pair: refused before Flower registers it.
+  with pytest.raises(grpc.RpcError) as refused:
+    _create_node(superlink.fleet_address, site_a, _keys(site_c))
+  assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+  # site-c's public key without its private key: Flower 1.12 registers the node, but it never
+  # proves the key, so the coordinator does not count it.
+  stranger = str(tmp_path / 'stranger')
+  provisioning.write_auth_keys(stranger)
+  impostor = {}
+
+  def pull_unproven(conn, node_id):
+    with pytest.raises(grpc.RpcError):
+      conn[0]()
+    impostor[node_id] = node_id in superlink.identities()
+
+  with pytest.raises(grpc.RpcError):  # delete_node is HMAC-checked too.
+    _create_node(superlink.fleet_address, site_c, _keys(site_c, private_from=stranger),
+                 during=pull_unproven)
+  assert impostor and not any(impostor.values())
+
+
+def test_driver_api_is_for_the_coordinator_only(superlink, pki_dir):
+  import grpc  # pylint: disable=g-import-not-at-top
+  from flwr.proto.driver_pb2_grpc import DriverStub  # pylint: disable=g-import-not-at-top
+  from flwr.proto.run_pb2 import CreateRunRequest  # pylint: disable=g-import-not-at-top
+  driver = transport.make_driver(os.path.join(pki_dir, 'coordinator'), superlink.driver_address)
+  assert transport.create_run(driver) != 0
+  channel = grpc.secure_channel(superlink.driver_address, transport.channel_credentials(
+      provisioning.site_dir(pki_dir, 'site-a')))
+  try:
+    with pytest.raises(grpc.RpcError) as refused:
+      DriverStub(channel).CreateRun(CreateRunRequest(fab_id='x', fab_version='1'))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+  finally:
+    channel.close()
 
 
 def test_provisioning_writes_private_keys_owner_only(pki_dir):

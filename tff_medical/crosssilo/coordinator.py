@@ -182,6 +182,7 @@ def _round_instructions(config, plan_json: str, params: dict, round_num: int) ->
                                           'batch_size': int(config.client.batch_size),
                                           'local_epochs': int(config.client.local_epochs)}),
       site_worker.KEY_SEED: int(config.seed),
+      site_worker.KEY_ROTATION: mechanism.new_rotation_seed(),
   }
 
 
@@ -285,8 +286,8 @@ class _ClientLevel:
   def exhausted(self) -> bool:
     return not self.ledger.releasable()
 
-  def prepare(self, driver, node_ids, round_num, deployment) -> Any:
-    del driver, deployment
+  def prepare(self, driver, node_ids, round_num, deployment, sites) -> Any:
+    del driver, deployment, sites
     params = mechanism.sample_params(self.queries, self.states)
     clip_norms = {c: mechanism.clip_norm(self.queries[c], self.states[c])
                   for c in categories.CATEGORY_IDS}
@@ -296,8 +297,9 @@ class _ClientLevel:
 
   def aggregate(self, secure: secagg.SecureSum, prepared: _Round) -> _Pending:
     """Raises PolicyError for an unusable secure sum (the round is abandoned)."""
-    summed = mechanism.decode_secure_sum(secure.vector, secure.contributors, prepared.notes,
-                                         self._shapes)
+    summed = mechanism.decode_secure_sum(
+        secure.vector, secure.contributors, prepared.notes, self._shapes,
+        prepared.instructions[site_worker.KEY_ROTATION], int(self._config.num_clients))
     result = mechanism.noised_round(self.queries, self.states, summed, prepared.released)
     return _Pending(result.update, prepared.released, int(sum(summed.projected.values())),
                     result)
@@ -409,9 +411,10 @@ class _ExampleLevel:
       return f'it would spend on {", ".join(frozen)}, exhausted at it by the run\'s ledger'
     return None
 
-  def prepare(self, driver, node_ids, round_num, deployment) -> Any:
+  def prepare(self, driver, node_ids, round_num, deployment, sites) -> Any:
     """The round's sites (those with budget left), 'budget_exhausted', or None (too few
-    reports: the round is abandoned)."""
+    reports: the round is abandoned). `sites`: {node id: site} from the authenticated
+    connection; a report naming another site is refused before the ledger sees it."""
     settings = self._settings()
     replies = secagg.query_sites(driver, node_ids, {
         site_worker.KEY_QUERY: site_worker.QUERY_EXAMPLE_REPORT,
@@ -421,6 +424,11 @@ class _ExampleLevel:
     for node, text in sorted(replies.items()):
       try:
         report = site_worker.ExampleReport.from_json(text)
+        if report.site != sites.get(node):
+          logging.error('Round %d: node %d left out: it reports as site %s, but its '
+                        'certificate and node key are %s\'s.', round_num, node, report.site,
+                        sites.get(node, 'no enrolled site'))
+          continue
         why = 'another node already reports as this site' if report.site in seen else (
             self._accept(report))
       except TffMedicalError as e:
@@ -437,7 +445,8 @@ class _ExampleLevel:
                        if any(c in reports[n].releasable for n in participants))
       instructions = {site_worker.KEY_ROUND: int(round_num), site_worker.KEY_UNIT: 'example',
                       site_worker.KEY_EXAMPLE: settings,
-                      site_worker.KEY_MODEL: _model_instructions(self._config)}
+                      site_worker.KEY_MODEL: _model_instructions(self._config),
+                      site_worker.KEY_ROTATION: mechanism.new_rotation_seed()}
       return _Round(participants, instructions, released, reports)
     if len(reports) >= deployment.threshold:
       logging.warning('Round %d: %d of the %d reporting sites have budget left, fewer than the '
@@ -448,8 +457,9 @@ class _ExampleLevel:
 
   def aggregate(self, secure: secagg.SecureSum, prepared: _Round) -> _Pending:
     """The plain mean of the sites' deltas; raises PolicyError for an unusable secure sum."""
-    mean, projected = mechanism.decode_update_sum(secure.vector, secure.contributors,
-                                                  self._bound, self._shapes)
+    mean, projected = mechanism.decode_update_sum(
+        secure.vector, secure.contributors, self._bound, self._shapes,
+        prepared.instructions[site_worker.KEY_ROTATION])
     reports = [prepared.notes[n] for n in secure.node_ids]
     released = tuple(c for c in categories.CATEGORY_IDS
                      if any(c in r.releasable for r in reports))
@@ -604,7 +614,9 @@ def run(config, deployment: Deployment, run_dir: str, *,
         stop_reason = 'not_enough_sites'
         break
       started = time.monotonic()
-      prepared = unit.prepare(driver, node_ids, round_num + 1, deployment)
+      sites = _node_sites(driver, superlink)
+      prepared = unit.prepare(driver, node_ids, round_num + 1, deployment,
+                              {n: sites[n] for n in node_ids if n in sites})
       if isinstance(prepared, str):
         stop_reason = prepared
         break
@@ -678,12 +690,22 @@ def run(config, deployment: Deployment, run_dir: str, *,
                            keras_model=keras_model, policy=policy)
 
 
+def _node_sites(driver, superlink) -> dict[int, str]:
+  """{node id: site} of the nodes that proved their enrolled key (tff_medical.crosssilo.identity):
+  from the SuperLink, or from a test double's `node_identities`."""
+  if superlink is not None:
+    return superlink.identities()
+  return {int(n): s for n, s in driver.node_identities().items()}
+
+
 def _wait_for_sites(driver, deployment: Deployment, superlink,
                     first: bool = False) -> Optional[list[int]]:
   """All N sites if they come in time, else whoever is there if at least the threshold.
 
   In time: within join_timeout before the first round of this process (sites start at their
   own pace), within stage_timeout before later ones (a site that dropped may come back).
+  Only nodes that proved their enrolled key count: Flower lists a node registered on a public
+  key alone.
   """
   deadline = time.monotonic() + deployment.join_timeout
   grace = time.monotonic() + (deployment.join_timeout if first else
@@ -692,7 +714,8 @@ def _wait_for_sites(driver, deployment: Deployment, superlink,
     if superlink is not None and not superlink.running():
       raise ConfigError(f'the SuperLink must keep running. It stopped; see '
                         f'{superlink.log_path}.')
-    node_ids = sorted(int(n) for n in driver.get_node_ids())
+    sites = _node_sites(driver, superlink)
+    node_ids = sorted(int(n) for n in driver.get_node_ids() if int(n) in sites)
     if len(node_ids) > deployment.num_sites:
       logging.warning('%d sites connected, %d enrolled for this run: using the first %d.',
                       len(node_ids), deployment.num_sites, deployment.num_sites)

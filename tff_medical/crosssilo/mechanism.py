@@ -14,15 +14,29 @@ accounting.category_event, as in the simulation) are therefore identical; only t
 computed by a different protocol.
 
 SecAgg+ sums integers, so each site's records are encoded as one float vector in [-1, 1]
-(`encode_site_records`): category c's clipped sub-update divided by its clip norm C_c, then its
-bit (+-0.5). Flower quantizes that with stochastic rounding (clipping range 1, 2**22 levels);
-the sub-update is first shrunk by the largest rounding error so that the rounded record stays
-within the clip norm the accountant assumes. The coordinator decodes the sum
-(`decode_secure_sum`) and, before the query sees it, projects each category's sum onto the
-ball of radius n C_c and clamps the bit sum to [-n/2, n/2] (n: sites in the sum). Both maps are
-1-Lipschitz, so they keep the sensitivity, and they bound what a malicious site (one that sends
-arbitrary integers instead of running this code) can do to the model to what an honest site
-with a clipped update can do.
+(`encode_site_records`). Flower clips every coordinate a site hands it to [-1, 1] and quantizes
+it (stochastic rounding, 2**22 levels), so the encoding decides how far a site that sends its
+maximum in every coordinate reaches. Per category c: the clipped sub-update divided by C_c
+(norm <= 1) is rotated by a random orthogonal map public for the round (`rotate`: random signs,
+then the orthonormal Walsh-Hadamard transform, after zero-padding to D, a power of two), and
+each rotated coordinate is clipped to [-1/sqrt(D), 1/sqrt(D)] and scaled to [-1, 1]. The box
+[-1/sqrt(D), 1/sqrt(D)]**D has radius exactly 1, so whatever a site sends inside Flower's range
+decodes to norm <= C_c: at most one honest clipped site. Honest records lose little (a rotated
+unit vector has coordinates ~ N(0, 1/D); clipping them at one standard deviation keeps ~0.95
+of the direction and ~0.72 of the norm; `influence` measures it). The bit (+-0.5) is sent
+as +-1, Flower's whole range, so a site moves the clipped count by at most one honest site's
+swing. Every record is first shrunk by the largest rounding error, so that the rounded record
+stays within the clip norm the accountant assumes.
+
+The coordinator decodes the sum (`decode_secure_sum`); before the query sees it, it clamps each
+rotated coordinate to the range of `max_sites` sites, rotates back, projects each category's sum
+onto the ball of radius max_sites * C_c and clamps the bit sum to [-max_sites/2, max_sites/2].
+max_sites is the number of enrolled sites, not the sites in this sum, so the maps are the same
+for neighbouring inputs; each is 1-Lipschitz, so they keep the sensitivity C_c. These sum-level
+maps are all that bounds a site that replaces Flower's SecAgg+ client and adds arbitrary
+integers modulo 2**32: the coordinator only ever sees the sum, so such a site can still steer
+the round within them (tff_medical.crosssilo.influence measures both cases). Bounding it per site
+needs zero-knowledge range proofs on the masked inputs, which Flower 1.12 does not have.
 """
 
 import dataclasses
@@ -43,6 +57,9 @@ from tff_medical.privacy import accounting
 CLIPPING_RANGE = 1.0
 QUANTIZATION_RANGE = 2**22  # Flower's default; n sites need n * 2**22 < MODULUS_RANGE.
 MODULUS_RANGE = 2**32
+# Rotated coordinates are clipped to ROTATED_RANGE / sqrt(D) (in clip-norm units): the most a
+# site can send then has norm ROTATED_RANGE clip norms. 1: no more than one honest site.
+ROTATED_RANGE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,31 +142,89 @@ def num_parameters(shapes: Sequence[Sequence[int]]) -> int:
   return int(sum(int(np.prod(s)) for s in shapes))
 
 
+def padded_length(d: int) -> int:
+  """D: the power of two the rotation works in (d zero-padded)."""
+  return 1 << max(0, int(d) - 1).bit_length()
+
+
 def encoded_length(shapes: Sequence[Sequence[int]]) -> int:
-  return categories.NUM_CATEGORIES * (num_parameters(shapes) + 1)
+  return categories.NUM_CATEGORIES * (padded_length(num_parameters(shapes)) + 1)
 
 
-def rounding_shrink(shapes: Sequence[Sequence[int]]) -> float:
+def new_rotation_seed() -> int:
+  """A round's rotation seed (public: sites and coordinator use it; a site learns nothing it
+  could exploit from it, since the bound holds for any rotation)."""
+  return int(np.random.default_rng().integers(0, 2**62))
+
+
+def _walsh_hadamard(x: np.ndarray) -> np.ndarray:
+  """Orthonormal Walsh-Hadamard transform of a power-of-two length vector (its own inverse)."""
+  y = np.array(x, np.float64)
+  n, h = y.shape[0], 1
+  while h < n:
+    y = y.reshape(-1, 2, h)
+    y = np.stack([y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]], axis=1)
+    h *= 2
+  return y.reshape(n) / math.sqrt(n)
+
+
+def _signs(seed: int, part: int, size: int) -> np.ndarray:
+  return np.random.default_rng([int(seed), int(part)]).choice([-1.0, 1.0], size)
+
+
+def rotate(flat: np.ndarray, seed: int, part: int = 0) -> np.ndarray:
+  """`flat` zero-padded to D and rotated: H diag(signs) x, signs drawn from (seed, part)."""
+  padded = np.zeros(padded_length(flat.shape[0]))
+  padded[:flat.shape[0]] = flat
+  return _walsh_hadamard(padded * _signs(seed, part, padded.shape[0]))
+
+
+def unrotate(rotated: np.ndarray, seed: int, d: int, part: int = 0) -> np.ndarray:
+  """The first d coordinates of rotate's inverse (orthogonal, then a projection: 1-Lipschitz)."""
+  return (_walsh_hadamard(rotated) * _signs(seed, part, rotated.shape[0]))[:d]
+
+
+def rounding_shrink() -> float:
   """Factor keeping a clipped, stochastically rounded record within its clip norm.
 
-  Rounding moves each coordinate by less than one level, 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
-  (in clip-norm units), so the rounded vector's norm exceeds the unrounded one by less than
-  sqrt(d) levels.
+  Rounding moves each of the D encoded coordinates by less than one level, 2 / QUANTIZATION_RANGE,
+  i.e. 2 ROTATED_RANGE / (sqrt(D) QUANTIZATION_RANGE) clip norms: less than
+  2 ROTATED_RANGE / QUANTIZATION_RANGE in norm.
   """
-  return 1.0 - math.sqrt(num_parameters(shapes)) * 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
+  return 1.0 - 2 * ROTATED_RANGE * CLIPPING_RANGE / QUANTIZATION_RANGE
+
+
+def encode_unit_vector(flat: np.ndarray, seed: int, part: int = 0) -> np.ndarray:
+  """A vector of norm <= 1 as Flower's input: rotated, each coordinate clipped to
+  ROTATED_RANGE / sqrt(D) and scaled to [-CLIPPING_RANGE, CLIPPING_RANGE]."""
+  rotated = rotate(np.asarray(flat, np.float64) * rounding_shrink(), seed, part)
+  scale = math.sqrt(rotated.shape[0]) / ROTATED_RANGE * CLIPPING_RANGE
+  return np.clip(rotated * scale, -CLIPPING_RANGE, CLIPPING_RANGE)
+
+
+def decode_unit_sum(encoded: np.ndarray, seed: int, d: int, max_sites: int,
+                    part: int = 0) -> tuple[np.ndarray, bool]:
+  """A sum of `encode_unit_vector`s back in unit-vector space, each rotated coordinate first
+  clamped to what max_sites sites can send; (sum, whether the clamp acted)."""
+  bound = max_sites * CLIPPING_RANGE
+  clamped = np.clip(encoded, -bound, bound)
+  acted = bool(np.any(clamped != encoded))
+  scale = ROTATED_RANGE / math.sqrt(encoded.shape[0]) / CLIPPING_RANGE
+  return unrotate(clamped * scale, seed, d, part), acted
 
 
 def encode_site_records(queries: Mapping[str, Any], params: Mapping[str, Sequence[float]],
-                        sub_updates: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-  """A site's SecAgg+ input: per category, TF Privacy's record scaled to [-1, 1], then its bit.
+                        sub_updates: Sequence[Sequence[np.ndarray]],
+                        rotation_seed: int) -> np.ndarray:
+  """A site's SecAgg+ input: per category, TF Privacy's record encoded by
+  `encode_unit_vector`, then its bit at Flower's full range (+-0.5 sent as +-1).
 
   Args:
     queries: `category_queries` of the round's plan.
     params: The coordinator's `sample_params` for the round.
     sub_updates: [category][variable] (LocalTrainer's ClientOutput.sub_updates).
+    rotation_seed: The round's rotation (from the coordinator's instructions).
   """
-  shapes = [np.shape(v) for v in sub_updates[0]]
-  shrink = rounding_shrink(shapes)
   parts = []
   for index, c in enumerate(categories.CATEGORY_IDS):
     update = [np.asarray(v, np.float32) for v in sub_updates[index]]
@@ -161,8 +236,8 @@ def encode_site_records(queries: Mapping[str, Any], params: Mapping[str, Sequenc
     values, bit = leaves[:-1], float(leaves[-1])
     clip = float(query_params.sum_params)
     flat = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in values])
-    parts.append(np.clip(flat / clip * shrink, -CLIPPING_RANGE, CLIPPING_RANGE))
-    parts.append(np.array([bit]))
+    parts.append(encode_unit_vector(flat / clip, rotation_seed, index))
+    parts.append(np.array([2 * bit * CLIPPING_RANGE]))
   return np.concatenate(parts).astype(np.float64)
 
 
@@ -177,8 +252,10 @@ class DecodedSum:
 
 
 def decode_secure_sum(vector: np.ndarray, contributors: int, clip_norms: Mapping[str, float],
-                      shapes: Sequence[Sequence[int]]) -> DecodedSum:
-  """Undoes `encode_site_records` on a sum of `contributors` encodings, with the safety maps.
+                      shapes: Sequence[Sequence[int]], rotation_seed: int,
+                      max_sites: int) -> DecodedSum:
+  """Undoes `encode_site_records` on a sum of `contributors` encodings, with the safety maps
+  (sized for `max_sites`, the enrolled sites: see the module docstring).
 
   Raises:
     PolicyError: if the vector has the wrong length or a non-finite entry (SecAgg+ output is
@@ -189,14 +266,20 @@ def decode_secure_sum(vector: np.ndarray, contributors: int, clip_norms: Mapping
   if vector.shape[0] != encoded_length(shapes) or not np.all(np.isfinite(vector)):
     raise PolicyError(f'the secure sum must be {encoded_length(shapes)} finite numbers. Found '
                       f'{vector.shape[0]} numbers, finite: {bool(np.all(np.isfinite(vector)))}.')
-  if contributors < 1:
-    raise PolicyError(f'contributors must be positive. Found {contributors}.')
+  if not 1 <= contributors <= max_sites:
+    raise PolicyError(f'contributors must be in [1, max_sites={max_sites}]. '
+                      f'Found {contributors}.')
+  big_d = padded_length(d)
   values, bits, projected = {}, {}, {}
   for index, c in enumerate(categories.CATEGORY_IDS):
-    start = index * (d + 1)
-    values[c], projected[c] = _project_and_split(vector[start:start + d] * clip_norms[c],
-                                                 contributors * clip_norms[c], shapes)
-    bits[c] = float(np.clip(vector[start + d], -0.5 * contributors, 0.5 * contributors))
+    start = index * (big_d + 1)
+    unit_sum, clamped = decode_unit_sum(vector[start:start + big_d], rotation_seed, d,
+                                        max_sites, index)
+    values[c], projected[c] = _project_and_split(unit_sum * clip_norms[c],
+                                                 max_sites * clip_norms[c], shapes)
+    projected[c] = projected[c] or clamped
+    bits[c] = float(np.clip(vector[start + big_d] / (2 * CLIPPING_RANGE), -0.5 * max_sites,
+                            0.5 * max_sites))
   return DecodedSum(values, bits, contributors, projected)
 
 
@@ -219,11 +302,13 @@ def _project_and_split(flat: np.ndarray, bound: float, shapes: Sequence[Sequence
 # private at the site; the secure sum only needs each one bounded to fit the quantization.
 
 
-def encode_site_update(update: Sequence[np.ndarray], bound: float) -> np.ndarray:
-  """A site's SecAgg+ input at example level: its delta clipped to L2 norm `bound`, over `bound`.
+def encode_site_update(update: Sequence[np.ndarray], bound: float,
+                       rotation_seed: int) -> np.ndarray:
+  """A site's SecAgg+ input at example level: its delta clipped to L2 norm `bound`, over
+  `bound`, encoded by `encode_unit_vector` (so no site reaches beyond norm `bound`).
 
-  Clipping a DP-SGD output is post-processing (no privacy cost); every coordinate is then in
-  [-1, 1]. A non-finite delta is sent as zero.
+  Clipping a DP-SGD output is post-processing (no privacy cost). A non-finite delta is sent as
+  zero.
   """
   bound = accounting.positive('update_l2_bound', bound)
   flat = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in update])
@@ -231,29 +316,32 @@ def encode_site_update(update: Sequence[np.ndarray], bound: float) -> np.ndarray
     flat = np.zeros_like(flat)
   norm = float(np.linalg.norm(flat))
   scale = min(1.0, bound / norm) if norm > 0 else 1.0
-  return np.clip(flat * scale / bound, -CLIPPING_RANGE, CLIPPING_RANGE)
+  return encode_unit_vector(flat * scale / bound, rotation_seed)
 
 
 def decode_update_sum(vector: np.ndarray, contributors: int, bound: float,
-                      shapes: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], bool]:
+                      shapes: Sequence[Sequence[int]],
+                      rotation_seed: int) -> tuple[list[np.ndarray], bool]:
   """The mean of `contributors` `encode_site_update` vectors from their sum, in model units.
 
-  The sum is first projected onto the ball of radius contributors x bound (1-Lipschitz), so a
-  site that sends arbitrary integers moves the mean no more than an honest site at the bound.
-  Returns (mean delta per variable, whether the projection acted).
+  Each rotated coordinate is clamped to what `contributors` sites can send and the sum is
+  projected onto the ball of radius contributors x bound (both 1-Lipschitz); these bound only
+  the sum: a site that replaces Flower's client can still steer the mean within them.
+  Returns (mean delta per variable, whether a clamp or the projection acted).
 
   Raises:
     PolicyError: wrong length or a non-finite entry (a broken protocol: abandon the round).
   """
   vector = np.asarray(vector, np.float64).ravel()
   d = num_parameters(shapes)
-  if vector.shape[0] != d or not np.all(np.isfinite(vector)):
-    raise PolicyError(f'the secure sum must be {d} finite numbers. Found {vector.shape[0]} '
-                      f'numbers, finite: {bool(np.all(np.isfinite(vector)))}.')
+  if vector.shape[0] != padded_length(d) or not np.all(np.isfinite(vector)):
+    raise PolicyError(f'the secure sum must be {padded_length(d)} finite numbers. Found '
+                      f'{vector.shape[0]} numbers, finite: {bool(np.all(np.isfinite(vector)))}.')
   if contributors < 1:
     raise PolicyError(f'contributors must be positive. Found {contributors}.')
-  total, projected = _project_and_split(vector * bound, contributors * bound, shapes)
-  return [t / np.float32(contributors) for t in total], projected
+  unit_sum, clamped = decode_unit_sum(vector, rotation_seed, d, contributors)
+  total, projected = _project_and_split(unit_sum * bound, contributors * bound, shapes)
+  return [t / np.float32(contributors) for t in total], projected or clamped
 
 
 @dataclasses.dataclass

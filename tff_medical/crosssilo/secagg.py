@@ -4,8 +4,10 @@ The coordinator drives flwr.server.workflow.SecAggPlusWorkflow with a Strategy t
 out the round's instructions and captures the unmasked result: the workflow itself never sees
 anything but masked vectors, and what it unmasks is the sum over the sites that stayed to the
 end. Sites run a ClientApp wrapped by flwr's secaggplus_mod, which quantizes and masks what the
-site's fit returns. Every site reports num_examples = 1 and max_weight is 1, so the workflow's
-weighted mean is the plain mean; `run_secure_round` multiplies it back into the sum.
+site's fit returns. Every site reports num_examples = 1 and max_weight is 1; the workflow would
+divide by the sum of the weights the sites claim, which a site can set to rescale the whole sum,
+so the unmask stage here ignores the weights and keeps the plain sum (and logs a claimed total
+other than one per site: a site that does not run this code).
 
 A round is abandoned (None) whenever the workflow halts: too few sites at any stage for the
 reconstruction threshold. Nothing of it is released and the caller spends no budget.
@@ -30,6 +32,7 @@ from flwr.server.compat.driver_client_proxy import DriverClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flwr_secaggplus
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
@@ -61,9 +64,9 @@ class _CaptureStrategy(Strategy):
 
   def aggregate_fit(self, server_round, results, failures):
     if results:
-      mean = parameters_to_ndarrays(results[0][1].parameters)
-      if len(mean) == 1:
-        self.captured = SecureSum(np.asarray(mean[0], np.float64) * len(results), len(results),
+      total = parameters_to_ndarrays(results[0][1].parameters)  # The plain sum: _Workflow.
+      if len(total) == 1:
+        self.captured = SecureSum(np.asarray(total[0], np.float64), len(results),
                                   len(failures), tuple(int(p.node_id) for p, _ in results))
     return None, {}
 
@@ -90,6 +93,26 @@ class _Workflow(SecAggPlusWorkflow):
       return super().collect_masked_vectors_stage(driver, context, state)
     finally:
       self.timeout = key_timeout
+
+  def unmask_stage(self, driver, context, state):
+    """Flower's unmasking, with the weight total replaced by one quantization range: the
+    workflow's scale factor is then 1 and it hands on the plain sum of the sites' vectors."""
+    original = flwr_secaggplus.factor_extract
+    expected = len(state.active_node_ids) * self.quantization_range
+
+    def unweighted(parameters):
+      claimed, rest = original(parameters)
+      if claimed != expected:
+        logging.error('SecAgg+ unmask: the sites claim a weight total of %d, not %d (one a '
+                      'site): a site runs other code. The weights are ignored.', claimed,
+                      expected)
+      return self.quantization_range, rest
+
+    flwr_secaggplus.factor_extract = unweighted
+    try:
+      return super().unmask_stage(driver, context, state)
+    finally:
+      flwr_secaggplus.factor_extract = original
 
 
 def make_workflow(threshold: int, timeout: Optional[float],

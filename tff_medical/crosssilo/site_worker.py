@@ -51,6 +51,7 @@ KEY_PARAMS = 'params'
 KEY_MODEL = 'model'
 KEY_CLIENT = 'client'
 KEY_SEED = 'seed'
+KEY_ROTATION = 'rotation_seed'  # The round's public rotation (mechanism.encode_unit_vector).
 # Example level: the unit, the public settings (JSON, `example_settings`), the report query.
 KEY_UNIT = 'privacy_unit'
 KEY_EXAMPLE = 'example_dp'
@@ -71,6 +72,14 @@ def example_settings(config, policy: policy_lib.PrivacyPolicy, run_id: str) -> d
           'local_steps': int(config.example_dp.local_steps),
           'total_rounds': int(config.total_rounds),
           'update_l2_bound': float(config.example_dp.update_l2_bound)}
+
+
+def _rotation_seed(config: Mapping[str, Any]) -> int:
+  seed = config.get(KEY_ROTATION)
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ConfigError(f'round instructions must carry {KEY_ROTATION}, a non-negative integer. '
+                      f'Found {seed!r}.')
+  return seed
 
 
 def _parse_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,7 +310,8 @@ class SiteWorker:
     if norm > settings['update_l2_bound']:
       logging.warning('Round %d: update norm %.4g clipped to update_l2_bound %.4g.', round_num,
                       norm, settings['update_l2_bound'])
-    return mechanism.encode_site_update(delta, settings['update_l2_bound'])
+    return mechanism.encode_site_update(delta, settings['update_l2_bound'],
+                                        _rotation_seed(config))
 
   def _category_queries(self, plan_json: str):
     if plan_json not in self._queries:
@@ -334,4 +344,4 @@ class SiteWorker:
                            shuffle_seed=(int(config.get(KEY_SEED, 0)), round_num,
                                          self._site_seed))
     return mechanism.encode_site_records(self._category_queries(plan_json), params,
-                                         output.sub_updates)
+                                         output.sub_updates, _rotation_seed(config))

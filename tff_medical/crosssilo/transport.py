@@ -11,6 +11,7 @@ handshake, before any Flower code runs:
 gRPC (BoringSSL) then verifies the chain and the validity dates on both sides.
 """
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Optional
 
 import grpc
 
+from tff_medical.crosssilo import identity
 from tff_medical.crosssilo import provisioning as pki
 from tff_medical.errors import ConfigError
 
@@ -113,6 +115,12 @@ def create_run(driver) -> int:
   return int(res.run_id)
 
 
+def _die_with_parent() -> None:
+  """In the SuperLink child between fork and exec: the kernel kills it when we die
+  (PR_SET_PDEATHSIG), so no SuperLink outlives its coordinator."""
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 class SuperLink:
   """The coordinator's SuperLink process: mTLS, node auth, in-memory state; dies with us."""
 
@@ -126,8 +134,10 @@ class SuperLink:
     self.fleet_address = fleet_address
     self.driver_address = driver_address
     self.log_path = log_path
+    self.identity_path = os.path.join(storage_dir, identity.IDENTITY_FILE)
     self._args = [
         sys.executable, '-m', 'tff_medical.crosssilo.superlink',
+        '--identity-file', self.identity_path,
         '--ssl-ca-certfile', os.path.join(coordinator, pki.CA_CERT),
         '--ssl-certfile', os.path.join(coordinator, pki.CERT),
         '--ssl-keyfile', os.path.join(coordinator, pki.KEY),
@@ -141,14 +151,14 @@ class SuperLink:
     self._process: Optional[subprocess.Popen] = None
 
   def start(self, timeout: float = 60.0) -> None:
-    from tff_medical.runtime import worker  # pylint: disable=g-import-not-at-top
-
     os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+    if os.path.exists(self.identity_path):  # A previous SuperLink's nodes are gone.
+      os.unlink(self.identity_path)
     with open(self.log_path, 'ab') as log:
       self._process = subprocess.Popen(
           self._args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
           env=dict(os.environ, FLWR_TELEMETRY_ENABLED='0'),
-          preexec_fn=worker._die_with_parent, close_fds=True)  # pylint: disable=protected-access
+          preexec_fn=_die_with_parent, close_fds=True)
     driver_host, driver_port = self.driver_address.rsplit(':', 1)
     deadline = time.monotonic() + timeout
     credentials = channel_credentials(self.coordinator_dir)
@@ -168,6 +178,10 @@ class SuperLink:
         self.stop()
         raise ConfigError(f'the SuperLink must start within {timeout:g} s. It did not; see '
                           f'{self.log_path}.')
+
+  def identities(self) -> dict[int, str]:
+    """{node id: site} of the connected nodes that proved their enrolled key (see identity)."""
+    return identity.read_identities(self.identity_path)
 
   def running(self) -> bool:
     return self._process is not None and self._process.poll() is None
