@@ -20,6 +20,18 @@ def audit_key_file(tmp_path_factory):
     yield str(path)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def budget_registry_dir(tmp_path_factory):
+  """The dataset budget registry for the whole session, in a private temporary folder.
+
+  Runs on real data (mednist, dicom) record their spend there; none writes in the real home.
+  """
+  path = tmp_path_factory.mktemp('budget_registry') / 'registry'
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('TFF_MEDICAL_BUDGET_REGISTRY', str(path))
+    yield str(path)
+
+
 @pytest.fixture(scope='session')
 def tff_context():
   """Installs the loopback-only TFF context for tests that run federated computations."""

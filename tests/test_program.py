@@ -81,12 +81,17 @@ class TestProgram:
                                      ledger['sampling']['expected_clients_per_round'])
     for category_id, entry in ledger['categories'].items():
       assert entry['epsilon_spent'] <= entry['target_epsilon'] + 1e-9
-      expected = accounting.epsilon(
-          [(accounting.round_event(entry['noise_multiplier'], spec), entry['rounds_released'])],
-          ledger['delta'], 'rdp')
+      by_relation = {
+          relation: accounting.epsilon(
+              [(accounting.round_event(figures['noise_multiplier'], spec),
+                entry['rounds_released'])], ledger['delta'], 'rdp')
+          for relation, figures in entry['relations'].items()}
       # TFF records float32 multipliers; composing its two events differs from one Gaussian at
       # the effective z in the seventh digit.
-      assert entry['epsilon_spent'] == pytest.approx(expected, rel=1e-6), category_id
+      for relation, expected in by_relation.items():
+        assert entry['relations'][relation]['epsilon'] == pytest.approx(expected, rel=1e-6)
+      assert entry['epsilon_spent'] == pytest.approx(max(by_relation.values()), rel=1e-6), \
+          category_id
 
   def test_audit_records_name_pseudonymous_participants(self, uninterrupted):
     log = audit_lib.AuditLog(os.path.join(uninterrupted.run_dir, 'audit_log.jsonl'))
@@ -111,22 +116,69 @@ class TestProgram:
         assert resumed['categories'][c][field] == pytest.approx(whole['categories'][c][field])
     verified = audit_lib.verify_chain(os.path.join(run_dir, 'audit_log.jsonl'))
     assert verified.ok and verified.records == 4, verified
-    # The same sampler seed draws the same clients in every round.
+    # Another run of the same config draws other clients: the sample comes from a secret, not
+    # from config.seed (which config.json publishes to the custodian's readers).
     whole_log = audit_lib.AuditLog(os.path.join(uninterrupted.run_dir, 'audit_log.jsonl'))
     resumed_log = audit_lib.AuditLog(os.path.join(run_dir, 'audit_log.jsonl'))
-    assert [r['participants'] for r in whole_log.records()] == [
+    assert [r['participants'] for r in whole_log.records()] != [
         r['participants'] for r in resumed_log.records()]
+
+  def test_resume_replays_the_secret_sample_and_the_secret_stays_in_checkpoints(
+      self, tmp_path, monkeypatch):
+    secret = 0x5EC12E7_0F_5A3F1E_5EED_D0E5_0123456789ABCDEF
+    monkeypatch.setattr(sampling_lib, 'new_secret', lambda: secret)
+    reference = str(tmp_path / 'reference')
+    program.run(smoke_config(), reference, stop_after_rounds=3)
+    # Another run directory stops after one round and is resumed (a kill -9 resumes the same
+    # way: from the checkpoint); new_secret would now give another value, but must not be used.
+    monkeypatch.setattr(sampling_lib, 'new_secret', lambda: secret + 1)
+    run_dir = str(tmp_path / 'interrupted')
+    monkeypatch.setattr(sampling_lib, 'new_secret', lambda: secret)
+    program.run(smoke_config(), run_dir, stop_after_rounds=1)
+    monkeypatch.setattr(sampling_lib, 'new_secret', lambda: secret + 1)
+    program.run(smoke_config(), run_dir, stop_after_rounds=2)
+    participants = [[r['participants'] for r in audit_lib.AuditLog(
+        os.path.join(d, 'audit_log.jsonl')).records()] for d in (reference, run_dir)]
+    assert participants[0] == participants[1] and len(participants[0]) == 3
+    # The secret is in the checkpoints (owner-only) and nowhere else in the run directory.
+    forms = [str(secret).encode(), f'{secret:x}'.encode(), f'{secret:X}'.encode()]
+    found = {}
+    for root, _, files in os.walk(run_dir):
+      for name in files:
+        path = os.path.join(root, name)
+        with open(path, 'rb') as f:
+          data = f.read()
+        if any(form in data for form in forms):
+          found[os.path.relpath(path, run_dir)] = os.stat(path).st_mode & 0o777
+    assert found and all(p.startswith('checkpoints' + os.sep) for p in found), found
+    assert set(found.values()) == {0o600}
+
+  def test_run_directory_is_owner_only(self, uninterrupted):
+    modes = {}
+    for root, dirs, files in os.walk(uninterrupted.run_dir):
+      for name in dirs + files:
+        path = os.path.join(root, name)
+        modes[os.path.relpath(path, uninterrupted.run_dir)] = os.stat(path).st_mode & 0o077
+    assert modes and not any(modes.values()), {p: oct(m) for p, m in modes.items() if m}
 
   def test_lost_release_after_checkpoint_is_redone_once(self, tmp_path):
     """A kill between the checkpoint and the audit append: resume writes the record once."""
     run_dir = str(tmp_path / 'lost')
-    program.run(smoke_config(), run_dir, stop_after_rounds=2)
+    program.run(smoke_config(), run_dir, stop_after_rounds=1)
     path = os.path.join(run_dir, 'audit_log.jsonl')
+    # The keyed log's anchor moves with each append; a real kill before round 2's append leaves
+    # it at round 1, so the torn round-2 record below is restored with the anchor of round 1.
+    anchor = audit_lib.anchor_path(audit_lib.load_key(), path)
+    with open(anchor, 'rb') as f:
+      anchor_after_round_1 = f.read()
+    program.run(smoke_config(), run_dir, stop_after_rounds=1)
     with open(path) as f:
       lines = f.readlines()
     with open(path, 'w') as f:
       f.writelines(lines[:1])
       f.write(lines[1][:25])  # Torn write of round 2's record.
+    with open(anchor, 'wb') as f:
+      f.write(anchor_after_round_1)
     program.run(smoke_config(), run_dir, stop_after_rounds=1)
     verified = audit_lib.verify_chain(path)
     assert verified.ok and verified.records == 3, verified

@@ -104,9 +104,10 @@ class TestBundle:
       header = reader.fieldnames
     assert 'round_seconds' in source[0]  # The synthetic run has per-round timing ...
     assert 'round_seconds' not in header  # ... the bundle does not.
-    assert bundle.dropped_columns == ('round_seconds',)
+    # The exact Poisson sample size is not accounted: only the expected one (ledger) is public.
+    assert bundle.dropped_columns == ('num_clients', 'round_seconds')
     assert all(run_files.is_publishable_metric(c) for c in header)
-    assert set(header) == set(source[0]) - {'round_seconds'}
+    assert set(header) == set(source[0]) - {'round_seconds', 'num_clients'}
     assert [{c: r[c] for c in header} for r in source] == published
 
   def test_columns_off_the_allowlist_are_dropped_and_listed(self, run, tmp_path):
@@ -121,8 +122,8 @@ class TestBundle:
       writer.writeheader()
       writer.writerows(rows)
     result = release.assemble(run, str(tmp_path / 'out'))
-    assert result.dropped_columns == ('round_seconds', 'train/accuracy', 'site_note',
-                                      'eval_wall/seconds')
+    assert result.dropped_columns == ('num_clients', 'round_seconds', 'train/accuracy',
+                                      'site_note', 'eval_wall/seconds')
     with open(os.path.join(result.output, run_files.METRICS_FILE), newline='') as f:
       assert not set(next(csv.reader(f))) & set(result.dropped_columns)
 
@@ -165,7 +166,8 @@ class TestBundle:
     [run] = data['runs']
     assert run['audit_latest'] == [] and run['config'] == [] and run['participation'] is None
     assert run['path'] == ''
-    assert run['series']['num_clients'] == [10, 10, 10]  # Participation as counts.
+    # Not even participation counts: a Poisson sample's size is not in the accountant.
+    assert 'num_clients' not in run['series']
     assert 'round_seconds' not in run['series']
     assert [c['id'] for c in run['compliance']] == [dashboard.BUDGET_RESPECTED,
                                                     dashboard.LEDGER_CONSISTENT,
@@ -302,7 +304,8 @@ class TestCli:
     done = self._run(f'--run_dir={run}', f'--output={output}')
     assert done.returncode == 0, done.stderr
     assert f'Wrote the publishable bundle {output}' in done.stdout
-    assert 'Left out of metrics.csv (not publishable): round_seconds' in done.stdout
+    assert ('Left out of metrics.csv (not publishable): num_clients, round_seconds'
+            in done.stdout)
     assert os.path.isfile(os.path.join(output, run_files.BUNDLE_MANIFEST_FILE))
 
   @pytest.mark.parametrize('extra, message', [

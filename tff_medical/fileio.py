@@ -1,19 +1,41 @@
 """Atomic file writes: a reader (the dashboard, an auditor, a resumed run) sees the old file or
 the new one, never half of one, and a failed write leaves no temporary file behind."""
 
+import contextlib
 import os
 import tempfile
-from typing import Union
+from typing import Iterator, Optional, Union
 
-_FILE_MODE = 0o644  # mkstemp creates 0600; run outputs are for whoever may read the run.
+
+def _current_umask() -> int:
+  mask = os.umask(0o077)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def owner_only() -> Iterator[None]:
+  """Everything created inside is owner-only (umask 077): no file is readable for a moment.
+
+  A run directory holds confidential files (participants, the sampler's secret); what may be
+  published leaves it through the release command, never by its modes.
+  """
+  previous = os.umask(0o077)
+  try:
+    yield
+  finally:
+    os.umask(previous)
 
 
 def write_atomic(path: Union[str, 'os.PathLike[str]'], data: Union[str, bytes],
-                 mode: int = _FILE_MODE) -> str:
+                 mode: Optional[int] = None) -> str:
   """Writes `data` to `path` through a synced temporary file and os.replace; returns the path.
 
-  `mode`: the file's permissions (0o600 for a secret).
+  `mode`: the file's permissions (0o600 for a secret); default: what the umask allows (0644
+  normally, 0600 inside `owner_only`).
   """
+  if mode is None:
+    mode = 0o666 & ~_current_umask()
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

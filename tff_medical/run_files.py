@@ -64,10 +64,12 @@ BUNDLE_MANIFEST_FILE = 'MANIFEST.json'
 # The metrics.csv columns that may be published: accounted values (epsilon, adaptive clip norms
 # from the noised clipped counts, released flags from the ledger), post-processing of released
 # models (update norm between two published models, evaluation of a released model on the
-# custodian's test split), and the number of clients a round as a count. Never per-round timing,
-# never anything naming a client; a column not listed here is dropped from a release.
+# custodian's test split). Never per-round timing, never anything naming a client, and not the
+# exact number of clients a round: a Poisson sample's size moves by one with a whole client and
+# is not in the accountant (the expected number is public, in the ledger). A column not listed
+# here is dropped from a release.
 PUBLISHABLE_METRIC_COLUMNS = frozenset({
-    'round', 'client_level_epsilon', 'example_level_epsilon', 'update_norm', 'num_clients',
+    'round', 'client_level_epsilon', 'example_level_epsilon', 'update_norm',
 })
 PUBLISHABLE_METRIC_PREFIXES = ('eval/', 'epsilon/', 'clip_norm/', 'released/')
 

@@ -59,6 +59,9 @@ ANCHOR_DIRNAME = 'heads'
 ALLOWED_FIELDS = frozenset({
     'time', 'round', 'participants', 'num_participants', 'categories_released', 'clip_norms',
     'update_norm', 'epsilon_spent', 'client_level_epsilon', 'model_sha256',
+    # The round's wall time depends on the sampled clients' data: kept here (confidential), never
+    # in the published metrics.
+    'round_seconds',
 })
 _KEYED_FIELDS = frozenset({'audit_version', 'key_id', 'prev_mac', 'mac'})
 _LEGACY_FIELDS = frozenset({'prev_hash', 'record_hash'})
@@ -416,6 +419,7 @@ _FIELD_CHECKS = {
     'categories_released': lambda v: _check_category_list('categories_released', v),
     'clip_norms': lambda v: _check_category_numbers('clip_norms', v),
     'update_norm': lambda v: _check_non_negative_number('update_norm', v),
+    'round_seconds': lambda v: _check_non_negative_number('round_seconds', v),
     'epsilon_spent': lambda v: _check_category_numbers('epsilon_spent', v),
     'client_level_epsilon': lambda v: _check_non_negative_number('client_level_epsilon', v),
     'model_sha256': lambda v: _check_sha256('model_sha256', v),

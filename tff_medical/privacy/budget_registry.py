@@ -57,16 +57,13 @@ _FINGERPRINT_RE = re.compile(r'[0-9a-f]{64}')
 # Versioned, so that a future change of the hashed form cannot collide with today's keys.
 _FINGERPRINT_TAG = b'tff_medical dataset fingerprint v1\n'
 _ENTRY_KEYS = ('private', 'started', 'rounds', 'accountant', 'sampling', 'spend')
+# Optional: the run's client-level rounds (one Gaussian a round over its released categories).
+_OPTIONAL_ENTRY_KEYS = ('client_level',)
 _TOP_KEYS = ('schema_version', 'dataset_fingerprint', 'runs')
 _MAX_RUN_ID = 200
 
 
-class Relation(enum.Enum):
-  """The two neighbouring relations each category's budget must hold under."""
-  # All of one client's category-c images removed; the client stays.
-  REMOVE_CATEGORY_EXAMPLES = 'remove_category_examples'
-  # A whole client, whose only images are category c, added or removed.
-  REMOVE_WHOLE_CLIENT = 'remove_whole_client'
+Relation = accounting.Relation
 
 
 RELATIONS = tuple(r.value for r in Relation)
@@ -222,7 +219,7 @@ def validate_entry(entry: Any, where: str = 'entry') -> dict[str, Any]:
   if not isinstance(entry, Mapping):
     raise PolicyError(f'{where} must be a JSON object. Found {entry!r}.')
   missing = [k for k in _ENTRY_KEYS if k not in entry]
-  unknown = sorted(str(k) for k in entry if k not in _ENTRY_KEYS)
+  unknown = sorted(str(k) for k in entry if k not in _ENTRY_KEYS + _OPTIONAL_ENTRY_KEYS)
   if missing or unknown:
     # Unknown keys are refused so that nothing else (a run directory, client ids) slips in.
     raise PolicyError(f'{where} must have exactly the keys {", ".join(_ENTRY_KEYS)}. Found '
@@ -245,7 +242,7 @@ def validate_entry(entry: Any, where: str = 'entry') -> dict[str, Any]:
     spec = SamplingSpec.from_json_dict(sampling)
     accounting.check_sampling_accountant(spec, accountant)
     sampling = spec.to_json_dict()
-  return {
+  normalized = {
       'private': private,
       'started': started,
       'rounds': int(rounds),
@@ -253,6 +250,9 @@ def validate_entry(entry: Any, where: str = 'entry') -> dict[str, Any]:
       'sampling': sampling,
       'spend': _normalize_spend(f'{where}.spend', entry['spend'], int(rounds)),
   }
+  if 'client_level' in entry:
+    normalized['client_level'] = _normalize_groups(f'{where}.client_level', entry['client_level'])
+  return normalized
 
 
 def make_entry(private: bool,
@@ -260,16 +260,20 @@ def make_entry(private: bool,
                accountant: Optional[Union[Accountant, str]],
                sampling: Optional[SamplingSpec],
                spend: Mapping[str, Mapping[str, Any]],
-               started: Optional[str] = None) -> dict[str, Any]:
+               started: Optional[str] = None,
+               client_level: Optional[list] = None) -> dict[str, Any]:
   """An entry for `BudgetRegistry.record`, validated; `started` defaults to now (UTC)."""
-  return validate_entry({
+  entry = {
       'private': private,
       'started': started if started is not None else now_iso(),
       'rounds': rounds,
       'accountant': None if accountant is None else accounting.as_accountant(accountant).value,
       'sampling': None if sampling is None else sampling.to_json_dict(),
       'spend': spend,
-  })
+  }
+  if client_level is not None:
+    entry['client_level'] = client_level
+  return validate_entry(entry)
 
 
 def _extends(old: list[list], new: list[list]) -> bool:

@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.sampling = 'poisson'
   # Privacy.
   config.dp = True
+  # dp false on real data (mednist, dicom) releases a non-private model of those images: say so
+  # here. The budget registry then refuses DP runs on the same images (nothing composes with it).
+  config.release_non_private = False
+  # Where the per-dataset budget registry lives ('' : $TFF_MEDICAL_BUDGET_REGISTRY or
+  # ~/.local/share/tff_medical/budget_registry). Keep it with the data custodian.
+  config.budget_registry_dir = ''
   config.accountant = 'rdp'
   # per_category_noise: one Gaussian per category (class_aware.ClassAwareFactory.dp);
   # shared_noise: per-category clips under one Gaussian (IDP-SGD "Scale",
@@ -143,6 +149,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'accountant must be \'rdp\' with sampling \'fixed_size\' (sampling without '
            'replacement is accounted by RDP only). Found \'pld\'.')
   _require(isinstance(config.dp, bool), f'dp must be true or false. Found {config.dp!r}.')
+  release_non_private = config.get('release_non_private', False)
+  _require(isinstance(release_non_private, bool),
+           f'release_non_private must be true or false. Found {release_non_private!r}.')
   privacy_unit = config.get('privacy_unit', 'client')
   _require(privacy_unit in PRIVACY_UNITS,
            f'privacy_unit must be one of {", ".join(PRIVACY_UNITS)}. Found {privacy_unit!r}.')

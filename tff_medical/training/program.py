@@ -3,11 +3,14 @@
 Every round is committed once, in this order, so that an interruption at any moment (kill -9
 included) loses no round and counts none twice:
   1. the round runs and the ledger records the DP events read from the aggregator state;
-  2. the whole program state (model, optimizer, aggregator, sampler, ledger, the round's audit
-     record and metrics) is saved as one checkpoint version;
-  3. only then is anything released: privacy_ledger.json, the audit record, metrics.
+  2. the whole program state (model, optimizer, aggregator, sampler and its secret, ledger, the
+     audit chain's head, the round's audit record and metrics) is saved as one checkpoint;
+  3. the spend is recorded durably: the dataset's budget registry, then the keyed audit log;
+  4. only then is anything published: privacy_ledger.json, metrics.
 A resumed run loads the newest readable checkpoint and re-releases that round's outputs where
-they are missing, so every release corresponds to exactly one checkpointed round.
+they are missing. A run whose audit log or registry shows rounds beyond its newest readable
+checkpoint (a checkpoint lost or corrupted) is refused: retraining them would release models
+whose spend the ledger could not count. Everything in a run directory is created owner-only.
 """
 
 import asyncio
@@ -25,15 +28,18 @@ import tensorflow_federated as tff
 
 from tff_medical import categories
 from tff_medical import fileio
+from tff_medical import run_files
 from tff_medical.aggregation import class_aware
 from tff_medical.data import client_data as client_data_lib
 from tff_medical.data import partition as partition_lib
 from tff_medical.data import phantoms
 from tff_medical.data import source as source_lib
 from tff_medical.errors import ConfigError
+from tff_medical.errors import PolicyError
 from tff_medical.models import cnn
 from tff_medical.monitoring import audit as audit_lib
 from tff_medical.privacy import accounting
+from tff_medical.privacy import budget_registry
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
@@ -45,12 +51,12 @@ from tff_medical.training import example_level
 from tff_medical.training import local_training
 from tff_medical.training import process as process_lib
 
-CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-METRICS_FILE = 'metrics.csv'
-AUDIT_FILE = 'audit_log.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
-MANIFEST_FILE = 'partition_manifest.json'
+CHECKPOINT_DIR = run_files.CHECKPOINT_DIR
+CONFIG_FILE = run_files.CONFIG_FILE
+METRICS_FILE = run_files.METRICS_FILE
+AUDIT_FILE = run_files.AUDIT_FILE
+TENSORBOARD_DIR = run_files.TENSORBOARD_DIR
+MANIFEST_FILE = run_files.MANIFEST_FILE
 # The settings a resumed run must share with the run it continues.
 _FINGERPRINT_SECTIONS = ('policy', 'sampling', 'dataset', 'partition', 'privacy', 'model')
 
@@ -111,19 +117,38 @@ class _Plan:
     return json.dumps(value, sort_keys=True)
 
 
-def _calibrate(config, policy, sampling_spec) -> _Plan:
+def _calibrate(config, policy, sampling_spec,
+               earlier: Optional[ledger_lib.EarlierRuns] = None) -> _Plan:
   if not config.dp:
     return _Plan(None, None)
-  noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
-                                              config.accountant)
+  spent_before = None
+  if earlier is not None and earlier.runs:
+    spent_before = {c: {r: earlier.events(c, r) for r in accounting.Relation}
+                    for c in categories.CATEGORY_IDS}
   # Shared noise: one clipped count, so one count stddev for every category's split.
   splits_fn = (shared_noise.shared_noise_splits if _dp_mechanism(config) == 'shared_noise' else
                accounting.category_splits)
-  splits = splits_fn(
-      noise, sampling_spec.expected_clients_per_round,
-      max_value_noise_inflation=config.clip.max_value_noise_inflation,
-      max_count_noise_fraction=config.clip.max_count_noise_fraction)
+  try:
+    noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
+                                                config.accountant, spent_before)
+    splits = splits_fn(
+        noise, sampling_spec.expected_clients_per_round,
+        max_value_noise_inflation=config.clip.max_value_noise_inflation,
+        max_count_noise_fraction=config.clip.max_count_noise_fraction)
+  except PolicyError as e:
+    if not spent_before:
+      raise
+    raise ConfigError(f'{e} Earlier runs on the same data ({len(earlier.runs)}) leave too little '
+                      f'of the policy for {config.total_rounds} more rounds: '
+                      f'{_earlier_spend_summary(policy, sampling_spec, config, earlier)}.') from None
   return _Plan(noise, {c: s.to_json_dict() for c, s in splits.items()})
+
+
+def _earlier_spend_summary(policy, sampling_spec, config, earlier) -> str:
+  ledger = ledger_lib.PrivacyLedger(policy, {c: 1.0 for c in categories.CATEGORY_IDS},
+                                    sampling_spec, config.accountant, earlier=earlier)
+  return ', '.join(f'{c} {ledger.epsilon_spent(c):.4g} of {policy.budget(c).epsilon:g}'
+                   for c in categories.CATEGORY_IDS)
 
 
 def _dp_mechanism(config) -> str:
@@ -181,6 +206,13 @@ class _CheckpointStore:
     self._root = root
     self._manager = tff.program.FileProgramStateManager(root, prefix='round_',
                                                         keep_total=keep_total)
+    # A process killed while saving leaves round_N_tempNNNN behind (TFF renames it into place
+    # only when complete): never a version, only disk.
+    if os.path.isdir(root):
+      import shutil  # pylint: disable=g-import-not-at-top
+      for name in os.listdir(root):
+        if name.startswith('round_') and '_temp' in name:
+          shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
   def load_latest(self, structure) -> tuple[Optional[Any], int]:
     versions = asyncio.run(self._manager.get_versions()) or []
@@ -214,6 +246,32 @@ def run(config, run_dir: str, *, progress: bool = False,
 
   `stop_after_rounds` ends this invocation after that many new rounds (for tests of resume).
   """
+  with fileio.owner_only():
+    return _run(config, run_dir, progress=progress, on_round=on_round,
+                stop_after_rounds=stop_after_rounds)
+
+
+def _run_id(run_dir: str) -> str:
+  """The run's id in the budget registry: kept in config.json, new for a new run directory."""
+  try:
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+      run_id = json.load(f).get('run_id')
+  except (OSError, ValueError, AttributeError):
+    run_id = None
+  import secrets  # pylint: disable=g-import-not-at-top
+  return run_id if isinstance(run_id, str) and run_id else secrets.token_hex(16)
+
+
+def _registry(config, images) -> Optional[budget_registry.BudgetRegistry]:
+  """The budget registry of real data; None for the synthetic phantoms (nobody to protect)."""
+  if config.dataset == 'phantoms':
+    return None
+  return budget_registry.BudgetRegistry(
+      config.get('budget_registry_dir') or budget_registry.default_registry_dir(),
+      budget_registry.dataset_fingerprint(images.images, images.labels))
+
+
+def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -> RunResult:
   config_lib.validate(config)
   os.makedirs(run_dir, exist_ok=True)
   policy = policy_lib.load_policy(config.policy or policy_lib.DEFAULT_POLICY_PATH)
@@ -227,6 +285,21 @@ def run(config, run_dir: str, *, progress: bool = False,
                                             config.clients_per_round)
   fingerprint = _fingerprint(config, policy, sampling_spec, partition)
   example = example_level.is_example(config)
+  run_id = _run_id(run_dir)
+  registry = None if example else _registry(config, images)
+  earlier = None
+  registered = None
+  if registry is not None:
+    registered = registry.entry(run_id)
+    if not config.dp and not config.get('release_non_private', False):
+      raise ConfigError(
+          f'release_non_private must be true to train without DP on {config.dataset} data: the '
+          'model would be a non-private release of these images, and the budget registry would '
+          'then refuse any DP run on them (no guarantee composes with it). Found false.')
+    try:
+      earlier = (ledger_lib.EarlierRuns(registry.earlier(run_id)) if config.dp else None)
+    except PolicyError as e:
+      raise ConfigError(f'Cannot train with DP on this data: {e} Its guarantee is void.') from None
   if example:
     fingerprint['privacy']['privacy_unit'] = 'example'
     # update_l2_bound is for the cross-silo secure sum only (and runs from before it resume).
@@ -235,7 +308,7 @@ def run(config, run_dir: str, *, progress: bool = False,
     plan = _Plan(None, None, example_level.calibrate(config, policy, images.labels, partition,
                                                      sampling_spec))
   else:
-    plan = _calibrate(config, policy, sampling_spec)
+    plan = _calibrate(config, policy, sampling_spec, earlier)
 
   test_data = client_data_lib.central_dataset(images, partition.test_indices)
   clip = class_aware.AdaptiveClipSettings(config.clip.initial_l2_norm_clip,
@@ -263,23 +336,39 @@ def run(config, run_dir: str, *, progress: bool = False,
   if example:
     trainer = dp_sgd.DPSGDTrainer(lambda: build_keras_model(config), config.client.learning_rate,
                                   config.example_dp.local_steps)
-  sampler = sampling_lib.make_sampler(sampling_spec, config.seed)
-  ledger = (ledger_lib.PrivacyLedger(policy, plan.noise_multipliers, sampling_spec,
-                                     config.accountant, _dp_mechanism(config))
-            if config.dp and not example else None)
+  # The sample is drawn from a secret, never config.seed: amplification needs a secret sample.
+  sampler = sampling_lib.make_sampler(sampling_spec, sampling_lib.new_secret())
+
+  def new_ledger(run_plan: _Plan, state=None):
+    whole_client = {c: accounting.AdaptiveClipSplit.from_json_dict(s).whole_client_noise_multiplier
+                    for c, s in run_plan.splits.items()}
+    if state is not None:
+      return ledger_lib.PrivacyLedger.from_state(
+          state, policy, sampling=sampling_spec, accountant=config.accountant,
+          noise_mechanism=_dp_mechanism(config), earlier=earlier)
+    return ledger_lib.PrivacyLedger(policy, run_plan.noise_multipliers, sampling_spec,
+                                    config.accountant, _dp_mechanism(config), whole_client,
+                                    earlier)
+
+  ledger = new_ledger(plan) if config.dp and not example else None
   if example:
     ledger = example_level.RunLedger(policy, plan.example, config.example_dp.local_steps,
                                      config.accountant, sampling_spec)
   store = _CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR), config.checkpoints_to_keep)
 
-  def program_state(state, round_num, round_record):
+  audit = audit_lib.AuditLog(os.path.join(run_dir, AUDIT_FILE))
+  audit.repair_partial_tail()  # A record torn by a kill was never released: drop it.
+  audit.head()  # A missing or unsafe custodian key fails here, before any training.
+
+  def program_state(state, round_num, round_record, audit_head=None):
     return collections.OrderedDict(
         learning=state, round=np.int64(round_num),
         ledger=json.dumps(ledger.state() if ledger else None),
         sampler=json.dumps(sampler.state()),
         fingerprint=json.dumps(fingerprint, sort_keys=True, default=_json_default),
         plan=plan.to_json(),
-        round_record=json.dumps(round_record, default=_json_default))
+        round_record=json.dumps(round_record, default=_json_default),
+        audit_head=json.dumps(audit_head))
 
   state = learning_process.initialize()
   restored, round_num = store.load_latest(program_state(state, 0, {}))
@@ -302,25 +391,49 @@ def run(config, run_dir: str, *, progress: bool = False,
     round_num = int(restored['round'])
     sampler = sampling_lib.sampler_from_state(json.loads(_decode(restored['sampler'])),
                                               sampling_spec)
-    if example:
-      ledger = example_level.RunLedger(policy, plan.example, config.example_dp.local_steps,
-                                       config.accountant, sampling_spec,
-                                       state=json.loads(_decode(restored['ledger'])))
-    elif ledger is not None:
-      ledger = ledger_lib.PrivacyLedger.from_state(
-          json.loads(_decode(restored['ledger'])), policy, sampling=sampling_spec,
-          accountant=config.accountant, noise_mechanism=_dp_mechanism(config))
+    try:
+      if example:
+        ledger = example_level.RunLedger(policy, plan.example, config.example_dp.local_steps,
+                                         config.accountant, sampling_spec,
+                                         state=json.loads(_decode(restored['ledger'])))
+      elif ledger is not None:
+        ledger = new_ledger(plan, json.loads(_decode(restored['ledger'])))
+    except PolicyError as e:
+      raise ConfigError(f'Cannot resume the run in {run_dir}: {e}') from None
     last_record = json.loads(_decode(restored['round_record']))
     logging.info('Resuming %s after round %d.', run_dir, round_num)
+  released_rounds = max(audit.last_round() or 0, registered['rounds'] if registered else 0)
+  if released_rounds > round_num:
+    raise ConfigError(
+        f'Cannot resume the run in {run_dir}: round {released_rounds} was released (audit log'
+        f'{" and budget registry" if registered else ""}), but the newest readable checkpoint is '
+        f'{"round " + str(round_num) if round_num else "missing"}. Retraining would release new '
+        'models whose privacy spend the ledger could not count. The released rounds stand (their '
+        'spend stays recorded); start a new run with a new --experiment_name.')
+  if restored is not None:
+    audit_lib.require_intact(run_dir, expected_head=json.loads(_decode(restored['audit_head'])),
+                             pending_record=last_record.get('audit'))
   else:
     partition.save_manifest(os.path.join(run_dir, MANIFEST_FILE))
 
   _write_json_atomic(os.path.join(run_dir, CONFIG_FILE), {
       'config': json.loads(config.to_json_best_effort()), 'plan': dataclasses.asdict(plan),
       'data_report': images.report.summary(), 'num_clients': partition.num_clients,
-      'sampling': sampling_spec.to_json_dict()})
+      'sampling': sampling_spec.to_json_dict(), 'run_id': run_id})
+  started = registered['started'] if registered else budget_registry.now_iso()
 
-  audit = audit_lib.AuditLog(os.path.join(run_dir, AUDIT_FILE))
+  def record_spend(round_count: int) -> None:
+    """The run's spend so far into the dataset's registry, durably, before any release."""
+    if registry is None:
+      return
+    groups = ledger.spend_groups() if ledger is not None else {'spend': {}, 'client_level': []}
+    registry.record(run_id, budget_registry.make_entry(
+        ledger is not None, round_count, config.accountant if ledger else None,
+        sampling_spec if ledger else None, groups['spend'], started=started,
+        client_level=groups['client_level']))
+
+  if registry is not None and registered is None:
+    record_spend(0)  # The run is known to the registry before its first release.
   csv_release = tff.program.CSVFileReleaseManager(os.path.join(run_dir, METRICS_FILE),
                                                   key_fieldname='round')
   tensorboard_release = tff.program.TensorBoardReleaseManager(
@@ -328,11 +441,16 @@ def run(config, run_dir: str, *, progress: bool = False,
   keras_model = build_keras_model(config)
 
   def release(record: dict) -> None:
-    """Publishes a checkpointed round's outputs; repeating it for the same round is harmless."""
-    if ledger is not None:
-      ledger.save(run_dir)
+    """Publishes a checkpointed round's outputs; repeating it for the same round is harmless.
+
+    The spend goes first to the registry and the keyed audit log (durable, append-only), then
+    the published files.
+    """
+    record_spend(record['round'])
     if record.get("audit") and (audit.last_round() or 0) < record["round"]:
       audit.append(record['audit'])
+    if ledger is not None:
+      ledger.save(run_dir)
     metrics = record['metrics']
     asyncio.run(csv_release.release(metrics, key=record['round']))
     asyncio.run(tensorboard_release.release(
@@ -341,7 +459,6 @@ def run(config, run_dir: str, *, progress: bool = False,
     if on_round is not None:
       on_round(record)
 
-  audit.repair_partial_tail()
   if last_record:
     release(last_record)
 
@@ -362,7 +479,7 @@ def run(config, run_dir: str, *, progress: bool = False,
         stop_reason = 'budget_exhausted'
         break
       round_num += 1
-      started = time.monotonic()
+      round_started = time.monotonic()
       state = state._replace(
           aggregator=class_aware.with_released_categories(
               state.aggregator,
@@ -394,12 +511,14 @@ def run(config, run_dir: str, *, progress: bool = False,
       output = learning_process.next(
           state, [process_lib.as_sub_update_structs(o.sub_updates) for o in client_outputs])
       state = output.state
-      metrics = {'round': round_num, 'round_seconds': time.monotonic() - started,
-                 'num_clients': len(client_ids),
+      round_seconds = time.monotonic() - round_started
+      # metrics.csv may be published: no timing, no exact sample size (both confidential).
+      metrics = {'round': round_num,
                  'update_norm': _update_norm(before, state.global_model_weights)}
       audit_record = {
           'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
           'round': round_num, 'participants': client_ids, 'num_participants': len(client_ids),
+          'round_seconds': round_seconds,
           'categories_released': list(released), 'update_norm': metrics['update_norm'],
           'model_sha256': audit_lib.model_weights_sha256(
               _weights_list(state.global_model_weights)),
@@ -436,11 +555,11 @@ def run(config, run_dir: str, *, progress: bool = False,
         metrics.update({f'eval/{k}': v for k, v in result.items() if k != 'confusion_matrix'})
         metrics['eval/confusion_matrix'] = json.dumps(result['confusion_matrix'])
       record = {'round': round_num, 'audit': audit_record, 'metrics': metrics}
-      store.save(program_state(state, round_num, record), round_num)
+      store.save(program_state(state, round_num, record, audit.head()), round_num)
       release(record)
       rounds_this_call += 1
       if bar is not None:
-        bar.set_postfix(round_s=f'{metrics["round_seconds"]:.1f}')
+        bar.set_postfix(round_s=f'{round_seconds:.1f}')
         bar.update(1)
   finally:
     if bar is not None:
@@ -454,8 +573,8 @@ def run(config, run_dir: str, *, progress: bool = False,
                    evaluation=final, ledger=ledger, keras_model=keras_model, policy=policy)
 
 
-SAVED_MODEL_DIR = 'saved_model'
-MODEL_CARD_FILE = 'model_card.json'
+SAVED_MODEL_DIR = run_files.SAVED_MODEL_DIR
+MODEL_CARD_FILE = run_files.MODEL_CARD_FILE
 
 
 def export(result: RunResult) -> str:
@@ -463,6 +582,11 @@ def export(result: RunResult) -> str:
 
   A previous export of the same run is replaced: it is always regenerated from the checkpoint.
   """
+  with fileio.owner_only():
+    return _export(result)
+
+
+def _export(result: RunResult) -> str:
   # pylint: disable=g-import-not-at-top
   import shutil
   from tff_medical.export import saved_model
@@ -471,11 +595,15 @@ def export(result: RunResult) -> str:
   ledger_json = result.ledger.to_json_dict() if result.ledger is not None else None
   with open(os.path.join(result.run_dir, CONFIG_FILE)) as f:
     data_source = json.load(f)['config']['dataset']
+  confusion = result.evaluation.get('confusion_matrix') or [[0]] * categories.NUM_CATEGORIES
   card = dict(data_source=data_source, rounds=result.rounds_completed,
               # NaN: not measured (a cross-silo coordinator without its own evaluation set).
               accuracy_per_category={c: (result.evaluation[f'accuracy/{c}'] if np.isfinite(
                   result.evaluation[f'accuracy/{c}']) else None)
-                                     for c in categories.CATEGORY_IDS})
+                                     for c in categories.CATEGORY_IDS},
+              eval_counts_per_category={c: int(sum(row))
+                                        for c, row in zip(categories.CATEGORY_IDS, confusion)},
+              **saved_model.describe_model(result.keras_model))
   if os.path.exists(export_dir):
     shutil.rmtree(export_dir)
   saved_model.export_saved_model(result.keras_model, export_dir, result.policy, ledger_json,

@@ -1,0 +1,173 @@
+"""Spend is never rolled back, and a budget belongs to the data, not to one run.
+
+A released round is recorded durably (budget registry, keyed audit log) before anything computed
+from it is published; losing or corrupting checkpoints must never let those rounds be retrained
+and released uncounted. Runs on the same real images compose their spend.
+"""
+
+import glob
+import io
+import json
+import os
+import re
+import shutil
+
+import dp_accounting
+from dp_accounting import rdp
+import numpy as np
+from PIL import Image
+import pytest
+
+from tff_medical import categories
+from tff_medical.data import phantoms
+from tff_medical.errors import ConfigError
+from tff_medical.privacy import budget_registry
+from tff_medical.training import program
+
+from test_program import smoke_config  # pylint: disable=g-bad-import-order
+
+
+def _tree_digest(run_dir):
+  """Every published file's bytes (the release surface), to prove a refused rerun wrote nothing."""
+  found = {}
+  for name in ('privacy_ledger.json', 'metrics.csv', 'audit_log.jsonl'):
+    path = os.path.join(run_dir, name)
+    with open(path, 'rb') as f:
+      found[name] = f.read()
+  return found
+
+
+@pytest.fixture(scope='module')
+def finished_and_interrupted(tmp_path_factory):
+  root = tmp_path_factory.mktemp('durability')
+  finished = str(root / 'finished')
+  result = program.run(smoke_config(), finished)
+  assert result.rounds_completed == 4
+  interrupted = str(root / 'interrupted')
+  assert program.run(smoke_config(), interrupted, stop_after_rounds=3).rounds_completed == 3
+  return {'finished': finished, 'interrupted': interrupted}
+
+
+def _versions(run_dir):
+  return sorted(glob.glob(os.path.join(run_dir, 'checkpoints', 'round_*')),
+                key=lambda p: int(p.rsplit('_', 1)[1]))
+
+
+def _delete_newest(run_dir):
+  shutil.rmtree(_versions(run_dir)[-1])
+
+
+def _delete_all(run_dir):
+  shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
+
+
+def _truncate_newest(run_dir):
+  for path in glob.glob(os.path.join(_versions(run_dir)[-1], '**', '*'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize('which', ['finished', 'interrupted'])
+@pytest.mark.parametrize('damage', [_delete_newest, _delete_all, _truncate_newest],
+                         ids=['newest_deleted', 'all_deleted', 'newest_truncated'])
+def test_lost_checkpoint_never_yields_an_uncounted_release(finished_and_interrupted, tmp_path,
+                                                          which, damage):
+  run_dir = str(tmp_path / which)
+  shutil.copytree(finished_and_interrupted[which], run_dir)
+  before = _tree_digest(run_dir)
+  released = json.loads(before['privacy_ledger.json'])['rounds_completed']
+  damage(run_dir)
+  with pytest.raises(ConfigError, match=f'round {released} was released .*newest readable '
+                                        'checkpoint is'):
+    program.run(smoke_config(), run_dir)
+  # Refused before training: nothing published changed (no new model, no rolled-back ledger).
+  assert _tree_digest(run_dir) == before
+  assert not os.path.exists(os.path.join(run_dir, 'saved_model'))
+
+
+# --- The budget registry: runs on the same real images compose. ----------------------------
+
+
+def _write_mednist(root, per_category, seed=0):
+  data = phantoms.generate(per_category, seed=seed)
+  for i, (image, label) in enumerate(zip(data.images, data.labels)):
+    folder = os.path.join(root, categories.CATEGORY_IDS[int(label)])
+    os.makedirs(folder, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format='PNG')
+    with open(os.path.join(folder, f'{i:06d}.png'), 'wb') as f:
+      f.write(buffer.getvalue())
+  return str(root)
+
+
+def _mednist_config(data_dir, **overrides):
+  return smoke_config(dataset='mednist', data_dir=data_dir, **overrides)
+
+
+def _ledger(run_dir):
+  with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
+    return json.load(f)
+
+
+def _independent(groups, delta):
+  """RDP composition of (z, rounds, rate) groups by a fresh dp_accounting accountant."""
+  accountant = rdp.RdpAccountant()
+  for z, n, rate in groups:
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(z)), n)
+  return accountant.get_epsilon(delta)
+
+
+def test_second_run_on_the_same_data_gets_what_is_left_and_a_third_is_refused(tmp_path):
+  data_dir = _write_mednist(tmp_path / 'MedNIST', 40)
+  first = str(tmp_path / 'first')
+  program.run(_mednist_config(data_dir), first, stop_after_rounds=1)
+  first_ledger = _ledger(first)
+  second = str(tmp_path / 'second')
+  result = program.run(_mednist_config(data_dir), second)
+  assert result.rounds_completed >= 1
+  ledger = _ledger(second)
+  assert [run['rounds'] for run in ledger['earlier_runs']] == [1]
+  rate = ledger['sampling']['rate']
+  for c in categories.CATEGORY_IDS:
+    entry = ledger['categories'][c]
+    target = entry['target_epsilon']
+    assert entry['epsilon_spent'] <= target + 1e-9
+    assert entry['epsilon_this_run'] < entry['epsilon_spent']
+    # The second run was calibrated to what the first left: more noise per round.
+    assert entry['noise_multiplier'] > first_ledger['categories'][c]['noise_multiplier']
+    for relation, figures in entry['relations'].items():
+      earlier = first_ledger['categories'][c]['relations'][relation]['rounds']
+      groups = [(z, n, rate) for z, n in earlier + figures['rounds']]
+      assert figures['epsilon'] == pytest.approx(_independent(groups, ledger['delta']),
+                                                 rel=1e-6)
+  # Every budget is now (nearly) spent across the two runs: a third run is refused up front,
+  # with the numbers, before it trains or writes a checkpoint.
+  third = str(tmp_path / 'third')
+  with pytest.raises(ConfigError, match=r'(?si)earlier runs on the same data.*HeadCT [0-9.]+ of '
+                                        r'0\.5'):
+    program.run(_mednist_config(data_dir), third)
+  assert not os.path.exists(os.path.join(third, 'checkpoints'))
+
+
+def test_non_private_run_on_real_data_needs_its_flag_and_ends_dp_on_that_data(tmp_path):
+  data_dir = _write_mednist(tmp_path / 'MedNIST', 30, seed=3)
+  with pytest.raises(ConfigError, match='release_non_private must be true'):
+    program.run(_mednist_config(data_dir, dp=False), str(tmp_path / 'refused'))
+  program.run(_mednist_config(data_dir, dp=False, release_non_private=True, total_rounds=1),
+              str(tmp_path / 'plain'))
+  with pytest.raises(ConfigError, match='non-private runs'):
+    program.run(_mednist_config(data_dir), str(tmp_path / 'private_after'))
+
+
+def test_registry_holds_no_path_and_no_client_id(tmp_path, budget_registry_dir):
+  data_dir = _write_mednist(tmp_path / 'MedNIST', 20, seed=5)
+  run_dir = str(tmp_path / 'run')
+  program.run(_mednist_config(data_dir, total_rounds=1), run_dir)
+  files = glob.glob(os.path.join(budget_registry_dir, '*.json'))
+  assert files
+  text = ''.join(open(p).read() for p in files)
+  assert str(tmp_path) not in text, text
+  assert not re.search(r'client_[0-9]', text), text
+  assert all(os.stat(p).st_mode & 0o077 == 0 for p in files)
