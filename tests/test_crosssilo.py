@@ -279,7 +279,14 @@ def test_noise_on_the_secure_sum_has_the_planned_stddev():
   want = split.value_noise_multiplier * 0.5 / 20
   got = float(np.std(result.update[0]))
   assert got == pytest.approx(want, rel=6 / np.sqrt(2 * 4000))
-  assert result.events['HeadCT'].noise_multiplier == pytest.approx(2.0, rel=1e-4)
+  removal, whole_client = result.events['HeadCT']
+  # Calibrated so that the binding relation gets z = 2; relation (a) is then at least that.
+  assert removal.noise_multiplier == pytest.approx(
+      (split.value_noise_multiplier**-2 + split.clipped_count_stddev**-2)**-0.5, rel=1e-4)
+  assert removal.noise_multiplier >= 2.0 * (1 - 1e-4)
+  # Only HeadCT was released: a whole site moves its value and its count (by 0.5) alone.
+  assert whole_client.noise_multiplier == pytest.approx(
+      (split.value_noise_multiplier**-2 + (2 * split.clipped_count_stddev)**-2)**-0.5, rel=1e-4)
   assert all(result.events[c] is None for c in categories.CATEGORY_IDS if c != 'HeadCT')
 
 

@@ -252,8 +252,12 @@ class _ClientLevel:
          for c in categories.CATEGORY_IDS}, self._clip).to_json()
     self.queries = mechanism.category_queries(mechanism.MechanismPlan.from_json(self.plan_json))
     self.states = mechanism.initial_states(self.queries)
+    whole_client = {
+        c: accounting.AdaptiveClipSplit.from_json_dict(split).whole_client_noise_multiplier
+        for c, split in self.plan.splits.items()}
     self.ledger = ledger_lib.PrivacyLedger(policy, self.plan.noise_multipliers, spec,
-                                           config.accountant)
+                                           config.accountant,
+                                           whole_client_noise_multipliers=whole_client)
 
   def fingerprint_privacy(self) -> dict[str, Any]:
     return {'dp': True, 'accountant': self._config.accountant,

@@ -350,7 +350,7 @@ class RoundResult:
 
   update: list[np.ndarray]
   states: dict[str, Any]
-  events: dict[str, Optional[Any]]  # accounting.category_event per released category
+  events: dict[str, Optional[Any]]  # accounting.CategoryRoundEvents per released category
 
 
 def noised_round(queries: Mapping[str, Any], states: Mapping[str, Any], summed: DecodedSum,
@@ -371,12 +371,15 @@ def noised_round(queries: Mapping[str, Any], states: Mapping[str, Any], summed: 
     sample_state = tf.nest.pack_sequence_as(
         template, [tf.constant(v, t.dtype) for v, t in
                    zip(list(summed.values[c]) + [summed.bits[c]], leaves)])
-    result, new_states[c], event = queries[c].get_noised_result(sample_state, states[c])
-    events[c] = accounting.category_event(event)
+    result, new_states[c], events[c] = queries[c].get_noised_result(sample_state, states[c])
     part = [float(weights[c]) * np.asarray(r, np.float32) for r in tf.nest.flatten(result)]
     update = part if update is None else [u + p for u, p in zip(update, part)]
   if update is None:
     update = [np.zeros_like(v) for v in summed.values[categories.CATEGORY_IDS[0]]]
+  # Both relations per category, as the simulation's class_aware.dp_events reports them.
+  whole_client = accounting.whole_client_events(events)
+  events = {c: None if e is None else accounting.CategoryRoundEvents(
+      accounting.category_event(e), whole_client[c]) for c, e in events.items()}
   return RoundResult(update, new_states, events)
 
 
