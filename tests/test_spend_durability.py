@@ -171,3 +171,58 @@ def test_registry_holds_no_path_and_no_client_id(tmp_path, budget_registry_dir):
   assert str(tmp_path) not in text, text
   assert not re.search(r'client_[0-9]', text), text
   assert all(os.stat(p).st_mode & 0o077 == 0 for p in files)
+
+
+# --- The keyed audit log is checked on resume. ----------------------------------------------
+
+
+def _rewrite_records(path, edit):
+  """Edits records and recomputes every plain SHA-256 link, as an attacker without the key can."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  records = edit(records)
+  with open(path, 'w') as f:
+    for record in records:
+      record['mac'] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+
+
+def _edit_middle(records):
+  records[1]['participants'] = records[1]['participants'][:1]
+  records[1]['epsilon_spent'] = {c: 0.0 for c in records[1]['epsilon_spent']}
+  return records
+
+
+def _drop_tail(records):
+  return records[:-1]
+
+
+def _lower_ledger(run_dir):
+  path = os.path.join(run_dir, 'privacy_ledger.json')
+  with open(path) as f:
+    ledger = json.load(f)
+  ledger['categories']['CXR']['epsilon_spent'] *= 0.5
+  for figures in ledger['categories']['CXR']['relations'].values():
+    figures['epsilon'] *= 0.5
+  with open(path, 'w') as f:
+    json.dump(ledger, f)
+
+
+@pytest.mark.parametrize('tamper', ['edited_and_rehashed', 'tail_deleted', 'ledger_lowered'])
+def test_resume_refuses_a_tampered_audit_log_or_ledger(finished_and_interrupted, tmp_path, tamper):
+  from tff_medical.monitoring import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  source = finished_and_interrupted['interrupted']
+  with open(os.path.join(source, 'audit_log.jsonl')) as f:
+    first = json.loads(f.readline())
+  assert first['notice'].startswith('CONFIDENTIAL') and 'sampling amplification' in first['notice']
+  run_dir = str(tmp_path / 'run')
+  shutil.copytree(source, run_dir)
+  log = os.path.join(run_dir, 'audit_log.jsonl')
+  if tamper == 'ledger_lowered':
+    _lower_ledger(run_dir)
+  else:
+    _rewrite_records(log, _edit_middle if tamper == 'edited_and_rehashed' else _drop_tail)
+  with pytest.raises(audit_lib.AuditError):
+    program.run(smoke_config(), run_dir)
+  assert not audit_lib.verify_run_dir(run_dir).ok

@@ -62,7 +62,17 @@ ALLOWED_FIELDS = frozenset({
     # The round's wall time depends on the sampled clients' data: kept here (confidential), never
     # in the published metrics.
     'round_seconds',
+    # The first record's statement of what this log is (CONFIDENTIAL_NOTICE).
+    'notice',
 })
+
+# Written into the first record of every log: the custodian keeps the participants for audit
+# controls (HIPAA 164.312(b)), and must not publish them.
+CONFIDENTIAL_NOTICE = (
+    'CONFIDENTIAL: this audit log names the clients of every round. It stays with the data '
+    'custodian (audit controls need it) and must not be published: the privacy ledger accounts '
+    'each round as a secret random sample of clients, and publishing who took part voids that '
+    'sampling amplification, so the published epsilons would no longer hold.')
 _KEYED_FIELDS = frozenset({'audit_version', 'key_id', 'prev_mac', 'mac'})
 _LEGACY_FIELDS = frozenset({'prev_hash', 'record_hash'})
 _CHAIN_FIELDS = _KEYED_FIELDS | _LEGACY_FIELDS
@@ -420,6 +430,7 @@ _FIELD_CHECKS = {
     'clip_norms': lambda v: _check_category_numbers('clip_norms', v),
     'update_norm': lambda v: _check_non_negative_number('update_norm', v),
     'round_seconds': lambda v: _check_non_negative_number('round_seconds', v),
+    'notice': lambda v: None if isinstance(v, str) else f'notice must be a string. Found {v!r}.',
     'epsilon_spent': lambda v: _check_category_numbers('epsilon_spent', v),
     'client_level_epsilon': lambda v: _check_non_negative_number('client_level_epsilon', v),
     'model_sha256': lambda v: _check_sha256('model_sha256', v),
@@ -709,6 +720,7 @@ class AuditLog:
         logging.warning('Starting a new audit chain in %s; the previous one (anchored up to '
                         'round %d) is no longer there.', self._path, anchor['round'])
       prev_mac = GENESIS_MAC
+      entry.setdefault('notice', CONFIDENTIAL_NOTICE)
     else:
       if anchor is not None:
         first = json.loads(self._first_line())

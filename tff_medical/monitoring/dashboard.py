@@ -664,6 +664,18 @@ def _series(rows: Sequence[Mapping[str, str]], columns: Sequence[str]) -> dict[s
   return out
 
 
+def _with_participants_per_round(series: dict[str, list], rows, records) -> dict[str, list]:
+  """The custodian's clients-per-round series, from the audit log (metrics.csv no longer has
+  it: the exact sample size is not published)."""
+  if 'num_clients' not in series and records:
+    by_round = {r.get('round'): r.get('num_participants', len(r.get('participants') or ()))
+                for r in records}
+    values = [by_round.get(int(float(row['round']))) for row in rows]
+    if any(v is not None for v in values):
+      series['num_clients'] = values
+  return series
+
+
 def _latest_confusion(rows: Sequence[Mapping[str, str]]) -> Optional[dict[str, Any]]:
   for row in reversed(rows):
     raw = row.get('eval/confusion_matrix')
@@ -703,7 +715,7 @@ def run_data(run_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any
       'dp': bool(config_section.get('dp', ledger_json is not None)),
       'total_rounds': config_section.get('total_rounds'),
       'rounds': [int(float(row['round'])) for row in rows],
-      'series': _series(rows, columns),
+      'series': _with_participants_per_round(_series(rows, columns), rows, records),
       'confusion': _latest_confusion(rows),
       'ledger': ledger_json if isinstance(ledger_json, Mapping) else None,
       'policy': None if policy is None else {
@@ -1271,10 +1283,12 @@ _PAGE_JS = r"""
       [{label: 'update norm', values: seriesOf(run, 'update_norm'), color: RUN_COLORS[0]}],
       {yLabel: 'L2 norm'});
     chartPanel('clients', 'Clients per round', 'Poisson sampling: the number varies around ' +
-      'the expected clients per round.' + (run.public ? ' Counts only: who took part stays ' +
-      'with the data custodian.' : ''),
+      'the expected clients per round (from the audit log).',
       [{label: 'clients', values: seriesOf(run, 'num_clients'), color: '#457b9d', bars: true}],
-      {yLabel: 'clients', yRange: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; }});
+      {yLabel: 'clients', yRange: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; },
+       emptyText: 'not published: the exact number of clients a round is not covered by the ' +
+         'accountant (a Poisson sample\'s size moves with one client); the expected number is ' +
+         'in the ledger, and who took part stays with the data custodian'});
 
     // Participation distribution (from the audit log's participants): custodian's page only.
     var part = run.participation;
