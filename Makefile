@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # TFF's C++ worker must never outlive a command (it holds stdout open and CI hangs on it).
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow test-all demo bench bench-full lock clean
+.PHONY: install test test-e2e test-slow test-all demo bench bench-full lock clean
 
 install: $(STAMP)
 
@@ -25,11 +25,15 @@ $(STAMP): requirements/lock.txt setup.py tff_medical/runtime/loopback_bind.c
 	$(PY) -c 'import tensorflow_federated, tff_medical.runtime as r; r.worker.loopback_shim_path(); r.shutdown()'
 	touch $(STAMP)
 
+# Unit and integration tests; test-e2e is the end-to-end tier (entry-point subprocesses, kill -9
+# and resume, SuperLink processes, bombs under a memory cap). Both show their slowest tests.
 test: install
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow" --durations=15 tests
 
-test-slow: install
-	$(PYTEST) -m slow tests
+test-e2e: install
+	$(PYTEST) -m slow --durations=15 tests
+
+test-slow: test-e2e
 
 test-all: install
 	$(PYTEST) tests

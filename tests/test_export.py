@@ -349,7 +349,7 @@ class TestHonestModelCard:
     assert any('clinical diagnosis' in u for u in use['out_of_scope_uses'])
     assert any('real images' in u for u in use['out_of_scope_uses'])
     assert 'never seen a real medical image' in phantom_card['limitations'][0]
-    assert 'CT_small.dcm' in phantom_card['serving_warning']
+    assert 'meaningless' in phantom_card['serving_warning']
 
   def test_limitations(self, phantom_card):
     text = '\n'.join(phantom_card['limitations'])
