@@ -1059,3 +1059,6 @@ def test_coordinator_and_three_sites_on_loopback(pki_dir, tmp_path):
     assert (run_dir / name).exists(), name
   from tff_medical.monitoring import audit  # pylint: disable=g-import-not-at-top
   assert audit.verify_run_dir(str(run_dir)).ok
+  # The sites' images trained it, whatever the coordinator evaluates on: never called synthetic.
+  card = json.loads((run_dir / 'model_card.json').read_text())
+  assert card['synthetic_training_data'] is not True and card.get('serving_warning') is None

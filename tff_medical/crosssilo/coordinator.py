@@ -511,6 +511,13 @@ def run(config, deployment: Deployment, run_dir: str, *,
     driver_factory: Tests only: a Flower Driver to use instead of starting a SuperLink.
     on_round: Called with each released round's record.
   """
+  # The run directory holds participants and state: owner-only, as the simulation's.
+  with fileio.owner_only():
+    return _run(config, deployment, run_dir, driver_factory=driver_factory, on_round=on_round)
+
+
+def _run(config, deployment: Deployment, run_dir: str, *, driver_factory, on_round
+        ) -> program.RunResult:
   config = _cross_silo_config(config, deployment)
   os.makedirs(run_dir, exist_ok=True)
   policy = policy_lib.load_policy(config.policy or policy_lib.DEFAULT_POLICY_PATH)

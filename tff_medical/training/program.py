@@ -594,7 +594,16 @@ def _export(result: RunResult) -> str:
   export_dir = os.path.join(result.run_dir, SAVED_MODEL_DIR)
   ledger_json = result.ledger.to_json_dict() if result.ledger is not None else None
   with open(os.path.join(result.run_dir, CONFIG_FILE)) as f:
-    data_source = json.load(f)['config']['dataset']
+    run_config = json.load(f)
+  data_source = run_config['config']['dataset']
+  evaluation_source = None
+  deployment = run_config.get('deployment')
+  if isinstance(deployment, dict):
+    # Cross-silo: the model learned from the sites' own images, which the coordinator never
+    # sees; config.dataset is only the coordinator's evaluation data ('none' reads as phantoms).
+    evaluation_source = (None if deployment.get('eval_dataset') in (None, 'none')
+                         else data_source)
+    data_source = None
   confusion = result.evaluation.get('confusion_matrix') or [[0]] * categories.NUM_CATEGORIES
   card = dict(data_source=data_source, rounds=result.rounds_completed,
               # NaN: not measured (a cross-silo coordinator without its own evaluation set).
@@ -603,6 +612,7 @@ def _export(result: RunResult) -> str:
                                      for c in categories.CATEGORY_IDS},
               eval_counts_per_category={c: int(sum(row))
                                         for c, row in zip(categories.CATEGORY_IDS, confusion)},
+              evaluation_data_source=evaluation_source,
               **saved_model.describe_model(result.keras_model))
   if os.path.exists(export_dir):
     shutil.rmtree(export_dir)
