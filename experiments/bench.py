@@ -28,6 +28,8 @@ from absl import logging
 import tensorflow  # pylint: disable=unused-import
 from ml_collections import config_flags
 
+from tff_medical.training import flag_parsing  # pylint: disable=g-import-not-at-top
+
 _MODE = flags.DEFINE_enum(
     'mode', 'quick', ['quick', 'full'],
     'quick: CI-sized (2 timed rounds, a reduced scaling curve, a 4-run privacy-utility check); '
@@ -122,4 +124,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=flag_parsing.parse_flags_with_usage)

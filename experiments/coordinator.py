@@ -21,6 +21,8 @@ from absl import logging
 import tensorflow  # pylint: disable=unused-import,g-import-not-at-top
 from ml_collections import config_flags
 
+from tff_medical.training import flag_parsing  # pylint: disable=g-import-not-at-top
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/crosssilo.py.', lock_config=True)
 _PKI_DIR = flags.DEFINE_string('pki_dir', None, 'Provisioning folder (experiments/provision.py).')
@@ -97,4 +99,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=flag_parsing.parse_flags_with_usage)

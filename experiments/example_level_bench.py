@@ -31,6 +31,8 @@ from absl import flags
 import tensorflow  # pylint: disable=unused-import  (before absl main, see experiments/train.py)
 from ml_collections import config_flags
 
+from tff_medical.training import flag_parsing  # pylint: disable=g-import-not-at-top
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/example_level.py',
                                           'Experiment config file.', lock_config=False)
 _OUTPUT_MD = flags.DEFINE_string('output_md', 'docs/EXAMPLE_LEVEL.md', 'Markdown report.')
@@ -286,4 +288,4 @@ on top is simulation only (refused in cross-silo).
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=flag_parsing.parse_flags_with_usage)
