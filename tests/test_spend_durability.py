@@ -226,3 +226,13 @@ def test_resume_refuses_a_tampered_audit_log_or_ledger(finished_and_interrupted,
   with pytest.raises(audit_lib.AuditError):
     program.run(smoke_config(), run_dir)
   assert not audit_lib.verify_run_dir(run_dir).ok
+
+
+def test_a_killed_save_leaves_no_temporary_checkpoint_behind(tmp_path):
+  """TFF saves round_N_tempNNNN and renames it when complete; a kill leaves the temp folder."""
+  root = tmp_path / 'checkpoints'
+  (root / 'round_3_temp4321' / 'variables').mkdir(parents=True)
+  (root / 'round_3_temp4321' / 'variables' / 'variables.index').write_bytes(b'partial')
+  (root / 'round_2').mkdir()
+  program._CheckpointStore(str(root), keep_total=3)  # pylint: disable=protected-access
+  assert sorted(os.listdir(root)) == ['round_2']

@@ -41,9 +41,12 @@ from tff_medical.privacy.sampling import SamplingSpec
 SCHEMA_VERSION = 1
 PRIVACY_UNIT = 'example'
 WHOLE_GUARANTEE = 'worst_site'
-STATEMENT = ('Per category, the guarantee of everything released is the worst site\'s: each '
-             'example is held and used by one site only, and the other sites\' updates do not '
-             'depend on it. The top-level figures are the largest over the sites.')
+STATEMENT = ('Per category c, everything released is (epsilon_c, delta)-DP with respect to adding '
+             'or removing one category-c image at one site (the privacy unit is one image). The '
+             'guarantee is the worst site\'s: each example is held and used by one site only, and '
+             'the other sites\' updates do not depend on it. The top-level figures are the '
+             'largest over the sites. Each site\'s example count n sets its sampling rate b / n and '
+             'is published here: n is treated as public.')
 CLIENT_LEDGER_FILENAME = 'privacy_ledger_client.json'
 _RATE_TOLERANCE = 1e-9
 
