@@ -153,6 +153,19 @@ class TestProgram:
     assert found and all(p.startswith('checkpoints' + os.sep) for p in found), found
     assert set(found.values()) == {0o600}
 
+  def test_custodian_dashboard_is_owner_only_even_when_built_outside_a_run(self, uninterrupted,
+                                                                          tmp_path):
+    from tff_medical.monitoring import dashboard  # pylint: disable=g-import-not-at-top
+    old_mask = os.umask(0o022)
+    try:
+      page = dashboard.build_dashboard([uninterrupted.run_dir], str(tmp_path / 'page.html'))
+      public = dashboard.build_dashboard([uninterrupted.run_dir], str(tmp_path / 'public.html'),
+                                         public=True)
+    finally:
+      os.umask(old_mask)
+    assert os.stat(page).st_mode & 0o777 == 0o600
+    assert os.stat(public).st_mode & 0o777 == 0o644
+
   def test_run_directory_is_owner_only(self, uninterrupted):
     modes = {}
     for root, dirs, files in os.walk(uninterrupted.run_dir):

@@ -843,9 +843,10 @@ def render_html(data: Mapping[str, Any]) -> str:
   return re.sub(r'@@([A-Z_]+)@@', lambda m: values[m.group(1)], _PAGE)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  # A browser reloading mid-write sees the old page or the new one, never half of one.
-  fileio.write_atomic(path, text)
+def _write_atomic(path: str, text: str, public: bool = False) -> None:
+  # A browser reloading mid-write sees the old page or the new one, never half of one. The
+  # custodian's page names participants: owner-only whatever the caller's umask.
+  fileio.write_atomic(path, text, mode=None if public else 0o600)
 
 
 def build_dashboard(run_dirs: Sequence[str],
@@ -901,7 +902,7 @@ def build_dashboard(run_dirs: Sequence[str],
                      for c in categories.CATEGORY_IDS],
       'runs': runs,
   }
-  _write_atomic(output_path, render_html(data))
+  _write_atomic(output_path, render_html(data), public)
   return output_path
 
 
