@@ -171,16 +171,22 @@ def _check_data_source(data_source: Any) -> Optional[str]:
   return data_source.strip()
 
 
-def _check_accuracy(accuracy: Any) -> dict[str, Optional[float]]:
-  if accuracy is None:
-    accuracy = {}
-  if not isinstance(accuracy, Mapping):
-    raise ExportError(f'accuracy_per_category must be a dict keyed by category id. '
-                      f'Found {type(accuracy).__name__}.')
-  unknown = [k for k in accuracy if k not in categories.LABEL_OF]
+def _category_mapping(field: str, value: Any) -> Mapping[str, Any]:
+  """`value` (None: empty) checked to be a dict keyed by category ids only."""
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping):
+    raise ExportError(f'{field} must be a dict keyed by category id. '
+                      f'Found {type(value).__name__}.')
+  unknown = [k for k in value if k not in categories.LABEL_OF]
   if unknown:
-    raise ExportError(f'accuracy_per_category keys must be category ids '
+    raise ExportError(f'{field} keys must be category ids '
                       f'({", ".join(categories.CATEGORY_IDS)}). Found {unknown!r}.')
+  return value
+
+
+def _check_accuracy(accuracy: Any) -> dict[str, Optional[float]]:
+  accuracy = _category_mapping('accuracy_per_category', accuracy)
   result = {}
   for category_id in categories.CATEGORY_IDS:
     value = accuracy.get(category_id)
@@ -357,15 +363,7 @@ def _training_data(data_source: Optional[str], num_clients: Optional[int]) -> di
 
 
 def _check_eval_counts(counts: Any) -> dict[str, Optional[int]]:
-  if counts is None:
-    counts = {}
-  if not isinstance(counts, Mapping):
-    raise ExportError(f'eval_counts_per_category must be a dict keyed by category id. '
-                      f'Found {type(counts).__name__}.')
-  unknown = [k for k in counts if k not in categories.LABEL_OF]
-  if unknown:
-    raise ExportError(f'eval_counts_per_category keys must be category ids '
-                      f'({", ".join(categories.CATEGORY_IDS)}). Found {unknown!r}.')
+  counts = _category_mapping('eval_counts_per_category', counts)
   result = {}
   for category_id in categories.CATEGORY_IDS:
     value = counts.get(category_id)
