@@ -763,6 +763,7 @@ def _tls_ready(address, credentials, timeout=5.0):
     channel.close()
 
 
+@pytest.mark.slow  # End-to-end tier: a real SuperLink process.
 def test_superlink_refuses_missing_expired_and_foreign_certificates(superlink, pki_dir,
                                                                     tmp_path):
   import grpc  # pylint: disable=g-import-not-at-top
@@ -804,6 +805,7 @@ def _create_node(address, site_folder, keys, during=None):
     connection.create_channel = original
 
 
+@pytest.mark.slow  # End-to-end tier: a real SuperLink process.
 def test_only_enrolled_node_keys_join(superlink, pki_dir, tmp_path):
   import grpc  # pylint: disable=g-import-not-at-top
   site = provisioning.site_dir(pki_dir, 'site-b')
@@ -880,6 +882,7 @@ def _keys(folder, private_from=None):
           provisioning.load_public_key(os.path.join(folder, 'auth_key.pub')))
 
 
+@pytest.mark.slow  # End-to-end tier: a real SuperLink process.
 def test_node_identity_comes_from_the_certificate_and_a_proven_key(superlink, pki_dir,
                                                                    tmp_path):
   import grpc  # pylint: disable=g-import-not-at-top
@@ -915,6 +918,7 @@ def test_node_identity_comes_from_the_certificate_and_a_proven_key(superlink, pk
   assert impostor and not any(impostor.values())
 
 
+@pytest.mark.slow  # End-to-end tier: a real SuperLink process.
 def test_driver_api_is_for_the_coordinator_only(superlink, pki_dir):
   import grpc  # pylint: disable=g-import-not-at-top
   from flwr.proto.driver_pb2_grpc import DriverStub  # pylint: disable=g-import-not-at-top

@@ -780,6 +780,7 @@ def real_run(tmp_path_factory, tff_context):
   return run_dir, seen
 
 
+@pytest.mark.slow  # End-to-end tier: a real Chromium.
 class TestBrowser:
 
   def test_the_dashboard_is_rebuilt_live_every_round(self, real_run):

@@ -12,6 +12,9 @@ import pytest
 
 from tff_medical.monitoring import audit as audit_lib
 
+# End-to-end tier (make test-e2e): entry-point subprocesses.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'experiments', 'train.py')
 SMALL = ['--config=configs/smoke.py', '--config.num_per_category=40', '--config.num_clients=100',

@@ -29,6 +29,9 @@ from tff_medical.privacy import policy as policy_lib
 from tff_medical.training import config as config_lib
 from tff_medical.training import program
 
+# End-to-end tier (make test-e2e): a 30-round training run that checks accuracy.
+pytestmark = pytest.mark.slow
+
 CHANCE = 1.0 / categories.NUM_CATEGORIES
 ROUNDS = 30
 
