@@ -10,7 +10,7 @@ setuptools.setup(
     ),
     python_requires='>=3.11,<3.12',
     packages=setuptools.find_packages(include=['tff_medical', 'tff_medical.*']),
-    package_data={'tff_medical': ['data/*.json', 'monitoring/vendor/*']},
+    package_data={'tff_medical': ['data/*.json', 'monitoring/vendor/*', 'monitoring/templates/*']},
     # Not a Python module: a shared library preloaded into TFF's C++ worker so that its gRPC
     # server listens on a private Unix socket, not a TCP port (the worker has no flag for that).
     ext_modules=[

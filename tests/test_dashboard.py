@@ -6,9 +6,11 @@ training run from file:// in Debian's Chromium, with every network path closed, 
 over the DevTools protocol on a pipe (--remote-debugging-pipe: no port, no extra package).
 """
 
+import ast
 import base64
 import csv
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -517,6 +519,22 @@ class TestBuild:
       dashboard.build_dashboard([str(tmp_path / 'nope')], str(tmp_path / 'd.html'))
     with pytest.raises(dashboard.DashboardError, match='non-empty list'):
       dashboard.build_dashboard([], str(tmp_path / 'd.html'))
+
+
+def test_page_files_are_package_data():
+  # The page's HTML/CSS/JS and the chart library are read from the package at render time: an
+  # installed package lacks any file setup.py's package_data does not list.
+  with open(os.path.join(REPO, 'setup.py')) as f:
+    call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.keyword) and
+                n.arg == 'package_data')
+  globs = ast.literal_eval(call.value)['tff_medical']
+  package = os.path.join(REPO, 'tff_medical')
+  monitoring = os.path.join(package, 'monitoring')
+  shipped = [os.path.relpath(os.path.join(root, name), package)
+             for folder in ('templates', 'vendor')
+             for root, _, names in os.walk(os.path.join(monitoring, folder)) for name in names]
+  assert any(p.startswith('monitoring/templates/') for p in shipped)
+  assert [p for p in shipped if not any(fnmatch.fnmatch(p, g) for g in globs)] == []
 
 
 class TestCli:

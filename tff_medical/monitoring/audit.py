@@ -48,7 +48,7 @@ from tff_medical import fileio
 from tff_medical import run_files
 from tff_medical.errors import TffMedicalError
 
-AUDIT_LOG_FILENAME = 'audit_log.jsonl'
+AUDIT_LOG_FILENAME = run_files.AUDIT_FILE
 AUDIT_VERSION = 2
 GENESIS_HASH = '0' * 64
 GENESIS_MAC = GENESIS_HASH
