@@ -21,6 +21,7 @@ from absl import logging
 import tensorflow  # pylint: disable=unused-import,g-import-not-at-top
 from ml_collections import config_flags
 
+from tff_medical.data import sources  # pylint: disable=g-import-not-at-top
 from tff_medical.training import flag_parsing  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,7 +39,7 @@ _JOIN_TIMEOUT = flags.DEFINE_float('join_timeout', 600.0, 'Seconds to wait for s
 _MAX_ABANDONED = flags.DEFINE_integer('max_abandoned_rounds', 3,
                                       'Stop after this many abandoned rounds in a row.')
 _EVAL_DATASET = flags.DEFINE_enum('eval_dataset', 'none',
-                                  ['none', 'phantoms', 'mednist', 'dicom'],
+                                  ['none', *sources.NAMES],
                                   "The coordinator's own evaluation data (never site data).")
 _EVAL_DATA_DIR = flags.DEFINE_string('eval_data_dir', '', 'Folder of --eval_dataset.')
 _EVAL_NUM = flags.DEFINE_integer('eval_num_per_category', 50, 'phantoms evaluation size.')

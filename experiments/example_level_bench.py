@@ -59,6 +59,7 @@ def main(argv):
   from tff_medical.training import dp_sgd
   from tff_medical.training import evaluation
   from tff_medical.training import example_level
+  from tff_medical.data import model_input
   from tff_medical.training import program
   # pylint: enable=g-import-not-at-top
 
@@ -96,7 +97,7 @@ def main(argv):
   site_data = {}
   for site_id in partition.client_ids:
     indices = partition.train_indices(site_id)
-    site_data[site_id] = (images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+    site_data[site_id] = (model_input.to_model_input(images.images[indices]),
                           images.labels[indices].astype(np.int32))
   trainer = dp_sgd.DPSGDTrainer(lambda: program.build_keras_model(config),
                                 config.client.learning_rate, config.example_dp.local_steps)

@@ -18,10 +18,12 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import tensorflow  # pylint: disable=unused-import,g-import-not-at-top
 
+from tff_medical.data import sources  # pylint: disable=g-import-not-at-top
+
 _SITE_DIR = flags.DEFINE_string('site_dir', None, "This site's folder from provisioning.")
 _COORDINATOR = flags.DEFINE_string('coordinator', '127.0.0.1:9092',
                                    "The coordinator's Fleet API address (host:port).")
-_DATASET = flags.DEFINE_enum('dataset', 'mednist', ['mednist', 'dicom', 'phantoms'],
+_DATASET = flags.DEFINE_enum('dataset', 'mednist', list(sources.NAMES),
                              'Kind of local data.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'Local data folder (mednist, dicom).')
 _NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 20, 'phantoms only.')
@@ -41,17 +43,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   # pylint: disable=g-import-not-at-top
-  import ml_collections
   from tff_medical.crosssilo import site_runtime
   from tff_medical.errors import TffMedicalError
-  from tff_medical.training import program
   # pylint: enable=g-import-not-at-top
-  if _DATASET.value != 'phantoms' and not _DATA_DIR.value:
+  source = sources.get(_DATASET.value)
+  if source.needs_data_dir and not _DATA_DIR.value:
     raise app.UsageError(f'--data_dir is required for --dataset={_DATASET.value}.')
   try:
-    images = program.load_images(ml_collections.ConfigDict({
-        'dataset': _DATASET.value, 'data_dir': _DATA_DIR.value,
-        'num_per_category': _NUM_PER_CATEGORY.value, 'seed': _SEED.value}))
+    images = source.load(data_dir=_DATA_DIR.value, num_per_category=_NUM_PER_CATEGORY.value,
+                         seed=_SEED.value)
     print(f'site: {len(images)} local images; connecting to {_COORDINATOR.value}', flush=True)
     result = site_runtime.run_site(
         _SITE_DIR.value, _COORDINATOR.value, images, site_seed=_SEED.value,

@@ -37,6 +37,7 @@ import tensorflow_federated as tff
 
 from tff_medical import categories
 from tff_medical.aggregation import class_aware
+from tff_medical.data import model_input
 from tff_medical.data import phantoms
 from tff_medical.models import cnn
 from tff_medical.privacy import accounting
@@ -133,7 +134,7 @@ def make_clients(setting: Setting) -> list[ClientArrays]:
 
 def _as_float(images: np.ndarray) -> np.ndarray:
   # What the program feeds the trainer: (n, 64, 64, 1) float32 in [0, 1].
-  return images[..., np.newaxis].astype(np.float32) / 255.0
+  return model_input.to_model_input(images)
 
 
 def local_steps(contender: Contender, clients: list[ClientArrays], setting: Setting) -> int:

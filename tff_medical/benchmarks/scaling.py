@@ -47,6 +47,7 @@ import numpy as np
 
 from tff_medical import categories
 from tff_medical.benchmarks import round_time
+from tff_medical.data import model_input
 
 IMAGES_FILE = 'images.npy'
 LABELS_FILE = 'labels.npy'
@@ -233,7 +234,7 @@ def measure_point(point: ScalingPoint, config, image_dir: str,
   def clients(sampled):
     for position in sampled:
       indices = partition.train_indices(partition.client_ids[position])
-      yield (position, images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+      yield (position, model_input.to_model_input(images[indices]),
              labels[indices])
 
   rounds = []

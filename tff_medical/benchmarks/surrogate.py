@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_medical import categories
+from tff_medical.data import model_input
 from tff_medical.models import cnn
 from tff_medical.privacy import accounting
 from tff_medical.privacy import policy as policy_lib
@@ -251,7 +252,7 @@ def one_image_clients(num_examples: int) -> tuple[np.ndarray, np.ndarray]:
 
 def as_inputs(images) -> tuple[np.ndarray, np.ndarray]:
   """float32 (n, 64, 64, 1) in [0, 1] and int32 labels of a LabeledImages."""
-  return ((images.images.astype(np.float32) / 255.0)[..., np.newaxis],
+  return (model_input.to_model_input(images.images),
           images.labels.astype(np.int32))
 
 

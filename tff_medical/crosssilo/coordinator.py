@@ -38,6 +38,7 @@ from tff_medical.crosssilo import mechanism
 from tff_medical.crosssilo import secagg
 from tff_medical.crosssilo import site_worker
 from tff_medical.crosssilo import transport
+from tff_medical.data import sources
 from tff_medical.errors import ConfigError
 from tff_medical.errors import PolicyError
 from tff_medical.errors import TffMedicalError
@@ -53,7 +54,7 @@ from tff_medical.training import example_level
 from tff_medical.training import program
 
 SUPERLINK_LOG = 'superlink.log'
-EVAL_DATASETS = ('none', 'phantoms', 'mednist', 'dicom')
+EVAL_DATASETS = ('none',) + sources.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +192,10 @@ def _eval_data(config, deployment: Deployment):
     return None
   # pylint: disable=g-import-not-at-top
   from tff_medical.data import client_data as client_data_lib
-  if deployment.eval_dataset == 'phantoms':
-    from tff_medical.data import phantoms
-    images = phantoms.generate(deployment.eval_num_per_category, seed=config.seed,
-                               stream=phantoms.TEST_STREAM)
-  else:
-    images = program.load_images(config)
+  # A generated source draws from its held-out stream, never the sites' training one.
+  images = sources.load(deployment.eval_dataset, data_dir=deployment.eval_data_dir,
+                        num_per_category=deployment.eval_num_per_category, seed=config.seed,
+                        held_out=True)
   return client_data_lib.central_dataset(images, np.arange(len(images)))
 
 

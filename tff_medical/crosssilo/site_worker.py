@@ -32,6 +32,7 @@ from tff_medical import categories
 from tff_medical import fileio
 from tff_medical.crosssilo import mechanism
 from tff_medical.crosssilo import provisioning
+from tff_medical.data import model_input
 from tff_medical.data import source as source_lib
 from tff_medical.errors import ConfigError
 from tff_medical.errors import PolicyError
@@ -254,7 +255,7 @@ class SiteWorker:
     """site_name and state_dir: example level only (the site's ledger id and its folder)."""
     if len(images) == 0:
       raise ConfigError('a site must hold at least one image. Found none.')
-    self._x = images.images[..., np.newaxis].astype(np.float32) / 255.0
+    self._x = model_input.to_model_input(images.images)
     self._y = np.asarray(images.labels, np.int32)
     self._site_seed = int(site_seed)
     self._trainers: dict[str, local_training.LocalTrainer] = {}

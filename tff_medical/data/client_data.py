@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_medical import categories
+from tff_medical.data import model_input
 from tff_medical.data import partition as partition_lib
 from tff_medical.data import source
 from tff_medical.errors import ConfigError
@@ -35,7 +36,7 @@ _DEFAULT_SHUFFLE_BUFFER = 10_000
 
 def _to_model_input(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """uint8 (..., 64, 64) -> float32 (..., 64, 64, 1) in [0, 1]; works on single and batched."""
-  return tf.expand_dims(tf.cast(x, tf.float32) / 255.0, -1), tf.cast(y, tf.int32)
+  return model_input.to_model_input(x), tf.cast(y, tf.int32)
 
 
 # A tf.function so that the map is traced once per process, not once per client (about 15 ms

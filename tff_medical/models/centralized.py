@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_medical import categories
+from tff_medical.data import model_input
 from tff_medical.data import phantoms
 from tff_medical.data import source
 from tff_medical.errors import ConfigError
@@ -48,7 +49,7 @@ class CentralizedResult:
 
 def to_model_inputs(images: np.ndarray) -> np.ndarray:
   """uint8 (N, 64, 64) to the CNN's input: float32 (N, 64, 64, 1) in [0, 1]."""
-  return (images.astype(np.float32) * (1.0 / 255.0))[..., np.newaxis]
+  return model_input.to_model_input(images)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:

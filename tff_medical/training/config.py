@@ -5,10 +5,11 @@ import math
 import ml_collections
 
 from tff_medical.data import phantoms
+from tff_medical.data import sources
 from tff_medical.errors import ConfigError
 from tff_medical.models import cnn
 
-DATASETS = ('phantoms', 'mednist', 'dicom')
+DATASETS = sources.NAMES
 PARTITIONS = ('iid', 'dirichlet')
 ACCOUNTANTS = ('rdp', 'pld')
 SAMPLINGS = ('poisson', 'fixed_size')
@@ -113,13 +114,12 @@ def _fraction(name: str, value, upper_inclusive: bool = False) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses unknown choices, out-of-range values and contradictory settings."""
-  _require(config.dataset in DATASETS,
-           f'dataset must be one of {", ".join(DATASETS)}. Found {config.dataset!r}.')
-  _require(config.dataset == 'phantoms' or bool(config.data_dir),
+  needs_data_dir = sources.get(config.dataset).needs_data_dir
+  _require(not needs_data_dir or bool(config.data_dir),
            f'data_dir must be set for dataset {config.dataset!r}. Found {config.data_dir!r}.')
-  _require(config.dataset != 'phantoms' or not config.data_dir,
-           'data_dir must be empty for dataset \'phantoms\' (the embedded data is generated). '
-           f'Found {config.data_dir!r}.')
+  _require(needs_data_dir or not config.data_dir,
+           f'data_dir must be empty for dataset {config.dataset!r} (the embedded data is '
+           f'generated). Found {config.data_dir!r}.')
   for name in ('num_per_category', 'num_clients', 'clients_per_round', 'total_rounds',
                'eval_every', 'checkpoints_to_keep'):
     _positive_int(name, config[name])

@@ -31,9 +31,11 @@ from tff_medical import fileio
 from tff_medical import run_files
 from tff_medical.aggregation import class_aware
 from tff_medical.data import client_data as client_data_lib
+from tff_medical.data import model_input
 from tff_medical.data import partition as partition_lib
 from tff_medical.data import phantoms
 from tff_medical.data import source as source_lib
+from tff_medical.data import sources
 from tff_medical.errors import ConfigError
 from tff_medical.errors import PolicyError
 from tff_medical.models import cnn
@@ -75,16 +77,9 @@ class RunResult:
 
 def load_images(config) -> source_lib.LabeledImages:
   """The configured image source, loaded whole (images are 4 KiB each)."""
-  # pylint: disable=g-import-not-at-top
-  if config.dataset == 'phantoms':
-    return phantoms.generate(config.num_per_category, seed=config.seed,
-                             difficulty=config.get('phantom_difficulty',
-                                                   phantoms.DEFAULT_DIFFICULTY))
-  if config.dataset == 'mednist':
-    from tff_medical.data import mednist
-    return mednist.load_mednist(config.data_dir)
-  from tff_medical.data import dicom
-  return dicom.load_dicom_folder(config.data_dir)
+  return sources.load(config.dataset, data_dir=config.get('data_dir', ''),
+                      num_per_category=config.get('num_per_category'),
+                      seed=config.get('seed', 0), difficulty=config.get('phantom_difficulty'))
 
 
 def build_keras_model(config) -> tf.keras.Model:
@@ -162,7 +157,7 @@ def _fingerprint(config, policy, sampling_spec, partition) -> dict[str, Any]:
       'sampling': sampling_spec.to_json_dict(),
       'dataset': {'dataset': config.dataset, 'data_dir': config.data_dir,
                   'num_per_category': config.num_per_category
-                                      if config.dataset == 'phantoms' else None},
+                                      if sources.get(config.dataset).generated else None},
       'partition': partition.fingerprint(),
       'privacy': {'dp': config.dp, 'accountant': config.accountant,
                   'clip': config.clip.to_dict()},
@@ -263,8 +258,8 @@ def _run_id(run_dir: str) -> str:
 
 
 def _registry(config, images) -> Optional[budget_registry.BudgetRegistry]:
-  """The budget registry of real data; None for the synthetic phantoms (nobody to protect)."""
-  if config.dataset == 'phantoms':
+  """The budget registry of real data; None for generated images (nobody to protect)."""
+  if sources.get(config.dataset).generated:
     return None
   return budget_registry.BudgetRegistry(
       config.get('budget_registry_dir') or budget_registry.default_registry_dir(),
@@ -498,13 +493,13 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
           if not site_released:
             continue  # Every category is exhausted at this site: it sends nothing.
           site_outputs[client_id] = trainer.train(
-              initial, images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+              initial, model_input.to_model_input(images.images[indices]),
               images.labels[indices], plan=ledger.plans[client_id], released=site_released,
               sampling_seed=ledger.sampling_seed(round_num, int(position)))
           client_outputs.append(site_outputs[client_id])
           continue
         client_outputs.append(trainer.train(
-            initial, images.images[indices][..., np.newaxis].astype(np.float32) / 255.0,
+            initial, model_input.to_model_input(images.images[indices]),
             images.labels[indices], shuffle_seed=(config.seed, round_num, int(position))))
       if example:
         client_ids = list(site_outputs)
