@@ -22,7 +22,7 @@ from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
-from tff_medical.privacy import shared_noise as calibration
+from tff_medical.privacy import shared_noise_calibration as calibration
 from tff_medical.privacy.sampling import SamplingSpec
 from tff_medical.training import config as config_lib
 

@@ -30,6 +30,7 @@ from tensorflow_federated.python.aggregators import differential_privacy
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 
 STATE_INNER = 'inner'
 STATE_RELEASED = 'released'
@@ -83,16 +84,16 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
 
   @classmethod
   def dp(cls,
-         splits: Mapping[str, accounting.AdaptiveClipSplit],
+         splits: Mapping[str, calibration.AdaptiveClipSplit],
          clip: AdaptiveClipSettings = AdaptiveClipSettings(),
          combination_weights: Optional[Mapping[str, float]] = None) -> 'ClassAwareFactory':
     """One gaussian_adaptive DP aggregator per category.
 
     Args:
       splits: Each category's split of its effective multiplier z_c (the one the accountant is
-        fed), from tff_medical.privacy.accounting (`category_splits`); all six categories, with
+        fed), from tff_medical.privacy.calibration (`category_splits`); all six categories, with
         the same expected clients per round. TFF is given the split's tff_noise_multiplier, not
-        z_c: TFF assumes count sensitivity 0.5, ours is 1 (see accounting).
+        z_c: TFF assumes count sensitivity 0.5, ours is 1 (see docs/PRIVACY.md).
       clip: Adaptive clipping settings shared by every category.
       combination_weights: Weight of each category's sub-aggregate in the combined update.
     """
@@ -102,7 +103,7 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
       raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
                         f'AdaptiveClipSplit. Found {found!r}.')
     for category_id in categories.CATEGORY_IDS:
-      if not isinstance(splits[category_id], accounting.AdaptiveClipSplit):
+      if not isinstance(splits[category_id], calibration.AdaptiveClipSplit):
         raise PolicyError(f'splits[{category_id}] must be an AdaptiveClipSplit. '
                           f'Found {splits[category_id]!r}.')
     clients = {c: splits[c].expected_clients_per_round for c in categories.CATEGORY_IDS}
@@ -123,15 +124,16 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
 
   @classmethod
   def shared_noise(cls,
-                   splits: Mapping[str, accounting.AdaptiveClipSplit],
+                   splits: Mapping[str, calibration.AdaptiveClipSplit],
                    clip: AdaptiveClipSettings = AdaptiveClipSettings(),
                    combination_weights: Optional[Mapping[str, float]] = None,
                    category_fractions: Optional[Mapping[str, float]] = None):
     """The shared-noise ("Scale") alternative to `dp`: per-category clips, one noise draw.
 
     See tff_medical.aggregation.shared_noise; splits must share one clipped_count_stddev
-    (tff_medical.privacy.shared_noise.shared_noise_splits). Returns a SharedNoiseFactory, whose
-    state the helpers of this module (with_released_categories, dp_events, ...) also read.
+    (tff_medical.privacy.shared_noise_calibration.shared_noise_splits). Returns a
+    SharedNoiseFactory, whose state the helpers of this module (with_released_categories,
+    dp_events, ...) also read.
     """
     from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
     return shared_noise.SharedNoiseFactory.from_splits(splits, clip, combination_weights,

@@ -2,8 +2,8 @@
 
 The alternative to class_aware.ClassAwareFactory.dp (one Gaussian per category), after IDP-SGD's
 "Scale" (Boenisch et al., NeurIPS 2023); the calibration and its proofs are in
-tff_medical.privacy.shared_noise. Per round, with base clip C, scale s, ratios r_c = C_c / C
-= s / (w_c z_v,c) and the released mask e_c in {0, 1}:
+tff_medical.privacy.shared_noise_calibration. Per round, with base clip C, scale s, ratios
+r_c = C_c / C = s / (w_c z_v,c) and the released mask e_c in {0, 1}:
 
   result = (sum_k sum_c e_c w_c clip(D[k,c], C_c) + N(0, (s C)**2 I)) / m
 
@@ -14,7 +14,7 @@ tff_medical.privacy.shared_noise. Per round, with base clip C, scale s, ratios r
   max_{released c} ||D[k,c]|| / r_c, i.e. a client counts as unclipped iff none of its released
   sub-updates is clipped; the per-category clips stay fixed ratios of C. The noised count
   (stddev s_n) is accounted in every category's event at sensitivity 1 (removing a client's
-  category-c examples can flip its bit; same argument and caveat as in accounting's docstring)
+  category-c examples can flip its bit; same argument and caveat as in docs/PRIVACY.md)
   and at 0.5 for a whole client (the ledger's client-level bound covers it).
 * What a round applied is recorded as the DP event of the TFF DifferentiallyPrivateFactory
   state: ComposedDpEvent([Gaussian(z_v,c) for the six categories] + [count Gaussian(2 s_n)]),
@@ -41,7 +41,8 @@ from tff_medical import categories
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
-from tff_medical.privacy import shared_noise as calibration_lib
+from tff_medical.privacy import calibration
+from tff_medical.privacy import shared_noise_calibration
 
 CATS = categories.CATEGORY_IDS
 # class_aware's readers of TFF values: shared so both factories read states the same way.
@@ -166,26 +167,26 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
                                              expected_clients_per_round)
     self._clip = clip
     # The SharedNoiseCalibration it was built from (from_splits), for the run's record.
-    self.calibration: Optional[calibration_lib.SharedNoiseCalibration] = None
+    self.calibration: Optional[shared_noise_calibration.SharedNoiseCalibration] = None
 
   @classmethod
   def from_splits(cls,
-                  splits: Mapping[str, accounting.AdaptiveClipSplit],
+                  splits: Mapping[str, calibration.AdaptiveClipSplit],
                   clip: class_aware.AdaptiveClipSettings = class_aware.AdaptiveClipSettings(),
                   combination_weights: Optional[Mapping[str, float]] = None,
                   category_fractions: Optional[Mapping[str, float]] = None
                  ) -> 'SharedNoiseFactory':
-    """The calibrated mechanism (tff_medical.privacy.shared_noise.calibrate_shared_noise).
+    """The calibrated mechanism (shared_noise_calibration.calibrate_shared_noise).
 
     Args:
       splits: {category: AdaptiveClipSplit} sharing one clipped_count_stddev and one m
-        (tff_medical.privacy.shared_noise.shared_noise_splits).
+        (tff_medical.privacy.shared_noise_calibration.shared_noise_splits).
       clip: Adaptive settings of the base clip C.
       combination_weights: w_c > 0 (default 1.0).
       category_fractions: Weights of the mean defining the scale s (default uniform).
     """
-    cal = calibration_lib.calibrate_shared_noise(splits, combination_weights,
-                                                 category_fractions)
+    cal = shared_noise_calibration.calibrate_shared_noise(splits, combination_weights,
+                                                          category_fractions)
     factory = cls(noise_scale=cal.noise_scale, clip_ratios=cal.clip_ratios,
                   combination_weights=cal.combination_weights,
                   clipped_count_stddev=cal.clipped_count_stddev,

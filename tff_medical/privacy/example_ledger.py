@@ -1,22 +1,6 @@
 """The example-level privacy ledger (privacy_unit 'example'): per site, per category.
 
-Each site runs DP-SGD on its own examples (tff_medical.training.dp_sgd). A round at a site is
-`steps` DP-SGD steps; for category c each step is PoissonSampledDpEvent(q_k, Gaussian(z_k,c)),
-q_k = b / n_k the site's example sampling rate. The site reports one event per category per
-round, SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), steps), or None for a
-frozen category; the ledger checks q against the site's sampling, keeps (z, steps) per round and
-rebuilds the epsilons through accounting.rounds_epsilon (dp_accounting), as PrivacyLedger does.
-
-Relation: add or remove one category-c example at one site. Every example is held and used by
-one site only, and the other sites' updates do not depend on it, so the guarantee of everything
-released is, per category, the worst site's: the ledger's top-level figure for c is the largest
-over the sites ('whole_guarantee': 'worst_site'). 'example_level_epsilon' is the figure for an
-example of any category (the largest over the categories).
-
-Budget enforcement as for client level, per site: before a round, a category whose next round
-(the site's local steps at the smaller of the planned and the last applied multiplier) would
-take it over its budget at that site is frozen there for good; its examples then contribute to
-no step (clip 0) and `record_round` refuses an event for it.
+What it accounts (DP-SGD steps per site, the worst-site guarantee) is in docs/PRIVACY.md.
 """
 
 import dataclasses
@@ -31,7 +15,7 @@ from tff_medical import categories
 from tff_medical import fileio
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
-from tff_medical.privacy import ledger as ledger_lib
+from tff_medical.privacy import ledger_schema as schema
 from tff_medical.privacy.accounting import Accountant
 from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
@@ -97,7 +81,7 @@ class _Site:
     values = [(zs[index], steps) for zs, steps, _ in self.history]
     if extra is not None:
       values.append(extra)
-    return ledger_lib.merge_runs(values)
+    return schema.merge_runs(values)
 
   def last_applied(self, index: int) -> Optional[float]:
     for zs, _, _ in reversed(self.history):
@@ -396,10 +380,9 @@ class ExampleLevelLedger:
 
   def save(self, run_dir: str, **kwargs) -> str:
     """Writes privacy_ledger.json atomically (kwargs: see `to_json_dict`); returns its path."""
-    from tff_medical.privacy import ledger as ledger_lib  # pylint: disable=g-import-not-at-top
     payload = self.to_json_dict(**kwargs)
     validate_example_ledger_json(payload)
-    return fileio.write_atomic(os.path.join(run_dir, ledger_lib.LEDGER_FILENAME),
+    return fileio.write_atomic(os.path.join(run_dir, schema.LEDGER_FILENAME),
                                json.dumps(payload, indent=2, allow_nan=False) + '\n')
 
   def state(self) -> dict[str, Any]:
@@ -502,7 +485,7 @@ def validate_example_ledger_json(ledger: Any) -> None:
   site's (whole_guarantee 'worst_site'), with example_level_epsilon their largest.
   """
   problems: list[str] = []
-  if not ledger_lib.check_keys('ledger', ledger, _TOP_KEYS, problems):
+  if not schema.check_keys('ledger', ledger, _TOP_KEYS, problems):
     raise PolicyError(' '.join(problems))
   if ledger['schema_version'] != SCHEMA_VERSION:
     problems.append(f'schema_version must be {SCHEMA_VERSION}. '
@@ -520,28 +503,28 @@ def validate_example_ledger_json(ledger: Any) -> None:
   if not isinstance(ledger['statement'], str) or not ledger['statement'].strip():
     problems.append('statement must be a non-empty string.')
   delta = ledger['delta']
-  if not ledger_lib.is_number(delta) or not 0 < delta < 1:
+  if not schema.is_number(delta) or not 0 < delta < 1:
     problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
   rounds = ledger['rounds_completed']
-  if not ledger_lib.is_int(rounds) or rounds < 0:
+  if not schema.is_int(rounds) or rounds < 0:
     problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
     rounds = None
   site_sampling = ledger['sampling']
-  if ledger_lib.check_keys('sampling', site_sampling, ledger_lib.SAMPLING_KEYS, problems):
+  if schema.check_keys('sampling', site_sampling, schema.SAMPLING_KEYS, problems):
     n, m = site_sampling['total_clients'], site_sampling['expected_clients_per_round']
     if isinstance(ledger['sites'], Mapping) and n != len(ledger['sites']):
       problems.append(f'sampling.total_clients must be the number of sites '
                       f'({len(ledger["sites"])}). Found {n!r}.')
     rate = site_sampling['rate']
-    if not (ledger_lib.is_int(m) and ledger_lib.is_int(n) and 1 <= m <= n) or not (
-        ledger_lib.is_number(rate) and math.isclose(rate, m / n, rel_tol=_TOLERANCE)):
+    if not (schema.is_int(m) and schema.is_int(n) and 1 <= m <= n) or not (
+        schema.is_number(rate) and math.isclose(rate, m / n, rel_tol=_TOLERANCE)):
       problems.append(f'sampling must have integers 1 <= m <= N and rate m / N. '
                       f'Found {site_sampling!r}.')
-  if not ledger_lib.is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
+  if not schema.is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
     problems.append(f'local_steps_per_round must be a positive integer. '
                     f'Found {ledger["local_steps_per_round"]!r}.')
   client = ledger['client_level_epsilon']
-  if client is not None and (not ledger_lib.is_number(client) or client < 0):
+  if client is not None and (not schema.is_number(client) or client < 0):
     problems.append(f'client_level_epsilon must be null or a non-negative number. '
                     f'Found {client!r}.')
   if (client is None) != (ledger['client_level_ledger'] is None):
@@ -555,26 +538,26 @@ def validate_example_ledger_json(ledger: Any) -> None:
   per_category: dict[str, list] = {c: [] for c in categories.CATEGORY_IDS}
   for site_id, site in sites.items():
     where = f'sites.{site_id}'
-    if not ledger_lib.check_keys(where, site, _SITE_KEYS, problems):
+    if not schema.check_keys(where, site, _SITE_KEYS, problems):
       continue
     sampling = site['sampling']
-    if ledger_lib.check_keys(f'{where}.sampling', sampling, ledger_lib.SAMPLING_KEYS, problems):
+    if schema.check_keys(f'{where}.sampling', sampling, schema.SAMPLING_KEYS, problems):
       n, b = sampling['total_clients'], sampling['expected_clients_per_round']
       if sampling['method'] != 'poisson':
         problems.append(f'{where}.sampling.method must be poisson. Found {sampling["method"]!r}.')
-      if not (ledger_lib.is_int(n) and ledger_lib.is_int(b) and 1 <= b <= n):
+      if not (schema.is_int(n) and schema.is_int(b) and 1 <= b <= n):
         problems.append(f'{where}.sampling examples and batch must be integers with 1 <= b <= '
                         f'n. Found n={n!r}, b={b!r}.')
-      elif not ledger_lib.is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
+      elif not schema.is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
                                                                 rel_tol=_TOLERANCE):
         problems.append(f'{where}.sampling.rate must be {b / n!r}. Found {sampling["rate"]!r}.')
     site_rounds, steps = site['rounds_participated'], site['steps_completed']
-    if not ledger_lib.is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
+    if not schema.is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
                                                        site_rounds > rounds):
       problems.append(f'{where}.rounds_participated must be in 0..rounds_completed. '
                       f'Found {site_rounds!r}.')
       site_rounds = None
-    if not ledger_lib.is_int(steps) or steps < 0:
+    if not schema.is_int(steps) or steps < 0:
       problems.append(f'{where}.steps_completed must be a non-negative integer. Found {steps!r}.')
       steps = None
     entries = site['categories']
@@ -583,31 +566,31 @@ def validate_example_ledger_json(ledger: Any) -> None:
       continue
     for c, entry in entries.items():
       cw = f'{where}.categories.{c}'
-      if not ledger_lib.check_keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
+      if not schema.check_keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
         continue
       per_category[c].append(entry)
       for key in ('target_epsilon', 'noise_multiplier'):
-        if not ledger_lib.is_number(entry[key]) or entry[key] <= 0:
+        if not schema.is_number(entry[key]) or entry[key] <= 0:
           problems.append(f'{cw}.{key} must be a positive number. Found {entry[key]!r}.')
       if entry['status'] not in ('active', 'exhausted'):
         problems.append(f'{cw}.status must be active or exhausted. Found {entry["status"]!r}.')
       released, steps_released = entry['rounds_released'], entry['steps_released']
-      if not ledger_lib.is_int(released) or released < 0 or (site_rounds is not None and
+      if not schema.is_int(released) or released < 0 or (site_rounds is not None and
                                                    released > site_rounds):
         problems.append(f'{cw}.rounds_released must be in 0..rounds_participated. '
                         f'Found {released!r}.')
-      if not ledger_lib.is_int(steps_released) or steps_released < 0 or (steps is not None and
+      if not schema.is_int(steps_released) or steps_released < 0 or (steps is not None and
                                                                steps_released > steps):
         problems.append(f'{cw}.steps_released must be in 0..steps_completed. '
                         f'Found {steps_released!r}.')
       spent = entry['epsilon_spent']
-      if not ledger_lib.is_number(spent) or spent < 0:
+      if not schema.is_number(spent) or spent < 0:
         problems.append(f'{cw}.epsilon_spent must be a non-negative number. Found {spent!r}.')
         continue
       if (steps_released == 0) != (spent == 0):
         problems.append(f'{cw}.epsilon_spent must be 0 exactly when no step was released. '
                         f'Found {spent!r} after {steps_released!r} steps.')
-      if ledger_lib.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+      if schema.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
         problems.append(f'{cw}.epsilon_spent must not exceed target_epsilon '
                         f'({entry["target_epsilon"]!r}). Found {spent!r}.')
 
@@ -618,7 +601,7 @@ def validate_example_ledger_json(ledger: Any) -> None:
   largest = 0.0
   for c, entry in whole.items():
     where = f'categories.{c}'
-    if not ledger_lib.check_keys(where, entry, ledger_lib.CATEGORY_KEYS_V1, problems):
+    if not schema.check_keys(where, entry, schema.CATEGORY_KEYS_V1, problems):
       continue
     if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
       problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
@@ -626,8 +609,8 @@ def validate_example_ledger_json(ledger: Any) -> None:
     if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
       problems.append(f'{where}.display_name must be a non-empty string.')
     spent = entry['epsilon_spent']
-    site_entries = [e for e in per_category[c] if ledger_lib.is_number(e.get('epsilon_spent'))]
-    if not ledger_lib.is_number(spent):
+    site_entries = [e for e in per_category[c] if schema.is_number(e.get('epsilon_spent'))]
+    if not schema.is_number(spent):
       problems.append(f'{where}.epsilon_spent must be a number. Found {spent!r}.')
       continue
     largest = max(largest, spent)
@@ -640,10 +623,10 @@ def validate_example_ledger_json(ledger: Any) -> None:
       if entry['status'] != ('exhausted' if all_exhausted else 'active'):
         problems.append(f'{where}.status must be exhausted exactly when every site has it '
                         f'exhausted. Found {entry["status"]!r}.')
-    if ledger_lib.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
+    if schema.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
       problems.append(f'{where}.epsilon_spent must not exceed target_epsilon. Found {spent!r}.')
   example = ledger['example_level_epsilon']
-  if not ledger_lib.is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
+  if not schema.is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
                                                  abs_tol=1e-15):
     problems.append(f'example_level_epsilon must be the largest category figure ({largest!r}). '
                     f'Found {example!r}.')

@@ -1,28 +1,7 @@
-"""The privacy ledger: what each category has actually spent, round by round.
+"""The client-level privacy ledger: what each category has spent, round by round.
 
-The caller feeds, after each round, one GaussianDpEvent per released category: the true
-per-category mechanism (class_aware.dp_events, which converts TFF's recorded event with
-accounting.category_event). TFF's own event assumes the clipped count's sensitivity of a whole
-client and would understate the per-category spend, so anything but a single Gaussian is refused.
-The ledger keeps each category's effective noise multiplier per round, so its state is plain
-JSON, and rebuilds the DpEvents from it:
-
-* category c's epsilon: its released rounds, each round_event(Gaussian(z_c,t), sampling);
-* client-level epsilon: per round one sampled event over the composition of every released
-  category (one client sample covers all categories, so they are one Gaussian per round). It is
-  built from the same per-category multipliers, which is conservative: removing a whole client
-  moves each category's clipped count by 0.5, not the 1 they are accounted at. How the
-  categories combine depends on the noise mechanism (`noise_mechanism`): independent Gaussians
-  per category (default, 'per_category_noise': 1/z**2 = sum 1/z_c**2) or one shared Gaussian
-  ('shared_noise', tff_medical.aggregation.shared_noise: 1/z = sum 1/z_c, see
-  tff_medical.privacy.shared_noise).
-
-A category whose next round would take it over its budget is frozen for good ('exhausted'): the
-caller must stop releasing its sub-aggregate, and `record_round` refuses an event for it.
-
-Order of calls per round: `releasable()` before the round (to know what to release), then
-`record_round(events)` before anything from the round is used or saved. `record_round` checks
-everything before it changes anything; if it raises, discard the round's outputs.
+Per round: `releasable()` before it, `record_round(events)` before anything from it is used or
+saved (it checks everything before changing anything). Derivation in docs/PRIVACY.md.
 """
 
 import enum
@@ -38,16 +17,24 @@ from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
-from tff_medical.privacy import shared_noise
+from tff_medical.privacy import example_ledger
+from tff_medical.privacy import shared_noise_calibration
 from tff_medical.privacy.accounting import Accountant
+from tff_medical.privacy.ledger_schema import CATEGORY_KEYS_V1
+from tff_medical.privacy.ledger_schema import check_keys
+from tff_medical.privacy.ledger_schema import is_int
+from tff_medical.privacy.ledger_schema import is_number
+from tff_medical.privacy.ledger_schema import LEDGER_FILENAME
+from tff_medical.privacy.ledger_schema import merge_runs
+from tff_medical.privacy.ledger_schema import SAMPLING_KEYS
 from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingMethod
 from tff_medical.privacy.sampling import SamplingSpec
+from tff_medical.privacy.shared_noise_calibration import NoiseMechanism
 
 # 2: both neighbouring relations per category, earlier runs on the same data (1 still read).
 SCHEMA_VERSION = 2
-LEDGER_FILENAME = 'privacy_ledger.json'
 _CACHE_LIMIT = 512
 
 
@@ -70,30 +57,16 @@ def _finite_positive(field: str, value: Any) -> float:
 
 
 def _combined(zs: Sequence[Optional[float]],
-              mechanism: shared_noise.NoiseMechanism = shared_noise.NoiseMechanism
-              .PER_CATEGORY_NOISE) -> Optional[float]:
+              mechanism: NoiseMechanism = NoiseMechanism.PER_CATEGORY_NOISE) -> Optional[float]:
   """The one Gaussian equivalent to one round's released categories (None if none)."""
-  if mechanism is shared_noise.NoiseMechanism.SHARED_NOISE:
-    return shared_noise.client_noise_multiplier(zs, mechanism)
+  if mechanism is NoiseMechanism.SHARED_NOISE:
+    return shared_noise_calibration.client_noise_multiplier(zs, mechanism)
   released = [z for z in zs if z is not None]
   if not released:
     return None
   # Same rule as accounting.effective_noise_multiplier, on the stored multipliers.
   return accounting.effective_noise_multiplier(
       dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z) for z in released]))
-
-
-def merge_runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[float, int], ...]:
-  """Merges consecutive equal multipliers into (z, count) groups, dropping unreleased rounds."""
-  groups: list[list] = []
-  for z, count in values:
-    if z is None or count == 0:
-      continue
-    if groups and groups[-1][0] == z:
-      groups[-1][1] += count
-    else:
-      groups.append([z, count])
-  return tuple((z, n) for z, n in groups)
 
 
 Relation = accounting.Relation
@@ -183,7 +156,7 @@ class EarlierRuns:
     return tuple(found)
 
   def events(self, category_id: str, relation: Relation) -> list:
-    """[(round DpEvent, count)] for accounting.calibrate_category_noise."""
+    """[(round DpEvent, count)] for calibration.calibrate_category_noise."""
     return [(accounting.round_event(z, spec), n) for z, n, spec in self.groups(category_id, relation)]
 
   def to_json(self) -> list[dict[str, Any]]:
@@ -202,8 +175,8 @@ class PrivacyLedger:
                noise_multipliers: Mapping[str, float],
                sampling: SamplingSpec,
                accountant: Union[Accountant, str] = Accountant.RDP,
-               noise_mechanism: Union[shared_noise.NoiseMechanism, str] = (
-                   shared_noise.NoiseMechanism.PER_CATEGORY_NOISE),
+               noise_mechanism: Union[NoiseMechanism, str] = (
+                   NoiseMechanism.PER_CATEGORY_NOISE),
                whole_client_noise_multipliers: Optional[Mapping[str, float]] = None,
                earlier: Optional[EarlierRuns] = None):
     """Starts an empty ledger.
@@ -225,7 +198,7 @@ class PrivacyLedger:
     self._policy = policy
     self._sampling = sampling
     self._accountant = accounting.check_sampling_accountant(sampling, accountant)
-    self._mechanism = shared_noise.as_noise_mechanism(noise_mechanism)
+    self._mechanism = shared_noise_calibration.as_noise_mechanism(noise_mechanism)
     self._earlier = earlier or EarlierRuns()
     planned_a = self._planned_map('noise_multipliers', noise_multipliers)
     planned_b = (planned_a if whole_client_noise_multipliers is None else
@@ -331,7 +304,7 @@ class PrivacyLedger:
     return self._accountant
 
   @property
-  def noise_mechanism(self) -> shared_noise.NoiseMechanism:
+  def noise_mechanism(self) -> NoiseMechanism:
     return self._mechanism
 
   @property
@@ -479,7 +452,7 @@ class PrivacyLedger:
         },
         'earlier_runs': self._earlier.to_json(),
     }
-    if self._mechanism is not shared_noise.NoiseMechanism.PER_CATEGORY_NOISE:
+    if self._mechanism is not NoiseMechanism.PER_CATEGORY_NOISE:
       # Only when not the default: the published shape of per-category ledgers is unchanged.
       published['noise_mechanism'] = self._mechanism.value
     return published
@@ -514,7 +487,7 @@ class PrivacyLedger:
                  policy: PrivacyPolicy,
                  sampling: Optional[SamplingSpec] = None,
                  accountant: Optional[Union[Accountant, str]] = None,
-                 noise_mechanism: Optional[Union[shared_noise.NoiseMechanism, str]] = None,
+                 noise_mechanism: Optional[Union[NoiseMechanism, str]] = None,
                  earlier: Optional[EarlierRuns] = None) -> 'PrivacyLedger':
     """Restores a ledger; refuses one saved under another policy, sampling or accountant.
 
@@ -549,12 +522,12 @@ class PrivacyLedger:
     if accountant is not None and accounting.as_accountant(accountant) is not saved_accountant:
       differences.append(f'accountant: {saved_accountant.value!r} vs '
                          f'{accounting.as_accountant(accountant).value!r}')
-    saved_mechanism = shared_noise.as_noise_mechanism(
-        state.get('noise_mechanism', shared_noise.NoiseMechanism.PER_CATEGORY_NOISE.value))
+    saved_mechanism = shared_noise_calibration.as_noise_mechanism(
+        state.get('noise_mechanism', NoiseMechanism.PER_CATEGORY_NOISE.value))
     if (noise_mechanism is not None and
-        shared_noise.as_noise_mechanism(noise_mechanism) is not saved_mechanism):
+        shared_noise_calibration.as_noise_mechanism(noise_mechanism) is not saved_mechanism):
       differences.append(f'noise_mechanism: {saved_mechanism.value!r} vs '
-                         f'{shared_noise.as_noise_mechanism(noise_mechanism).value!r}')
+                         f'{shared_noise_calibration.as_noise_mechanism(noise_mechanism).value!r}')
     if differences:
       raise PolicyError('ledger state must match the resumed run. Found differences (saved vs '
                         f'current): {"; ".join(differences)}.')
@@ -653,36 +626,9 @@ _TOP_KEYS_V1 = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_rel
 _TOP_KEYS = _TOP_KEYS_V1 + ('neighboring_relations', 'earlier_runs')
 # Optional top-level keys: absent in ledgers written before they existed.
 _OPTIONAL_TOP_KEYS = ('noise_mechanism',)
-SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
-CATEGORY_KEYS_V1 = ('display_name', 'privacy_level', 'target_epsilon', 'noise_multiplier',
-                    'rounds_released', 'epsilon_spent', 'status')
 CATEGORY_KEYS = CATEGORY_KEYS_V1 + ('epsilon_this_run', 'relations')
 _RELATION_KEYS = ('epsilon', 'noise_multiplier', 'rounds')
 _TOLERANCE = 1e-9
-
-
-def is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool) and
-          math.isfinite(value))
-
-
-def check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str],
-               optional: Sequence[str] = ()) -> bool:
-  """False, with a problem appended, unless `value` is an object with exactly `keys`."""
-  if not isinstance(value, Mapping):
-    problems.append(f'{where} must be an object. Found {value!r}.')
-    return False
-  missing = [k for k in keys if k not in value]
-  extra = sorted(str(k) for k in value if k not in keys and k not in optional)
-  if missing or extra:
-    problems.append(f'{where} must have exactly the keys {", ".join(keys)}. Found missing '
-                    f'{missing} and unexpected {extra}.')
-    return False
-  return True
 
 
 def validate_ledger_json(ledger: Any) -> None:
@@ -694,7 +640,6 @@ def validate_ledger_json(ledger: Any) -> None:
   A ledger with privacy_unit 'example' is checked by example_ledger.validate_example_ledger_json.
   """
   if isinstance(ledger, Mapping) and ledger.get('privacy_unit') == 'example' and 'sites' in ledger:
-    from tff_medical.privacy import example_ledger  # pylint: disable=g-import-not-at-top
     example_ledger.validate_example_ledger_json(ledger)
     return
   problems: list[str] = []
@@ -704,7 +649,7 @@ def validate_ledger_json(ledger: Any) -> None:
                              (_TOP_KEYS, CATEGORY_KEYS))
   if not check_keys('ledger', ledger, top_keys, problems, _OPTIONAL_TOP_KEYS):
     raise PolicyError(' '.join(problems))
-  mechanisms = [m.value for m in shared_noise.NoiseMechanism]
+  mechanisms = [m.value for m in NoiseMechanism]
   if 'noise_mechanism' in ledger and ledger['noise_mechanism'] not in mechanisms:
     problems.append(f'noise_mechanism must be one of {", ".join(mechanisms)}. '
                     f'Found {ledger["noise_mechanism"]!r}.')
@@ -740,8 +685,10 @@ def validate_ledger_json(ledger: Any) -> None:
       if ledger['neighboring_relation'] != _RELATION_NAMES_BY_VALUE[method]:
         problems.append(f'neighboring_relation must be {_RELATION_NAMES_BY_VALUE[method]} for '
                         f'{method} sampling. Found {ledger["neighboring_relation"]!r}.')
-      if method == 'fixed_size' and ledger['accountant'] == 'pld':
-        problems.append('accountant must be rdp for fixed_size sampling. Found pld.')
+      if ledger['accountant'] in [a.value for a in Accountant]:
+        problem = accounting.sampling_accountant_problem(method, ledger['accountant'])
+        if problem:
+          problems.append(problem)
     n, m = sampling['total_clients'], sampling['expected_clients_per_round']
     if not (is_int(n) and is_int(m) and 1 <= m <= n):
       problems.append('sampling.total_clients and expected_clients_per_round must be integers '

@@ -8,6 +8,7 @@ from tff_medical.data import phantoms
 from tff_medical.data import sources
 from tff_medical.errors import ConfigError
 from tff_medical.models import cnn
+from tff_medical.privacy import accounting
 
 DATASETS = sources.NAMES
 PARTITIONS = ('iid', 'dirichlet')
@@ -17,7 +18,7 @@ SERVER_OPTIMIZERS = ('sgdm', 'adam')
 # client: class-aware DP-FedAvg protects a whole client; example: DP-SGD inside each site
 # protects each example (tff_medical.training.dp_sgd).
 PRIVACY_UNITS = ('client', 'example')
-# tff_medical.privacy.shared_noise.NoiseMechanism values.
+# tff_medical.privacy.shared_noise_calibration.NoiseMechanism values.
 DP_MECHANISMS = ('per_category_noise', 'shared_noise')
 
 
@@ -145,9 +146,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'sampling must be one of {", ".join(SAMPLINGS)}. Found {config.sampling!r}.')
   _require(config.accountant in ACCOUNTANTS,
            f'accountant must be one of {", ".join(ACCOUNTANTS)}. Found {config.accountant!r}.')
-  _require(not (config.dp and config.sampling == 'fixed_size' and config.accountant == 'pld'),
-           'accountant must be \'rdp\' with sampling \'fixed_size\' (sampling without '
-           'replacement is accounted by RDP only). Found \'pld\'.')
+  _require(not config.dp or
+           accounting.sampling_accountant_problem(config.sampling, config.accountant) is None,
+           f'accountant must be \'rdp\' with sampling \'fixed_size\' '
+           f'({accounting.FIXED_SIZE_NEEDS_RDP}). Found {config.accountant!r}.')
   _require(isinstance(config.dp, bool), f'dp must be true or false. Found {config.dp!r}.')
   release_non_private = config.get('release_non_private', False)
   _require(isinstance(release_non_private, bool),

@@ -74,6 +74,7 @@ import tensorflow as tf
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingSpec
 from tff_medical.training.local_training import ClientOutput
@@ -202,7 +203,7 @@ def plan_site(policy: PrivacyPolicy,
   sampling = example_sampling(sum(counts.values()), expected_batch_size)
   steps = accounting.positive_int('planned_steps', planned_steps)
   clip = accounting.positive('l2_norm_clip', l2_norm_clip)
-  noise = accounting.calibrate_category_noise(policy, sampling, steps, accountant)
+  noise = calibration.calibrate_category_noise(policy, sampling, steps, accountant)
   return SitePlan(examples=sampling.total_clients,
                   expected_batch_size=sampling.expected_clients_per_round,
                   planned_steps=steps, l2_norm_clip=clip, noise_multipliers=noise,

@@ -31,7 +31,7 @@ from tff_medical import fileio
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import ConfigError
 from tff_medical.errors import PolicyError
-from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import example_ledger
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy.sampling import SamplingSpec
@@ -58,10 +58,10 @@ def calibrate(config, policy, labels: np.ndarray, partition,
     sites[site_id] = plan.to_json_dict()
   result = {'sites': sites, 'client_noise_multiplier': None, 'client_split': None}
   if stacked(config):
-    noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
+    noise = calibration.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
                                                 config.accountant)
     z = max(noise.values())
-    split = accounting.choose_clipped_count_stddev(
+    split = calibration.choose_clipped_count_stddev(
         z, sampling_spec.expected_clients_per_round,
         max_value_noise_inflation=config.clip.max_value_noise_inflation,
         max_count_noise_fraction=config.clip.max_count_noise_fraction)
@@ -106,7 +106,7 @@ def make_factory(example_plan: Mapping[str, Any],
                  clip: class_aware.AdaptiveClipSettings) -> class_aware.ClassAwareFactory:
   if example_plan.get('client_split') is None:
     return class_aware.ClassAwareFactory.non_private()
-  split = accounting.AdaptiveClipSplit.from_json_dict(example_plan['client_split'])
+  split = calibration.AdaptiveClipSplit.from_json_dict(example_plan['client_split'])
   weights = {c: 1.0 if c == FIRST else 0.0 for c in categories.CATEGORY_IDS}
   return class_aware.ClassAwareFactory.dp({c: split for c in categories.CATEGORY_IDS}, clip,
                                           combination_weights=weights)

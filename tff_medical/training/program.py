@@ -45,7 +45,7 @@ from tff_medical.privacy import budget_registry
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
-from tff_medical.privacy import shared_noise
+from tff_medical.privacy import shared_noise_calibration as shared_noise
 from tff_medical.training import config as config_lib
 from tff_medical.training import dp_sgd
 from tff_medical.training import evaluation

@@ -1,40 +1,6 @@
 """Calibration of the shared-noise ("Scale") mechanism: one noise draw, per-category clips.
 
-IDP-SGD's "Scale" (Boenisch et al., NeurIPS 2023) gives each group its own budget through its
-clip norm under one shared noise draw. For our six categories, with per-category effective
-multipliers z_c (accounting.calibrate_category_noise), combination weights w_c > 0 and a base
-clip C (adaptive, see tff_medical.aggregation.shared_noise):
-
-* One clipped-count noise stddev s_n serves every category (one count a round, see the
-  aggregator). Its per-category sensitivity is 1 (accounting's module docstring), so category c's
-  value share of z_c is z_v,c = (z_c**-2 - s_n**-2)**-0.5, needing s_n > max z_c;
-  `shared_noise_splits` picks s_n with accounting.choose_clipped_count_stddev at the largest z_c,
-  so every category's value noise stays within the same inflation bound.
-* The released sum is sum_c w_c * sum_k clip(D[k,c], C_c) + N(0, sigma**2), sigma = s * C, with
-  C_c = C * s / (w_c z_v,c). Removing one client's category-c examples moves it by at most
-  w_c * C_c, so category c's value multiplier is sigma / (w_c C_c) = z_v,c, whatever s and C; with
-  the count, category c's effective multiplier is z_c, as with per-category noise.
-* s is free (it only rescales every clip); as in IDP-SGD it is the data-weighted mean of the
-  w_c z_v,c (weights: category fractions, uniform by default), so C is the clip of a "typical"
-  category. Note that w_c enters the clip: a category's weighted contribution is bounded by
-  w_c C_c = C s / z_v,c, independent of w_c.
-* Client level (adding or removing a whole client): the sum moves by at most sum_c w_c C_c,
-  value multiplier sigma / sum_c w_c C_c = 1 / sum_c (1 / z_v,c); the count by 0.5 (multiplier
-  2 s_n). The ledger uses 1 / sum_c (1 / z_c) over the released categories, which is
-  conservative: with a_c = 1/z_v,c and b = 1/s_n**2, Minkowski's inequality gives
-  (sum_c sqrt(a_c**2 + b))**2 >= (sum_c a_c)**2 + n**2 b >= (sum_c a_c)**2 + b / 4.
-  It is NOT the independent-Gaussian composition 1/z**2 = sum_c 1/z_c**2 of per-category noise,
-  which would understate a shared-noise client's epsilon. The price of less noise at the same
-  per-category budgets is a weaker whole-client guarantee: at the seed policy (q = 0.1, 100
-  rounds, RDP, delta 1e-5) the client-level multiplier is 0.646 (epsilon 19.6) against 1.440
-  (epsilon 4.18) with per-category noise.
-* Noise: per-category noise adds sum_c (w_c z'_v,c C_c)**2 per coordinate (z'_v,c its own value
-  multipliers), Scale sigma**2. At the same per-category clips each term is about sigma**2, so the
-  ratio is about the number of released categories. Seed policy (q = 0.1, 100 rounds, m = 100,
-  RDP): predicted 6.33 (each per-category split has its own count noise, so its value share is a
-  little larger), measured 6.25 on the two aggregators (tests/test_shared_noise.py, 20,000
-  coordinates): Scale's noise stddev is about 1/2.5 of per-category noise's at the same clips.
-  What this does to utility also depends on the clips, which Scale sets by ratio from one C.
+The derivation and its client-level cost are in docs/PRIVACY.md.
 """
 
 import dataclasses
@@ -47,6 +13,7 @@ from tff_medical import categories
 from tff_medical.errors import parse_enum
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 
 
 class NoiseMechanism(enum.Enum):
@@ -66,7 +33,7 @@ def client_noise_multiplier(noise_multipliers: Sequence[Optional[float]],
 
   Per-category noise: independent Gaussians on the same sample, 1/z**2 = sum 1/z_c**2.
   Shared noise: one Gaussian, a whole client moves it by sum_c w_c C_c, so 1/z = sum 1/z_c (an
-  upper bound on the true client-level cost, see the module docstring). None: nothing released.
+  upper bound on the true client-level cost, see docs/PRIVACY.md). None: nothing released.
   """
   mechanism = as_noise_mechanism(mechanism)
   zs = [z for z in noise_multipliers if z is not None]
@@ -82,23 +49,23 @@ def client_noise_multiplier(noise_multipliers: Sequence[Optional[float]],
 
 def shared_noise_splits(noise_multipliers: Mapping[str, float],
                         expected_clients_per_round: float,
-                        **kwargs) -> dict[str, accounting.AdaptiveClipSplit]:
+                        **kwargs) -> dict[str, calibration.AdaptiveClipSplit]:
   """Each category's split of z_c at ONE clipped-count stddev (the shared count's).
 
   Args:
-    noise_multipliers: {category: z_c}, all six (accounting.calibrate_category_noise).
+    noise_multipliers: {category: z_c}, all six (calibration.calibrate_category_noise).
     expected_clients_per_round: m.
     **kwargs: max_value_noise_inflation, max_count_noise_fraction, as for
-      accounting.choose_clipped_count_stddev, applied to the largest z_c (the binding one).
+      calibration.choose_clipped_count_stddev, applied to the largest z_c (the binding one).
 
   Returns:
     {category: AdaptiveClipSplit(z_c, m, s_n)} in CATEGORY_IDS order; same s_n for all.
   """
   zs = _all_categories('noise_multipliers', noise_multipliers)
-  largest = accounting.choose_clipped_count_stddev(max(zs.values()), expected_clients_per_round,
+  largest = calibration.choose_clipped_count_stddev(max(zs.values()), expected_clients_per_round,
                                                    **kwargs)
   return {
-      c: accounting.adaptive_clip_split(zs[c], largest.expected_clients_per_round,
+      c: calibration.adaptive_clip_split(zs[c], largest.expected_clients_per_round,
                                         largest.clipped_count_stddev)
       for c in categories.CATEGORY_IDS
   }
@@ -158,7 +125,7 @@ def _all_categories(field: str, value: Any) -> dict[str, float]:
   return {c: value[c] for c in categories.CATEGORY_IDS}
 
 
-def calibrate_shared_noise(splits: Mapping[str, accounting.AdaptiveClipSplit],
+def calibrate_shared_noise(splits: Mapping[str, calibration.AdaptiveClipSplit],
                            combination_weights: Optional[Mapping[str, float]] = None,
                            category_fractions: Optional[Mapping[str, float]] = None
                           ) -> SharedNoiseCalibration:
@@ -180,7 +147,7 @@ def calibrate_shared_noise(splits: Mapping[str, accounting.AdaptiveClipSplit],
     raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
                       f'AdaptiveClipSplit. Found {found!r}.')
   for c in categories.CATEGORY_IDS:
-    if not isinstance(splits[c], accounting.AdaptiveClipSplit):
+    if not isinstance(splits[c], calibration.AdaptiveClipSplit):
       raise PolicyError(f'splits[{c}] must be an AdaptiveClipSplit. Found {splits[c]!r}.')
   stddevs = {c: splits[c].clipped_count_stddev for c in categories.CATEGORY_IDS}
   if len(set(stddevs.values())) != 1:
