@@ -14,6 +14,7 @@ from scipy import stats
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy.accounting import Accountant
 from tff_medical.privacy.sampling import SamplingMethod
@@ -36,7 +37,7 @@ def poisson(rate, clients_per_round=100):
 ])
 def test_calibration_reproduces_reference_figures(accountant, rate, rounds, target, expected):
   sampling = poisson(rate)
-  z = accounting.calibrate_noise_multiplier(target, DELTA, rounds, sampling, accountant)
+  z = calibration.calibrate_noise_multiplier(target, DELTA, rounds, sampling, accountant)
   assert z == pytest.approx(expected, abs=0.01)
   if accountant is Accountant.RDP:  # A PLD evaluation at T=1000 takes seconds; one suffices.
     _assert_reaches_target(z, sampling, rounds, target, accountant)
@@ -59,13 +60,13 @@ def _assert_reaches_target(z, sampling, rounds, target, accountant=Accountant.RD
     pytest.param(SamplingSpec('fixed_size', 100, 100), 5, 2.0, id='fixed_size_q1'),
 ])
 def test_calibrated_multiplier_reaches_target_rdp(sampling, rounds, target):
-  z = accounting.calibrate_noise_multiplier(target, DELTA, rounds, sampling)
+  z = calibration.calibrate_noise_multiplier(target, DELTA, rounds, sampling)
   _assert_reaches_target(z, sampling, rounds, target)
 
 
 def test_calibration_margin_absorbs_float32_rounding():
   sampling = poisson(0.1)
-  z = accounting.calibrate_noise_multiplier(1.0, DELTA, 50, sampling)
+  z = calibration.calibrate_noise_multiplier(1.0, DELTA, 50, sampling)
   # What TFF reports back after keeping the multiplier in float32.
   z32 = float(np.float32(z) * (1 - 2 * np.finfo(np.float32).eps))
   assert accounting.epsilon((accounting.round_event(z32, sampling), 50), DELTA) <= 1.0
@@ -233,7 +234,7 @@ def test_pld_with_fixed_size_sampling_is_refused():
   pld_accountant = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
   assert not pld_accountant.supports(event)
   with pytest.raises(PolicyError, match='accountant must be rdp for fixed_size sampling'):
-    accounting.calibrate_noise_multiplier(1.0, DELTA, 10, fixed, Accountant.PLD)
+    calibration.calibrate_noise_multiplier(1.0, DELTA, 10, fixed, Accountant.PLD)
   with pytest.raises(PolicyError, match='accountant must be rdp'):
     accounting.epsilon(event, DELTA, Accountant.PLD)
   with pytest.raises(PolicyError, match='accountant must be rdp'):
@@ -263,13 +264,13 @@ def test_calibration_validation(kwargs, message):
   args = dict(target_epsilon=1.0, delta=DELTA, rounds=10, sampling=poisson(0.1))
   args.update(kwargs)
   with pytest.raises(PolicyError, match=message):
-    accounting.calibrate_noise_multiplier(**args)
+    calibration.calibrate_noise_multiplier(**args)
 
 
 def test_calibrate_category_noise_follows_policy_order_and_budgets():
   policy = policy_lib.default_policy()
   sampling = poisson(0.1)
-  zs = accounting.calibrate_category_noise(policy, sampling, 30)
+  zs = calibration.calibrate_category_noise(policy, sampling, 30)
   assert tuple(zs) == categories.CATEGORY_IDS
   for c, z in zs.items():
     eps = accounting.epsilon((accounting.round_event(z, sampling), 30), policy.delta)
@@ -285,7 +286,7 @@ def test_calibrate_category_noise_follows_policy_order_and_budgets():
 
 
 def test_split_keeps_tff_default_when_inflation_is_small():
-  split = accounting.choose_clipped_count_stddev(1.0, 100)
+  split = calibration.choose_clipped_count_stddev(1.0, 100)
   assert split.clipped_count_stddev == pytest.approx(5.0)  # 0.05 * m.
   assert split.count_noise_multiplier == pytest.approx(5.0)
   assert split.value_noise_multiplier == pytest.approx((1.0 - 5.0**-2)**-0.5)
@@ -294,7 +295,7 @@ def test_split_keeps_tff_default_when_inflation_is_small():
 
 
 def test_split_raises_count_noise_to_keep_inflation_bound():
-  split = accounting.choose_clipped_count_stddev(2.5, 100)
+  split = calibration.choose_clipped_count_stddev(2.5, 100)
   assert split.clipped_count_stddev > 5.0
   # s >= z / sqrt(1 - 1.05**-2) = 3.28 z.
   assert split.clipped_count_stddev == pytest.approx(2.5 / math.sqrt(1 - 1.05**-2), rel=1e-8)
@@ -307,15 +308,15 @@ def test_split_raises_count_noise_to_keep_inflation_bound():
 
 def test_split_refuses_when_count_would_be_mostly_noise():
   with pytest.raises(PolicyError) as raised:
-    accounting.choose_clipped_count_stddev(7.87, 100)
+    calibration.choose_clipped_count_stddev(7.87, 100)
   message = str(raised.value)
   assert 'clipped_count_stddev must be at most 0.1 of the clients per round' in message
   assert 'at least 259 clients per round' in message
   assert 'fewer rounds or a larger epsilon' in message
   assert 'at most 3.049' in message
   # The suggested fixes do work.
-  accounting.choose_clipped_count_stddev(7.87, 259)
-  accounting.choose_clipped_count_stddev(3.04, 100)
+  calibration.choose_clipped_count_stddev(7.87, 259)
+  calibration.choose_clipped_count_stddev(3.04, 100)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -328,12 +329,12 @@ def test_split_refuses_when_count_would_be_mostly_noise():
 ])
 def test_split_validation(args, message):
   with pytest.raises(PolicyError, match=message):
-    accounting.choose_clipped_count_stddev(*args)
+    calibration.choose_clipped_count_stddev(*args)
 
 
 def test_category_splits_cover_all_categories_in_order():
   zs = {c: 1.0 + i for i, c in enumerate(categories.CATEGORY_IDS)}
-  splits = accounting.category_splits(zs, 400)
+  splits = calibration.category_splits(zs, 400)
   assert tuple(splits) == categories.CATEGORY_IDS
   for c, split in splits.items():
     assert split.noise_multiplier == zs[c]
@@ -351,30 +352,30 @@ def test_category_splits_cover_all_categories_in_order():
 def test_category_splits_refuse_what_the_whole_client_relation_cannot_carry():
   # Relation (a) alone fits z = 6 at 200 clients a round (count stddev 20 = 0.1 m); with the
   # other five counts moving under relation (b), the value noise would exceed 1.05 z.
-  accounting.choose_clipped_count_stddev(6.0, 200)
+  calibration.choose_clipped_count_stddev(6.0, 200)
   zs = {c: 1.0 + i for i, c in enumerate(categories.CATEGORY_IDS)}
   with pytest.raises(PolicyError, match='must leave room for both relations'):
-    accounting.category_splits(zs, 200)
+    calibration.category_splits(zs, 200)
 
 
 def test_split_json_round_trip_and_refusals():
-  split = accounting.choose_clipped_count_stddev(2.5, 100)
+  split = calibration.choose_clipped_count_stddev(2.5, 100)
   payload = json.loads(json.dumps(split.to_json_dict()))
-  assert accounting.AdaptiveClipSplit.from_json_dict(payload) == split
+  assert calibration.AdaptiveClipSplit.from_json_dict(payload) == split
   # A plan saved before the per-category fix: count multiplier 2 s, no tff_noise_multiplier.
   old = dict(payload, count_noise_multiplier=2 * split.clipped_count_stddev)
   del old['tff_noise_multiplier']
   with pytest.raises(PolicyError, match=r"missing \['tff_noise_multiplier'\]"):
-    accounting.AdaptiveClipSplit.from_json_dict(old)
+    calibration.AdaptiveClipSplit.from_json_dict(old)
   with pytest.raises(PolicyError, match='AdaptiveClipSplit.count_noise_multiplier must be'):
-    accounting.AdaptiveClipSplit.from_json_dict(
+    calibration.AdaptiveClipSplit.from_json_dict(
         dict(payload, count_noise_multiplier=2 * split.clipped_count_stddev))
   with pytest.raises(PolicyError, match='count_noise_fraction must be'):
-    accounting.AdaptiveClipSplit.from_json_dict(dict(payload, count_noise_fraction=0.5))
+    calibration.AdaptiveClipSplit.from_json_dict(dict(payload, count_noise_fraction=0.5))
   with pytest.raises(PolicyError, match=r"unknown \['extra'\]"):
-    accounting.AdaptiveClipSplit.from_json_dict(dict(payload, extra=1))
+    calibration.AdaptiveClipSplit.from_json_dict(dict(payload, extra=1))
   with pytest.raises(PolicyError, match='clipped_count_stddev must be more than noise_multiplier'):
-    accounting.adaptive_clip_split(2.0, 100, 2.0)
+    calibration.adaptive_clip_split(2.0, 100, 2.0)
 
 
 @pytest.mark.parametrize('z, m', [
@@ -389,7 +390,7 @@ def test_split_agrees_with_tff_and_tf_privacy(z, m):
   from tensorflow_federated.python.aggregators import differential_privacy
   # pylint: enable=g-import-not-at-top
 
-  split = accounting.choose_clipped_count_stddev(z, m)
+  split = calibration.choose_clipped_count_stddev(z, m)
   # TFF, given tff_noise_multiplier, applies exactly our value multiplier.
   value_z, stddev = differential_privacy.adaptive_clip_noise_params(
       split.tff_noise_multiplier, float(m), split.clipped_count_stddev)
@@ -430,15 +431,15 @@ def test_split_refusal_is_stricter_than_tff():
   with pytest.raises(PolicyError, match=r'clipped_count_stddev must be more than '
                      r'noise_multiplier \(10\): the per-category clipped count has sensitivity 1. '
                      r'Found 6.'):
-    accounting.split_noise_multiplier(10.0, 6.0)
+    calibration.split_noise_multiplier(10.0, 6.0)
   with pytest.raises(PolicyError, match='clipped_count_stddev must be more than'):
-    accounting.split_noise_multiplier(10.0, 10.0)
+    calibration.split_noise_multiplier(10.0, 10.0)
   # Just above our bound, what we pass TFF is within its bound (z_tff < 2 s).
   s = 11.0
-  z_tff = accounting.tff_noise_multiplier(10.0, s)
+  z_tff = calibration.tff_noise_multiplier(10.0, s)
   assert z_tff < 2 * s
   value_z, _ = differential_privacy.adaptive_clip_noise_params(z_tff, 100.0, s)
-  assert value_z == pytest.approx(accounting.split_noise_multiplier(10.0, s)[0], rel=1e-9)
+  assert value_z == pytest.approx(calibration.split_noise_multiplier(10.0, s)[0], rel=1e-9)
 
 
 @pytest.mark.usefixtures('tff_context')
@@ -448,7 +449,7 @@ def test_category_event_converts_a_real_tff_event():
   from tensorflow_federated.python.aggregators import differential_privacy
   # pylint: enable=g-import-not-at-top
 
-  split = accounting.adaptive_clip_split(2.0, 5.0, 3.0)
+  split = calibration.adaptive_clip_split(2.0, 5.0, 3.0)
   factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
       noise_multiplier=split.tff_noise_multiplier, clients_per_round=5.0,
       clipped_count_stddev=split.clipped_count_stddev)
@@ -493,7 +494,7 @@ def test_per_category_count_sensitivity_is_one():
   # pylint: enable=g-import-not-at-top
 
   clip, m = 0.1, 4.0
-  split = accounting.adaptive_clip_split(2.0, m, 3.0)
+  split = calibration.adaptive_clip_split(2.0, m, 3.0)
   factory = differential_privacy.DifferentiallyPrivateFactory.gaussian_adaptive(
       noise_multiplier=split.tff_noise_multiplier, clients_per_round=m,
       initial_l2_norm_clip=clip, clipped_count_stddev=split.clipped_count_stddev)

@@ -12,6 +12,7 @@ from tff_medical import categories
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 
 CATS = categories.CATEGORY_IDS
 
@@ -35,7 +36,7 @@ def _uniform(value):
 
 def _splits(z, m, count_stddev):
   """The same split for every category (z effective, m clients per round, s count stddev)."""
-  return {c: accounting.adaptive_clip_split(z, m, count_stddev) for c in CATS}
+  return {c: calibration.adaptive_clip_split(z, m, count_stddev) for c in CATS}
 
 
 # --- Type signatures (no execution) -------------------------------------------------------------
@@ -83,10 +84,10 @@ class TestTypeSignatures:
      "splits must map each of ['HeadCT', 'BreastMRI', 'AbdomenCT', 'ChestCT', 'CXR', 'Hand'] "
      "to an AdaptiveClipSplit. Found ['AbdomenCT', 'BreastMRI', 'CXR', 'ChestCT', 'HeadCT']."),
     (dict(splits=dict(_splits(1.0, 10.0, 5.0),
-                      CXR=accounting.adaptive_clip_split(1.0, 10.0, 5.0).to_json_dict())),
+                      CXR=calibration.adaptive_clip_split(1.0, 10.0, 5.0).to_json_dict())),
      'splits[CXR] must be an AdaptiveClipSplit. Found {'),
     (dict(splits=dict(_splits(1.0, 10.0, 5.0),
-                      Hand=accounting.adaptive_clip_split(1.0, 12.0, 5.0))),
+                      Hand=calibration.adaptive_clip_split(1.0, 12.0, 5.0))),
      'splits must all have the same expected_clients_per_round (one client sample serves every '
      'category). Found {'),
     (dict(combination_weights=dict(_uniform(1.0), Hand=-1.0)), 'combination_weights must'),
@@ -146,7 +147,7 @@ class TestExecution:
     size, num_clients, m = 20000, 4, 8.0
     z = {c: z for c, z in zip(CATS, [7.9, 7.9, 4.3, 4.3, 2.4, 2.4])}
     count_stddev = {c: 3.0 * z[c] for c in CATS}
-    splits = {c: accounting.adaptive_clip_split(z[c], m, count_stddev[c]) for c in CATS}
+    splits = {c: calibration.adaptive_clip_split(z[c], m, count_stddev[c]) for c in CATS}
     clip = class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.5)
     factory = class_aware.ClassAwareFactory.dp(splits, clip)
     process = factory.create(_value_type(size))
@@ -198,7 +199,7 @@ class TestExecution:
     """dp_events reports one Gaussian per category: the effective z the accountant is fed."""
     import dp_accounting  # pylint: disable=g-import-not-at-top
 
-    splits = {c: accounting.adaptive_clip_split(1.0 + i, 5.0, 3.0 * (1.0 + i))
+    splits = {c: calibration.adaptive_clip_split(1.0 + i, 5.0, 3.0 * (1.0 + i))
               for i, c in enumerate(CATS)}
     factory = class_aware.ClassAwareFactory.dp(splits)
     process = factory.create(_value_type(2))
@@ -214,7 +215,7 @@ class TestExecution:
       assert whole_client.noise_multiplier == pytest.approx(expected, rel=1e-5)
 
   def test_whole_client_event_counts_only_released_categories(self):
-    splits = {c: accounting.adaptive_clip_split(2.0, 5.0, 7.0) for c in CATS}
+    splits = {c: calibration.adaptive_clip_split(2.0, 5.0, 7.0) for c in CATS}
     process = class_aware.ClassAwareFactory.dp(splits).create(_value_type(2))
     state = class_aware.with_released_categories(process.initialize(), ['HeadCT', 'CXR'])
     output = process.next(state, _client_values(np.zeros((2, 6, 2))))

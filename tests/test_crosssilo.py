@@ -39,6 +39,7 @@ from tff_medical.crosssilo import site_runtime  # pylint: disable=g-import-not-a
 from tff_medical.crosssilo import site_worker  # pylint: disable=g-import-not-at-top
 from tff_medical.crosssilo import transport  # pylint: disable=g-import-not-at-top
 from tff_medical.privacy import accounting  # pylint: disable=g-import-not-at-top
+from tff_medical.privacy import calibration
 from tff_medical.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +158,7 @@ def test_secure_round_is_abandoned_below_threshold():
 
 
 def _plan(z=0.5, m=3):
-  splits = accounting.category_splits({c: z for c in categories.CATEGORY_IDS}, m,
+  splits = calibration.category_splits({c: z for c in categories.CATEGORY_IDS}, m,
                                       max_count_noise_fraction=1.0)
   return mechanism.MechanismPlan(splits, class_aware.AdaptiveClipSettings(0.5, 0.5, 0.2))
 

@@ -14,6 +14,7 @@ import pytest
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy.ledger import PrivacyLedger
@@ -32,7 +33,7 @@ def gaussians(zs):
 
 def raw_tff_event(z, clients_per_round=100):
   """The event TFF's gaussian_adaptive records: value and count (2 s) Gaussians, float32."""
-  split = accounting.choose_clipped_count_stddev(z, clients_per_round)
+  split = calibration.choose_clipped_count_stddev(z, clients_per_round)
   return dp_accounting.ComposedDpEvent([
       dp_accounting.GaussianDpEvent(np.float32(split.value_noise_multiplier)),
       dp_accounting.GaussianDpEvent(np.float32(2 * split.clipped_count_stddev)),
@@ -118,7 +119,7 @@ def test_pld_ledger_equals_pld_accountant():
 
 def test_category_freezes_at_its_planned_round_and_stays_frozen():
   rounds = 6
-  zs = accounting.calibrate_category_noise(POLICY, SAMPLING, rounds)
+  zs = calibration.calibrate_category_noise(POLICY, SAMPLING, rounds)
   ledger = PrivacyLedger(POLICY, zs, SAMPLING)
   for t in range(rounds + 3):
     releasable = ledger.releasable()

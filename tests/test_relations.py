@@ -13,6 +13,7 @@ import pytest
 
 from tff_medical import categories
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
@@ -38,8 +39,8 @@ def _independent_epsilon(value_multiplier, count_stddevs, rounds, sampling, delt
 
 def _demo_splits():
   policy = _seed_policy()
-  noise = accounting.calibrate_category_noise(policy, DEMO_SAMPLING, DEMO_ROUNDS)
-  return policy, accounting.category_splits(noise, DEMO_SAMPLING.expected_clients_per_round)
+  noise = calibration.calibrate_category_noise(policy, DEMO_SAMPLING, DEMO_ROUNDS)
+  return policy, calibration.category_splits(noise, DEMO_SAMPLING.expected_clients_per_round)
 
 
 def test_demo_calibration_keeps_every_budget_under_whole_client_removal():
@@ -57,8 +58,8 @@ def test_demo_calibration_keeps_every_budget_under_whole_client_removal():
 def test_calibration_without_the_whole_client_relation_overspends_it():
   """What the program did before: sized for relation (a) only (the test can fail)."""
   policy = _seed_policy()
-  noise = accounting.calibrate_category_noise(policy, DEMO_SAMPLING, DEMO_ROUNDS)
-  old = {c: accounting.choose_clipped_count_stddev(noise[c], 200) for c in categories.CATEGORY_IDS}
+  noise = calibration.calibrate_category_noise(policy, DEMO_SAMPLING, DEMO_ROUNDS)
+  old = {c: calibration.choose_clipped_count_stddev(noise[c], 200) for c in categories.CATEGORY_IDS}
   stddevs = [old[c].clipped_count_stddev for c in categories.CATEGORY_IDS]
   over = {c: _independent_epsilon(old[c].value_noise_multiplier, stddevs, DEMO_ROUNDS,
                                   DEMO_SAMPLING, policy.delta) for c in categories.CATEGORY_IDS}

@@ -22,6 +22,7 @@ from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
+from tff_medical.privacy import calibration as clip_calibration
 from tff_medical.privacy import shared_noise_calibration as calibration
 from tff_medical.privacy.sampling import SamplingSpec
 from tff_medical.training import config as config_lib
@@ -66,7 +67,7 @@ def _exact_factory(num_clients, clip_ratios=None, weights=None, initial_clip=1e9
 
 def test_splits_share_one_count_stddev_chosen_for_the_largest_multiplier():
   splits = _splits(m=100.0, max_count_noise_fraction=0.5)
-  largest = accounting.choose_clipped_count_stddev(7.87, 100.0, max_count_noise_fraction=0.5)
+  largest = clip_calibration.choose_clipped_count_stddev(7.87, 100.0, max_count_noise_fraction=0.5)
   for c in CATS:
     assert splits[c].clipped_count_stddev == largest.clipped_count_stddev
     s = largest.clipped_count_stddev
@@ -111,10 +112,10 @@ def test_client_level_multiplier_is_one_over_sum_of_inverses_and_conservative():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(splits={c: accounting.adaptive_clip_split(2.0, 10.0, 7.0 + i)
+    (dict(splits={c: clip_calibration.adaptive_clip_split(2.0, 10.0, 7.0 + i)
                   for i, c in enumerate(CATS)}),
      'splits must all have the same clipped_count_stddev for shared noise'),
-    (dict(splits={c: accounting.adaptive_clip_split(2.0, 10.0 + (c == 'Hand'), 7.0)
+    (dict(splits={c: clip_calibration.adaptive_clip_split(2.0, 10.0 + (c == 'Hand'), 7.0)
                   for c in CATS}),
      'splits must all have the same expected_clients_per_round'),
     (dict(splits={c: s for c, s in _splits().items() if c != 'Hand'}),
@@ -157,7 +158,7 @@ def test_class_aware_shared_noise_constructor_delegates():
   assert isinstance(factory, shared_noise.SharedNoiseFactory) and factory.is_dp
   with pytest.raises(PolicyError, match='same clipped_count_stddev'):
     class_aware.ClassAwareFactory.shared_noise(
-        {c: accounting.adaptive_clip_split(2.0, 10.0, 7.0 + i) for i, c in enumerate(CATS)})
+        {c: clip_calibration.adaptive_clip_split(2.0, 10.0, 7.0 + i) for i, c in enumerate(CATS)})
 
 
 # --- Type signatures (no execution) -------------------------------------------------------------
@@ -264,10 +265,10 @@ class TestExecution:
     """Per-category noise at the same clips C_c adds ~6x the variance of the one shared draw."""
     policy = policy_lib.default_policy()
     sampling = SamplingSpec('poisson', 1000, 100)
-    z = accounting.calibrate_category_noise(policy, sampling, 100)
+    z = clip_calibration.calibrate_category_noise(policy, sampling, 100)
     m = float(sampling.expected_clients_per_round)
     shared_splits = calibration.shared_noise_splits(z, m, max_count_noise_fraction=0.5)
-    per_category_splits = accounting.category_splits(z, m, max_count_noise_fraction=0.5)
+    per_category_splits = clip_calibration.category_splits(z, m, max_count_noise_fraction=0.5)
     cal = calibration.calibrate_shared_noise(shared_splits)
     predicted = cal.per_category_noise_variance_ratio(
         {c: per_category_splits[c].value_noise_multiplier for c in CATS})

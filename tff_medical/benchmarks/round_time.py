@@ -41,6 +41,7 @@ from tff_medical.data import model_input
 from tff_medical.data import phantoms
 from tff_medical.models import cnn
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.training import local_training
 from tff_medical.training import process as process_lib
 
@@ -235,7 +236,7 @@ def class_aware_factory(dp: bool, noise_multiplier: float, clients_per_round: fl
   """Our aggregator with one noise multiplier for every category (timing, not calibration)."""
   if not dp:
     return class_aware.ClassAwareFactory.non_private()
-  splits = accounting.category_splits(
+  splits = calibration.category_splits(
       {c: noise_multiplier for c in categories.CATEGORY_IDS}, clients_per_round,
       max_count_noise_fraction=max_count_noise_fraction)
   return class_aware.ClassAwareFactory.dp(splits, clip or class_aware.AdaptiveClipSettings())

@@ -25,6 +25,7 @@ from tff_medical import categories
 from tff_medical.data import model_input
 from tff_medical.models import cnn
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
 
@@ -85,8 +86,8 @@ def train(x: np.ndarray, y: np.ndarray, index: np.ndarray, offsets: np.ndarray,
   if settings.dp:
     policy = policy_lib.default_policy().scaled(settings.policy_scale)
     spec = sampling_lib.SamplingSpec('poisson', num_clients, int(round(m)))
-    zs = accounting.calibrate_category_noise(policy, spec, settings.rounds)
-    splits = accounting.category_splits(
+    zs = calibration.calibrate_category_noise(policy, spec, settings.rounds)
+    splits = calibration.category_splits(
         zs, m, max_count_noise_fraction=settings.max_count_noise_fraction)
     value_z = np.array([splits[c].value_noise_multiplier for c in categories.CATEGORY_IDS])
     count_std = np.array([splits[c].clipped_count_stddev for c in categories.CATEGORY_IDS])

@@ -44,6 +44,7 @@ from tff_medical.errors import PolicyError
 from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import audit as audit_lib
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import example_ledger
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
@@ -247,12 +248,12 @@ class _ClientLevel:
                                                   config.clip.target_unclipped_quantile,
                                                   config.clip.learning_rate)
     self.plan_json = mechanism.MechanismPlan(
-        {c: accounting.AdaptiveClipSplit.from_json_dict(self.plan.splits[c])
+        {c: calibration.AdaptiveClipSplit.from_json_dict(self.plan.splits[c])
          for c in categories.CATEGORY_IDS}, self._clip).to_json()
     self.queries = mechanism.category_queries(mechanism.MechanismPlan.from_json(self.plan_json))
     self.states = mechanism.initial_states(self.queries)
     whole_client = {
-        c: accounting.AdaptiveClipSplit.from_json_dict(split).whole_client_noise_multiplier
+        c: calibration.AdaptiveClipSplit.from_json_dict(split).whole_client_noise_multiplier
         for c, split in self.plan.splits.items()}
     self.ledger = ledger_lib.PrivacyLedger(policy, self.plan.noise_multipliers, spec,
                                            config.accountant,

@@ -52,6 +52,7 @@ from tff_medical import categories
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 
 # SecAgg+ quantization: every encoded coordinate lies in [-CLIPPING_RANGE, CLIPPING_RANGE].
 CLIPPING_RANGE = 1.0
@@ -66,7 +67,7 @@ ROTATED_RANGE = 1.0
 class MechanismPlan:
   """What every party must agree on to run the same queries (public: no data in it)."""
 
-  splits: Mapping[str, accounting.AdaptiveClipSplit]
+  splits: Mapping[str, calibration.AdaptiveClipSplit]
   clip: class_aware.AdaptiveClipSettings
 
   def to_json(self) -> str:
@@ -77,7 +78,7 @@ class MechanismPlan:
   @classmethod
   def from_json(cls, text: str) -> 'MechanismPlan':
     raw = json.loads(text)
-    return cls({c: accounting.AdaptiveClipSplit.from_json_dict(raw['splits'][c])
+    return cls({c: calibration.AdaptiveClipSplit.from_json_dict(raw['splits'][c])
                 for c in categories.CATEGORY_IDS},
                class_aware.AdaptiveClipSettings(**raw['clip']))
 

@@ -362,20 +362,3 @@ def whole_client_events(tff_events: Mapping[str, Optional[dp_accounting.DpEvent]
           if c in parts else None)
       for c in tff_events
   }
-
-
-# Calibration and the adaptive-clip split moved to calibration.py. These names stay readable as
-# accounting.X for callers not yet switched; looked up on use so that accounting, which
-# calibration builds on, never imports it at load.
-_MOVED_TO_CALIBRATION = frozenset({
-    'CALIBRATION_MARGIN', 'TFF_DEFAULT_COUNT_NOISE_FRACTION', 'calibrate_noise_multiplier',
-    'calibrate_category_noise', 'split_noise_multiplier', 'tff_noise_multiplier',
-    'AdaptiveClipSplit', 'adaptive_clip_split', 'choose_clipped_count_stddev', 'category_splits',
-})
-
-
-def __getattr__(name: str) -> Any:
-  if name in _MOVED_TO_CALIBRATION:
-    from tff_medical.privacy import calibration  # pylint: disable=g-import-not-at-top
-    return getattr(calibration, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

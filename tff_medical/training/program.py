@@ -41,6 +41,7 @@ from tff_medical.errors import PolicyError
 from tff_medical.models import cnn
 from tff_medical.monitoring import audit as audit_lib
 from tff_medical.privacy import accounting
+from tff_medical.privacy import calibration
 from tff_medical.privacy import budget_registry
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
@@ -122,9 +123,9 @@ def _calibrate(config, policy, sampling_spec,
                     for c in categories.CATEGORY_IDS}
   # Shared noise: one clipped count, so one count stddev for every category's split.
   splits_fn = (shared_noise.shared_noise_splits if _dp_mechanism(config) == 'shared_noise' else
-               accounting.category_splits)
+               calibration.category_splits)
   try:
-    noise = accounting.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
+    noise = calibration.calibrate_category_noise(policy, sampling_spec, config.total_rounds,
                                                 config.accountant, spent_before)
     splits = splits_fn(
         noise, sampling_spec.expected_clients_per_round,
@@ -317,7 +318,7 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
       make_dp = (class_aware.ClassAwareFactory.shared_noise
                  if _dp_mechanism(config) == 'shared_noise' else class_aware.ClassAwareFactory.dp)
       factory = make_dp(
-          {c: accounting.AdaptiveClipSplit.from_json_dict(s) for c, s in run_plan.splits.items()},
+          {c: calibration.AdaptiveClipSplit.from_json_dict(s) for c, s in run_plan.splits.items()},
           clip)
     else:
       factory = class_aware.ClassAwareFactory.non_private()
@@ -335,7 +336,7 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
   sampler = sampling_lib.make_sampler(sampling_spec, sampling_lib.new_secret())
 
   def new_ledger(run_plan: _Plan, state=None):
-    whole_client = {c: accounting.AdaptiveClipSplit.from_json_dict(s).whole_client_noise_multiplier
+    whole_client = {c: calibration.AdaptiveClipSplit.from_json_dict(s).whole_client_noise_multiplier
                     for c, s in run_plan.splits.items()}
     if state is not None:
       return ledger_lib.PrivacyLedger.from_state(
