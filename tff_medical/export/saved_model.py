@@ -711,18 +711,7 @@ def _write_json_atomically(path: str, payload: Mapping[str, Any]) -> None:
 def write_model_card(path: 'str | os.PathLike[str]',
                      policy: PrivacyPolicy,
                      ledger_json: LedgerArg = None,
-                     *,
-                     data_source: Optional[str] = None,
-                     accuracy_per_category: Optional[Mapping[str, float]] = None,
-                     rounds: Optional[int] = None,
-                     model_sha256: Optional[str] = None,
-                     eval_counts_per_category: Optional[Mapping[str, int]] = None,
-                     architecture: Optional[str] = None,
-                     num_parameters: Optional[int] = None,
-                     model_version: Optional[str] = None,
-                     date: Optional[str] = None,
-                     num_clients: Optional[int] = None,
-                     evaluation_data_source: Optional[str] = None) -> dict[str, Any]:
+                     **card_fields: Any) -> dict[str, Any]:
   """Writes model_card.json: model details, intended use, data, metrics, limitations, privacy.
 
   Args:
@@ -731,6 +720,7 @@ def write_model_card(path: 'str | os.PathLike[str]',
     ledger_json: the run's published privacy ledger (privacy_ledger.json contents or its path);
       each category's guarantee (target and spent epsilon, delta, noise multiplier, accountant,
       privacy unit, client-level epsilon) is copied from it. None: the card claims no guarantee.
+    **card_fields: `build_model_card`'s keyword arguments, which are:
     data_source: a short name of the training data: config.dataset ('phantoms' marks the card
       synthetic_training_data and demonstration_only; 'mednist', 'dicom'), not a path.
       None: the card says the training data was not stated.
@@ -757,13 +747,7 @@ def write_model_card(path: 'str | os.PathLike[str]',
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, MODEL_CARD_FILENAME)
-  card = build_model_card(policy, ledger_json, data_source=data_source,
-                          accuracy_per_category=accuracy_per_category, rounds=rounds,
-                          model_sha256=model_sha256,
-                          eval_counts_per_category=eval_counts_per_category,
-                          architecture=architecture, num_parameters=num_parameters,
-                          model_version=model_version, date=date, num_clients=num_clients,
-                          evaluation_data_source=evaluation_data_source)
+  card = build_model_card(policy, ledger_json, **card_fields)
   _write_json_atomically(path, card)
   return card
 
