@@ -21,6 +21,7 @@ from typing import Optional
 
 import grpc
 
+from tff_medical import processes
 from tff_medical.crosssilo import identity
 from tff_medical.crosssilo import provisioning as pki
 from tff_medical.errors import ConfigError
@@ -190,9 +191,4 @@ class SuperLink:
     process, self._process = self._process, None
     if process is None or process.poll() is not None:
       return
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
+    processes.terminate(process)

@@ -24,7 +24,6 @@ import atexit
 import glob
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from absl import logging
 import grpc
 import portpicker
 
+from tff_medical import processes
 from tff_medical.errors import RuntimeIsolationError
 
 _STARTUP_TIMEOUT_SEC = 120.0
@@ -230,12 +230,7 @@ class LocalWorker:
       self._channel.close()  # Else it keeps trying to reconnect to a socket that is gone.
       self._channel = None
     if process is not None and process.poll() is None:
-      process.send_signal(signal.SIGTERM)
-      try:
-        process.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+      processes.terminate(process)
     elif process is not None and not keep_log:
       # It ended before we asked it to: a crash whose log is worth keeping.
       keep_log = True
