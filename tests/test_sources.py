@@ -20,7 +20,7 @@ from tff_medical.training import program
 
 
 def test_every_reader_of_dataset_names_reads_the_registry():
-  assert sources.NAMES == ('phantoms', 'mednist', 'dicom')
+  assert sources.NAMES == ('phantoms', 'mednist', 'dicom', 'pacs')
   assert config_lib.DATASETS == sources.NAMES
   assert coordinator.EVAL_DATASETS == ('none',) + sources.NAMES
   assert [n for n in sources.NAMES if sources.get(n).needs_data_dir] == ['mednist', 'dicom']

@@ -4,6 +4,7 @@ import math
 
 import ml_collections
 
+from tff_medical.data import pacs
 from tff_medical.data import phantoms
 from tff_medical.data import sources
 from tff_medical.errors import ConfigError
@@ -37,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.test_fraction = 0.1
   config.holdout_fraction = 0.1
   config.seed = 0
+  # pacs only: the PACS to query over DICOMweb, its credentials, the query filter and the
+  # site's cache of decoded images (tff_medical.data.pacs.PacsSettings documents each field).
+  config.pacs = ml_collections.ConfigDict(pacs.default_config_fields())
   # Rounds and sampling.
   config.clients_per_round = 100  # Expected clients per round (Poisson) or exact (fixed_size).
   config.total_rounds = 50
@@ -121,6 +125,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(needs_data_dir or not config.data_dir,
            f'data_dir must be empty for dataset {config.dataset!r} (the embedded data is '
            f'generated). Found {config.data_dir!r}.')
+  if sources.get(config.dataset).remote:
+    pacs.PacsSettings.from_config(config.get('pacs'))
   for name in ('num_per_category', 'num_clients', 'clients_per_round', 'total_rounds',
                'eval_every', 'checkpoints_to_keep'):
     _positive_int(name, config[name])

@@ -80,7 +80,8 @@ def load_images(config) -> source_lib.LabeledImages:
   """The configured image source, loaded whole (images are 4 KiB each)."""
   return sources.load(config.dataset, data_dir=config.get('data_dir', ''),
                       num_per_category=config.get('num_per_category'),
-                      seed=config.get('seed', 0), difficulty=config.get('phantom_difficulty'))
+                      seed=config.get('seed', 0), difficulty=config.get('phantom_difficulty'),
+                      pacs=config.get('pacs'))
 
 
 def build_keras_model(config) -> tf.keras.Model:

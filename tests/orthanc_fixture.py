@@ -1,0 +1,289 @@
+"""A real Orthanc PACS for tests: Debian's orthanc + orthanc-dicomweb, on loopback, then stopped.
+
+`OrthancServer` writes its own JSON configuration into a private temporary folder (0700):
+storage there, HTTP on a free port with RemoteAccessAllowed false (only loopback clients),
+AuthenticationEnabled with one registered user (so another local user cannot read the images
+without the password, which lives in that folder only), the DICOM (DIMSE) server, WebDAV and the
+Explorer off, the DICOMweb plugin on. `install_orthanc()` installs the two Debian packages when
+they are missing (as root, as tests/install_browser.sh does for Chromium) and returns the reason
+when it cannot, for the test to skip with.
+
+`seed_instances()` builds the uploaded studies from pydicom's bundled test files, rewritten with
+the six categories' Modality/BodyPartExamined and planted canary identifiers.
+"""
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pydicom
+from pydicom import data as pydicom_data
+from pydicom import uid as pydicom_uid
+
+ORTHANC = '/usr/sbin/Orthanc'
+# Where the Debian package orthanc-dicomweb puts the plugin (dpkg -L orthanc-dicomweb).
+DICOMWEB_PLUGIN = '/usr/share/orthanc/plugins/libOrthancDicomWeb.so'
+USER = 'tff-site'
+
+
+def install_orthanc() -> str:
+  """'' when Orthanc and its DICOMweb plugin are there (installed now if needed); else why not."""
+  if os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN):
+    return ''
+  if os.geteuid() != 0:
+    return 'orthanc and orthanc-dicomweb are not installed and installing needs root'
+  env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+  try:
+    subprocess.run(['apt-get', 'update', '-qq'], env=env, check=True, capture_output=True,
+                   timeout=600)
+    # policy-rc.d may refuse to start the packaged service; the test starts its own server.
+    subprocess.run(['apt-get', 'install', '-y', '-qq', 'orthanc', 'orthanc-dicomweb'], env=env,
+                   check=False, capture_output=True, timeout=900)
+  except (OSError, subprocess.SubprocessError) as e:
+    return f'cannot install orthanc and orthanc-dicomweb with apt-get: {e}'
+  if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
+    return 'apt-get did not install orthanc and orthanc-dicomweb'
+  return ''
+
+
+def _free_port() -> int:
+  import portpicker  # pylint: disable=g-import-not-at-top
+  return portpicker.pick_unused_port()
+
+
+class OrthancServer:
+  """One Orthanc process; `start()`, `stop()`, or use as a context manager."""
+
+  def __init__(self, root: str = ''):
+    self._own_root = not root
+    self.root = root or tempfile.mkdtemp(prefix='orthanc-')
+    os.chmod(self.root, 0o700)
+    self.password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+    self.port = 0
+    self.process = None
+    self.log_path = os.path.join(self.root, 'orthanc.log')
+
+  @property
+  def url(self) -> str:
+    return f'http://127.0.0.1:{self.port}'
+
+  @property
+  def dicomweb_url(self) -> str:
+    return f'{self.url}/dicom-web'
+
+  def start(self, timeout: float = 60.0) -> 'OrthancServer':
+    self.port = _free_port()
+    storage = os.path.join(self.root, 'storage')
+    os.makedirs(storage, mode=0o700, exist_ok=True)
+    config = {
+        'Name': 'tff-medical-test',
+        'StorageDirectory': storage,
+        'IndexDirectory': storage,
+        'StorageCompression': False,
+        # No in-memory copy of stored files: a test that damages a stored file sees it served.
+        'MaximumStorageCacheSize': 0,
+        'HttpPort': self.port,
+        'RemoteAccessAllowed': False,
+        'AuthenticationEnabled': True,
+        'RegisteredUsers': {USER: self.password},
+        'DicomServerEnabled': False,
+        'DicomPort': _free_port(),
+        'WebDavEnabled': False,
+        'OrthancExplorerEnabled': False,
+        'HttpCompressionEnabled': False,
+        'Plugins': [DICOMWEB_PLUGIN],
+        'DicomWeb': {'Enable': True, 'Root': '/dicom-web/', 'EnableWado': False},
+    }
+    config_path = os.path.join(self.root, 'orthanc.json')
+    # The password is in it: owner-only from creation.
+    fd = os.open(config_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, 'w') as f:
+      json.dump(config, f)
+    log = open(self.log_path, 'ab')  # pylint: disable=consider-using-with
+    # --verbose logs each HTTP request, which is how a test counts retrievals.
+    self.process = subprocess.Popen([ORTHANC, '--verbose', config_path], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if self.process.poll() is not None:
+        raise RuntimeError(f'Orthanc exited with {self.process.returncode}: '
+                           f'{self.log_text()[-2000:]}')
+      try:
+        self.request('GET', '/system')
+        return self
+      except (OSError, urllib.error.URLError):
+        time.sleep(0.2)
+    self.stop()
+    raise RuntimeError(f'Orthanc not ready after {timeout}s: {self.log_text()[-2000:]}')
+
+  def stop(self) -> None:
+    if self.process is not None and self.process.poll() is None:
+      os.killpg(self.process.pid, signal.SIGTERM)
+      try:
+        self.process.wait(timeout=20)
+      except subprocess.TimeoutExpired:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=20)
+    self.process = None
+
+  def cleanup(self) -> None:
+    self.stop()
+    if self._own_root:
+      shutil.rmtree(self.root, ignore_errors=True)
+
+  def __enter__(self):
+    return self.start()
+
+  def __exit__(self, *exc):
+    self.cleanup()
+
+  def log_text(self) -> str:
+    try:
+      with open(self.log_path, errors='replace') as f:
+        return f.read()
+    except OSError:
+      return ''
+
+  def request(self, method: str, path: str, body: bytes = b'',
+              content_type: str = 'application/dicom'):
+    """An authenticated REST call to Orthanc's own API; returns the decoded JSON (or bytes)."""
+    token = base64.b64encode(f'{USER}:{self.password}'.encode()).decode()
+    request = urllib.request.Request(self.url + path, data=body or None, method=method,
+                                     headers={'Authorization': f'Basic {token}',
+                                              'Content-Type': content_type})
+    with urllib.request.urlopen(request, timeout=30) as response:
+      data = response.read()
+    try:
+      return json.loads(data)
+    except ValueError:
+      return data
+
+  def upload(self, dataset_bytes: bytes) -> str:
+    """Stores one DICOM file (REST /instances); returns Orthanc's instance id."""
+    return self.request('POST', '/instances', dataset_bytes)['ID']
+
+  def attachment_path(self, orthanc_id: str) -> str:
+    """The stored file of an instance (storage is uncompressed, one file per attachment)."""
+    uuid = self.request('GET', f'/instances/{orthanc_id}/attachments/dicom/info')['Uuid']
+    return os.path.join(self.root, 'storage', uuid[:2], uuid[2:4], uuid)
+
+  def damage(self, orthanc_id: str) -> None:
+    """Makes a stored instance corrupt: its Rows (explicit VR little endian) now claims 512, so
+    the pixel data is 4x too short for its header. Orthanc still indexes and serves it."""
+    path = self.attachment_path(orthanc_id)
+    with open(path, 'rb') as f:
+      data = f.read()
+    rows = b'\x28\x00\x10\x00US\x02\x00'
+    at = data.index(rows) + len(rows)
+    with open(path, 'r+b') as f:
+      f.seek(at)
+      f.write((512).to_bytes(2, 'little'))
+
+  def wado_retrievals(self) -> int:
+    """WADO-RS instance retrievals Orthanc has logged so far."""
+    return sum(1 for line in self.log_text().splitlines()
+               if 'GET /dicom-web/studies/' in line and '/instances/' in line
+               and '/metadata' not in line)
+
+
+# Seeded studies -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSpec:
+  """One uploaded instance: what its tags say, and the category the mapping must give it."""
+
+  modality: str
+  body_part: str
+  expected: str  # a category id, or '' for an instance no rule maps
+  template: str = 'CT_small.dcm'
+  study_description: str = ''
+
+
+# The six categories by Modality/BodyPartExamined (dicom_mapping.json), one by a description
+# keyword, and two no rule maps.
+SEEDS = (
+    SeedSpec('CT', 'HEAD', 'HeadCT'),
+    SeedSpec('CT', 'CHEST', 'ChestCT'),
+    SeedSpec('CT', 'ABDOMEN', 'AbdomenCT'),
+    SeedSpec('MR', 'BREAST', 'BreastMRI', template='MR_small.dcm'),
+    SeedSpec('CR', 'CHEST', 'CXR'),
+    SeedSpec('DX', 'HAND', 'Hand', template='MR_small.dcm'),
+    SeedSpec('CT', '', 'HeadCT', study_description='CT BRAIN W/O CONTRAST'),
+    SeedSpec('MR', 'KNEE', ''),
+    SeedSpec('US', 'ABDOMEN', ''),
+)
+
+
+@dataclasses.dataclass
+class Seeded:
+  """The instances built by `seed_instances`: DICOM bytes, specs, and every canary planted."""
+
+  files: list
+  specs: list
+  canaries: set
+
+
+def _uid(prefix: str, token: str, n: int) -> str:
+  # Digits only, as UIDs must be; unique per run so that a leak is this run's, not a constant.
+  return f'{prefix}.{int(token, 16) % 10**12}.{n}'
+
+
+def seed_instances(copies: int = 2, token: str = '') -> Seeded:
+  """`copies` instances of each SEEDS entry, each series in its own study, with canaries.
+
+  Canaries (distinct per study and per run): PatientName, PatientID, PatientBirthDate,
+  InstitutionName, AccessionNumber, ReferringPhysicianName, Study/Series Instance UIDs; and the
+  SOP Instance UID of each instance.
+  """
+  token = token or os.urandom(6).hex()
+  files, specs, canaries = [], [], set()
+  for s, spec in enumerate(SEEDS):
+    study_uid = _uid(pydicom_uid.PYDICOM_ROOT_UID.rstrip('.'), token, 1000 + s)
+    series_uid = study_uid + '.1'
+    for c in range(copies):
+      ds = pydicom.dcmread(pydicom_data.get_testdata_file(spec.template))
+      # Patient and study attributes are the study's (Orthanc keys a series by PatientID too).
+      n = s
+      values = {
+          'PatientName': f'CANARY{token}^NAME{n}',
+          'PatientID': f'CANARYID{token}{n}',
+          'InstitutionName': f'CANARY{token} HOSPITAL {n}',
+          'AccessionNumber': f'ACC{token[:6]}{n}',
+          'ReferringPhysicianName': f'CANARYDR{token}^{n}',
+      }
+      for keyword, value in values.items():
+        setattr(ds, keyword, value)
+        canaries.add(value)
+      ds.PatientBirthDate = f'19{(int(token[:2], 16) % 90) + 10:02d}0{1 + n % 9}1{n % 10}'
+      canaries.add(ds.PatientBirthDate)
+      ds.Modality = spec.modality
+      ds.BodyPartExamined = spec.body_part
+      ds.StudyDescription = spec.study_description
+      ds.SeriesDescription = ''
+      ds.StudyInstanceUID = study_uid
+      ds.SeriesInstanceUID = series_uid
+      ds.SOPInstanceUID = f'{series_uid}.{c + 1}'
+      ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+      ds.StudyDate = '20240102'
+      canaries.update({study_uid, series_uid, ds.SOPInstanceUID})
+      # Keep only the bits of each UID that are ours: the template's own UIDs also appear in
+      # other files (e.g. FrameOfReferenceUID), which is not what this test plants.
+      for keyword in ('FrameOfReferenceUID',):
+        if keyword in ds:
+          del ds[keyword]
+      import io  # pylint: disable=g-import-not-at-top
+      buffer = io.BytesIO()
+      ds.save_as(buffer, enforce_file_format=True)
+      files.append(buffer.getvalue())
+      specs.append(spec)
+  return Seeded(files=files, specs=specs, canaries=canaries)
