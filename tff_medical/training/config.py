@@ -94,6 +94,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.server.optimizer = 'sgdm'
   config.server.learning_rate = 1.0
   config.server.momentum = 0.9
+  # Empirical privacy audit (tff_medical.training.canaries, docs/PRIVACY_AUDIT.md): canary
+  # clients per category, measured after training. Off by default: an audit run's model carries
+  # its canaries and is never exported as deployable.
+  config.audit = ml_collections.ConfigDict()
+  config.audit.enabled = False
+  config.audit.canaries_per_category = 1000  # Inserted; as many never-inserted for the null.
+  config.audit.canary_norm_multiple = 2.0  # Canary norm / the category's clip norm (> 1).
+  config.audit.confidence = 0.95  # Of the bootstrap interval of each empirical epsilon.
+  config.audit.bootstrap = 200  # Resamples of the canaries for that interval.
   # Outputs.
   config.eval_every = 5
   config.checkpoints_to_keep = 3
@@ -202,9 +211,44 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(len(config.model.conv_filters) > 0 and all(
       isinstance(f, int) and f > 0 for f in config.model.conv_filters),
            f'model.conv_filters must be positive integers. Found {config.model.conv_filters!r}.')
+  _validate_audit(config)
   input_pooling = config.model.get('input_pooling', 1)
   _require(input_pooling in (1, 2, 4, 8),
            f'model.input_pooling must be 1, 2, 4 or 8. Found {input_pooling!r}.')
   _require(config.model.get('head', 'gap') in cnn.HEADS,
            f'model.head must be one of {", ".join(cnn.HEADS)}. '
            f'Found {config.model.get("head")!r}.')
+
+
+def _validate_audit(config: ml_collections.ConfigDict) -> None:
+  audit = config.get('audit')
+  if audit is None:
+    return  # A config.json from before the audit existed.
+  _require(isinstance(audit.get('enabled', False), bool),
+           f'audit.enabled must be true or false. Found {audit.get("enabled")!r}.')
+  if not audit.get('enabled', False):
+    return
+  _require(config.dp is True, 'audit.enabled needs dp true (the audit checks the DP '
+           'mechanism\'s claim). Found dp False.')
+  _require(config.get('privacy_unit', 'client') == 'client',
+           'audit.enabled needs privacy_unit \'client\' (example-level canaries are not built '
+           f'yet). Found {config.get("privacy_unit")!r}.')
+  _require(config.get('dp_mechanism', DP_MECHANISMS[0]) == 'per_category_noise',
+           'audit.enabled needs dp_mechanism \'per_category_noise\'. '
+           f'Found {config.get("dp_mechanism")!r}.')
+  _require(config.sampling == 'poisson', 'audit.enabled needs sampling \'poisson\' (canaries are '
+           f'sampled like clients, independently). Found {config.sampling!r}.')
+  count = audit.get('canaries_per_category')
+  _positive_int('audit.canaries_per_category', count)
+  _require(count >= 10, f'audit.canaries_per_category must be at least 10. Found {count!r}.')
+  multiple = audit.get('canary_norm_multiple')
+  _require(isinstance(multiple, (int, float)) and not isinstance(multiple, bool) and
+           math.isfinite(multiple) and multiple > 1,
+           f'audit.canary_norm_multiple must be above 1 (canaries above the clip norm). '
+           f'Found {multiple!r}.')
+  confidence = audit.get('confidence')
+  _require(isinstance(confidence, float) and 0 < confidence < 1,
+           f'audit.confidence must be in (0, 1). Found {confidence!r}.')
+  bootstrap = audit.get('bootstrap')
+  _positive_int('audit.bootstrap', bootstrap)
+  _require(bootstrap >= 50, f'audit.bootstrap must be at least 50. Found {bootstrap!r}.')

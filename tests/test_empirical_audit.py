@@ -1,0 +1,204 @@
+"""The empirical privacy audit (issue 18): the statistic, canary clients, and audit runs.
+
+The statistic is checked against independent computations (dp_accounting's Gaussian mechanism,
+the paper's unequal-variance formula at equal variances) and on a simulated Gaussian mechanism
+whose true epsilon dp_accounting knows; the audit must pass an honest mechanism and fail a
+broken one (noise divided by 10 behind the ledger's back, a clip ignored), for the broken
+category only.
+"""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from tff_medical import categories
+from tff_medical.errors import PolicyError
+from tff_medical.privacy import empirical_audit
+from tff_medical.training import canaries
+
+DELTA = 1e-5
+
+
+@pytest.mark.parametrize('shift', [0.05, 0.3, 1.0, 3.0])
+def test_gaussian_mechanism_epsilon_matches_two_gaussians_formula(shift):
+  # dp_accounting's Gaussian privacy loss and the paper's two-Gaussian formula are independent
+  # computations of the same quantity at equal variances.
+  assert empirical_audit.gaussian_mechanism_epsilon(shift, DELTA) == pytest.approx(
+      empirical_audit.epsilon_two_gaussians(0.0, 1.0, shift, 1.0, DELTA), rel=1e-4, abs=1e-6)
+
+
+def test_gaussian_mechanism_epsilon_pinned_against_accountant():
+  # Noise multiplier z, sensitivity 1: shift 1/z. PLD accounting of one Gaussian round.
+  z = 2.0
+  accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+  accountant.compose(dp_accounting.GaussianDpEvent(z))
+  assert empirical_audit.gaussian_mechanism_epsilon(1 / z, DELTA) == pytest.approx(
+      accountant.get_epsilon(DELTA), rel=1e-3)
+  assert empirical_audit.gaussian_mechanism_epsilon(0.0, DELTA) == 0.0
+
+
+def test_unequal_variances_exceed_equal():
+  # A wider alternative distribution is distinguishable in its tails: epsilon grows.
+  equal = empirical_audit.epsilon_two_gaussians(0.0, 1.0, 0.5, 1.0, DELTA)
+  assert empirical_audit.epsilon_two_gaussians(0.0, 1.0, 0.5, 1.3, DELTA) > equal
+
+
+@pytest.mark.parametrize('true_shift', [0.1, 0.25])
+def test_estimate_interval_covers_known_mechanism(true_shift):
+  rng = np.random.default_rng(3)
+  seen = rng.normal(true_shift, 1.0, 3000)
+  unseen = rng.normal(0.0, 1.0, 3000)
+  result = empirical_audit.estimate(seen, DELTA, unseen=unseen, bootstrap=200, seed=1)
+  truth = empirical_audit.gaussian_mechanism_epsilon(true_shift, DELTA)
+  low, high = result.interval
+  assert low <= truth <= high
+  assert low <= result.epsilon <= high
+  assert result.null_source == 'unseen_canaries'
+
+
+def test_estimate_without_signal_stays_small():
+  rng = np.random.default_rng(4)
+  result = empirical_audit.estimate(rng.normal(size=3000), DELTA, unseen=rng.normal(size=3000),
+                                    bootstrap=200)
+  # |shift| upper end about 2 x 1.96 x sqrt(2 / 3000) at most: epsilon below 0.5.
+  assert result.interval[1] < 0.5
+
+
+def test_estimate_with_closed_form_null():
+  dim = 4000
+  rng = np.random.default_rng(0)
+  # Cosines of unit canaries with a vector they moved by 0.5 null stddevs.
+  seen = rng.normal(0.5 / math.sqrt(dim), 1 / math.sqrt(dim), 2000)
+  result = empirical_audit.estimate(seen, DELTA, dim=dim, bootstrap=100)
+  assert result.shift == pytest.approx(0.5, abs=0.08)
+  assert result.interval[0] <= empirical_audit.gaussian_mechanism_epsilon(0.5, DELTA) <= (
+      result.interval[1])
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(seen=[0.1] * 5, unseen=[0.0] * 20), 'seen must hold at least 10'),
+    (dict(seen=[0.1] * 20), 'exactly one null'),
+    (dict(seen=[0.1] * 20, unseen=[0.0] * 20, dim=10), 'exactly one null'),
+    (dict(seen=[math.nan] * 20, dim=10), '1 not finite|20 not finite'),
+    (dict(seen=[0.1] * 20, dim=10, bootstrap=3), 'bootstrap must be'),
+])
+def test_estimate_refuses_bad_input(kwargs, message):
+  seen = kwargs.pop('seen')
+  with pytest.raises(PolicyError, match=message):
+    empirical_audit.estimate(seen, DELTA, **kwargs)
+
+
+# A simulated per-category Gaussian mechanism (numpy, no TFF): each round, each category's
+# sub-aggregate is the clipped sum of its sampled canaries plus N(0, (z_c C)^2) per coordinate,
+# over m; the ledger's claim is dp_accounting's epsilon of T Poisson-subsampled Gaussian rounds.
+_DIM = 400
+_ROUNDS = 30
+_RATE = 0.1
+_CLIENTS = 50.0
+_Z = {'HeadCT': 1.0, 'BreastMRI': 1.0, 'AbdomenCT': 0.8, 'ChestCT': 0.8, 'CXR': 0.7, 'Hand': 0.7}
+
+
+def _claimed(z):
+  accountant = dp_accounting.rdp.RdpAccountant()
+  accountant.compose(
+      dp_accounting.PoissonSampledDpEvent(_RATE, dp_accounting.GaussianDpEvent(z)), _ROUNDS)
+  return accountant.get_epsilon(DELTA)
+
+
+def _simulate(noise_divisor=None, clip_ignored=None, per_category=400, seed=0):
+  audit = canaries.CanaryAudit([(_DIM // 2,), (_DIM // 2,)], sampler_seed=seed, rate=_RATE,
+                               per_category=per_category, norm_multiple=4.0)
+  rng = np.random.default_rng(seed + 100)
+  weights = np.zeros(_DIM)
+  audit.start([weights[:_DIM // 2], weights[_DIM // 2:]])
+  clip = 1.0
+  for round_num in range(1, _ROUNDS + 1):
+    sampled = audit.sampled(round_num)
+    aggregates = {}
+    for i, c in enumerate(categories.CATEGORY_IDS):
+      total = np.zeros(_DIM)
+      for canary in sampled[c]:
+        update = np.concatenate(audit.sub_updates(c, int(canary), clip)[i])
+        norm = np.linalg.norm(update)
+        if c != clip_ignored:
+          update = update * min(1.0, clip / norm)
+        total += update
+      z = _Z[c] / (10 if c == noise_divisor else 1)
+      aggregate = (total + rng.normal(0, z * clip, _DIM)) / _CLIENTS
+      aggregates[c] = [aggregate[:_DIM // 2], aggregate[_DIM // 2:]]
+    delta = -sum(np.concatenate(a) for a in aggregates.values())  # Server SGD, rate 1.
+    weights = weights + delta
+    audit.record_round(round_num, categories.CATEGORY_IDS, sampled, aggregates,
+                       [delta[:_DIM // 2], delta[_DIM // 2:]])
+  stats = audit.statistics([weights[:_DIM // 2], weights[_DIM // 2:]])
+  return {c: empirical_audit.category_report(stats[c]['mechanism'], _claimed(_Z[c]), DELTA,
+                                             bootstrap=100, seed=7)
+          for c in categories.CATEGORY_IDS}
+
+
+def test_simulated_honest_mechanism_passes_every_category():
+  reports = _simulate()
+  for c, report in reports.items():
+    assert report['passed'], (c, report['all_iterates'], report['claimed_epsilon'])
+    assert report['insertions'] > 0
+
+
+@pytest.mark.parametrize('broken', [dict(noise_divisor='CXR'), dict(clip_ignored='ChestCT')],
+                         ids=['noise_over_10', 'clip_ignored'])
+def test_simulated_broken_mechanism_fails_only_its_category(broken):
+  reports = _simulate(**broken)
+  affected = next(iter(broken.values()))
+  failing = [c for c, r in reports.items() if not r['passed']]
+  assert failing == [affected], {c: (r['all_iterates']['interval'], r['claimed_epsilon'])
+                                 for c, r in reports.items()}
+  assert reports[affected]['gap'] < 0
+
+
+def test_canary_sampling_is_poisson_at_the_rate_and_repeatable():
+  audit = canaries.CanaryAudit([(10,)], sampler_seed=5, rate=0.2, per_category=500,
+                               norm_multiple=2.0)
+  counts = [len(audit.sampled(r)['Hand']) for r in range(1, 41)]
+  # Binomial(500, 0.2): mean 100, sd ~8.9; the mean of 40 rounds within 4 of its sd.
+  assert abs(np.mean(counts) - 100) < 4 * 8.9 / math.sqrt(40)
+  again = canaries.CanaryAudit([(10,)], sampler_seed=5, rate=0.2, per_category=500,
+                               norm_multiple=2.0)
+  assert np.array_equal(again.sampled(7)['Hand'], audit.sampled(7)['Hand'])
+  other = canaries.CanaryAudit([(10,)], sampler_seed=6, rate=0.2, per_category=500,
+                               norm_multiple=2.0)
+  assert not np.array_equal(other.sampled(7)['Hand'], audit.sampled(7)['Hand'])
+
+
+def test_canary_sub_update_is_one_category_above_the_clip():
+  audit = canaries.CanaryAudit([(3, 4), (5,)], sampler_seed=1, rate=0.1, per_category=20,
+                               norm_multiple=3.0)
+  update = audit.sub_updates('CXR', 4, clip_norm=0.5)
+  index = categories.LABEL_OF['CXR']
+  for i, parts in enumerate(update):
+    norm = math.sqrt(sum(float(np.sum(p.astype(np.float64)**2)) for p in parts))
+    assert [p.shape for p in parts] == [(3, 4), (5,)]
+    assert norm == pytest.approx(1.5 if i == index else 0.0, rel=1e-5)
+
+
+def test_audit_state_round_trip_and_refusal(tmp_path):
+  from tff_medical.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  make = lambda: canaries.CanaryAudit([(20,)], sampler_seed=2, rate=0.3, per_category=10,
+                                      norm_multiple=2.0)
+  audit = make()
+  audit.start([np.zeros(20)])
+  rng = np.random.default_rng(0)
+  aggregates = {c: [rng.normal(size=20)] for c in categories.CATEGORY_IDS}
+  audit.record_round(1, categories.CATEGORY_IDS, audit.sampled(1), aggregates, [rng.normal(size=20)])
+  audit.save(str(tmp_path))
+  assert (tmp_path / canaries.STATE_FILE).stat().st_mode & 0o077 == 0
+  resumed = make()
+  resumed.load(str(tmp_path), 1)
+  final = [rng.normal(size=20)]
+  a, b = audit.statistics(final), resumed.statistics(final)
+  for c in categories.CATEGORY_IDS:
+    np.testing.assert_array_equal(a[c]['mechanism'].max_seen, b[c]['mechanism'].max_seen)
+    np.testing.assert_array_equal(a[c]['released_model'].final_seen,
+                                  b[c]['released_model'].final_seen)
+  with pytest.raises(ConfigError, match='of round 1, not of round 2'):
+    make().load(str(tmp_path), 2)
