@@ -202,3 +202,50 @@ def test_audit_state_round_trip_and_refusal(tmp_path):
                                   b[c]['released_model'].final_seen)
   with pytest.raises(ConfigError, match='of round 1, not of round 2'):
     make().load(str(tmp_path), 2)
+
+
+# --- The tap on the real class-aware aggregator (TFF) -------------------------------------------
+
+
+def _value_type(size):
+  import collections  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  update = tff.StructWithPythonType([('w', tff.TensorType(np.float32, [size]))],
+                                    collections.OrderedDict)
+  return tff.StructWithPythonType([(c, update) for c in categories.CATEGORY_IDS],
+                                  collections.OrderedDict)
+
+
+def _client_values(array):
+  import collections  # pylint: disable=g-import-not-at-top
+  return [collections.OrderedDict(
+      (c, collections.OrderedDict(w=array[k, i].astype(np.float32)))
+      for i, c in enumerate(categories.CATEGORY_IDS)) for k in range(array.shape[0])]
+
+
+@pytest.mark.usefixtures('tff_context')
+def test_tap_reports_each_sub_aggregate_and_changes_nothing_else():
+  from tff_medical.aggregation import class_aware  # pylint: disable=g-import-not-at-top
+  from tff_medical.privacy import calibration  # pylint: disable=g-import-not-at-top
+  weights = dict(zip(categories.CATEGORY_IDS, [0.5, 1.0, 2.0, 0.0, 1.5, 3.0]))
+  plain = class_aware.ClassAwareFactory.non_private(weights)
+  tapped = canaries.tapped_factory(plain)
+  updates = np.random.default_rng(0).normal(size=(5, 6, 3))
+  plain_process, tapped_process = plain.create(_value_type(3)), tapped.create(_value_type(3))
+  plain_out = plain_process.next(plain_process.initialize(), _client_values(updates))
+  tapped_out = tapped_process.next(tapped_process.initialize(), _client_values(updates))
+  np.testing.assert_allclose(tapped_out.result['w'], plain_out.result['w'], rtol=1e-6)
+  metrics = {'aggregator': tapped_out.measurements}
+  for i, c in enumerate(categories.CATEGORY_IDS):
+    # Each category's own mean, before the combination weights (a frozen or zero-weight
+    # category is still measured; the program skips frozen ones).
+    np.testing.assert_allclose(canaries.sub_aggregates(metrics)[c][0], updates[:, i].mean(0),
+                               rtol=1e-5)
+  # DP: the state (DP events, clip norms) is the inner mechanism's, type for type.
+  splits = {c: calibration.adaptive_clip_split(2.0, 10, 5.0) for c in categories.CATEGORY_IDS}
+  dp = class_aware.ClassAwareFactory.dp(splits)
+  assert tapped_state_type(canaries.tapped_factory(dp)).is_equivalent_to(tapped_state_type(dp))
+
+
+def tapped_state_type(factory):
+  return factory.create(_value_type(2)).initialize.type_signature.result

@@ -24,6 +24,7 @@ An audit run's model carries its canaries: it is never exported as deployable (p
 import collections
 import dataclasses
 import io
+import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -32,6 +33,7 @@ import tensorflow_federated as tff
 
 from tff_medical import categories
 from tff_medical import fileio
+from tff_medical import run_files
 from tff_medical.aggregation import class_aware
 from tff_medical.errors import ConfigError
 from tff_medical.privacy import empirical_audit
@@ -265,3 +267,111 @@ def audit_report(audit: CanaryAudit, final_trainable, ledger, policy, *, confide
     report['categories'][c] = entry
   report['passed'] = all(e.get('passed', False) for e in report['categories'].values())
   return report
+
+
+class ProgramAudit:
+  """What the training program calls in an audit run (config.audit.enabled); see program.py."""
+
+  def __init__(self, config, run_dir: str, sampler, initial_trainable, round_num: int):
+    self._config = config
+    self._run_dir = run_dir
+    self.canaries = CanaryAudit([np.shape(w) for w in initial_trainable], sampler.seed,
+                                sampler.rate, per_category=config.audit.canaries_per_category,
+                                norm_multiple=config.audit.canary_norm_multiple)
+    if round_num:
+      self.canaries.load(run_dir, round_num)
+    else:
+      self.canaries.start(initial_trainable)
+    self._sampled: dict[str, np.ndarray] = {}
+
+  @classmethod
+  def maybe(cls, config, run_dir: str, sampler, initial_trainable,
+            round_num: int) -> Optional['ProgramAudit']:
+    """The run's audit, or None when config.audit is off."""
+    if not enabled(config):
+      return None
+    return cls(config, run_dir, sampler, [np.asarray(w) for w in initial_trainable], round_num)
+
+  def client_inputs(self, round_num: int, aggregator_state) -> list[collections.OrderedDict]:
+    """The round's sampled canaries as client inputs of the class-aware aggregator."""
+    norms = class_aware.clip_norms(aggregator_state)
+    self._sampled = self.canaries.sampled(round_num)
+    inputs = []
+    for c in categories.CATEGORY_IDS:
+      for canary in self._sampled[c]:
+        sub_updates = self.canaries.sub_updates(c, int(canary), norms[c])
+        inputs.append(collections.OrderedDict(
+            (cid, sub_updates[i]) for i, cid in enumerate(categories.CATEGORY_IDS)))
+    return inputs
+
+  def record(self, round_num: int, released, metrics, before_trainable, after_trainable) -> None:
+    """The round's released sub-aggregates and model delta (after the aggregator ran)."""
+    delta = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+             for a, b in zip(after_trainable, before_trainable)]
+    self.canaries.record_round(round_num, tuple(released), self._sampled,
+                               sub_aggregates(metrics), delta)
+
+  def committed(self) -> None:
+    """After the round's checkpoint and release: the statistics, and the ledger's audit mark."""
+    self.canaries.save(self._run_dir)
+    mark_ledger(self._run_dir)
+
+  def finish(self, final_trainable, ledger, policy) -> dict[str, Any]:
+    """Writes empirical_audit.json (publishable: no client, no canary direction) and returns it."""
+    report = audit_report(self.canaries, [np.asarray(w) for w in final_trainable], ledger, policy,
+                          confidence=self._config.audit.confidence,
+                          bootstrap=self._config.audit.bootstrap)
+    fileio.write_atomic(os.path.join(self._run_dir, run_files.EMPIRICAL_AUDIT_FILE),
+                        json.dumps(report, indent=2, allow_nan=False) + '\n')
+    return report
+
+
+AUDIT_RUN_NOTE = ('Audit run: canary clients were inserted to measure the privacy actually '
+                  'provided (empirical_audit.json). Its model carries the canaries and is not a '
+                  'deployable model.')
+
+
+def mark_ledger(run_dir: str) -> None:
+  """Marks privacy_ledger.json as an audit run's (the ledger itself is written each round)."""
+  path = os.path.join(run_dir, run_files.LEDGER_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    ledger_json = json.load(f)
+  if ledger_json.get('audit_run') is True:
+    return
+  ledger_json['audit_run'] = True
+  ledger_json['audit_note'] = AUDIT_RUN_NOTE
+  fileio.write_atomic(path, json.dumps(ledger_json, indent=2, allow_nan=False) + '\n')
+
+
+def is_audit_run(run_dir: str) -> bool:
+  """Whether the run in `run_dir` was an audit run (its config.json says so)."""
+  try:
+    with open(os.path.join(run_dir, run_files.CONFIG_FILE)) as f:
+      run_config = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return bool(run_config.get('audit_run')) or bool(
+      ((run_config.get('config') or {}).get('audit') or {}).get('enabled'))
+
+
+def model_card_section(run_dir: str) -> dict[str, Any]:
+  """The model card's audit section: the run is an audit run; claimed vs empirical epsilon."""
+  report = None
+  try:
+    with open(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE)) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    pass
+  section = {'audit_run': True, 'deployable': False, 'note': AUDIT_RUN_NOTE}
+  if isinstance(report, dict):
+    section['passed'] = report.get('passed')
+    section['delta'] = report.get('delta')
+    section['categories'] = {
+        c: {'claimed_epsilon': e.get('claimed_epsilon'),
+            'empirical_epsilon': e.get('mechanism', {}).get('all_iterates', {}).get('epsilon'),
+            'empirical_interval': e.get('mechanism', {}).get('all_iterates', {}).get('interval'),
+            'passed': e.get('passed')}
+        for c, e in report.get('categories', {}).items()}
+  return section
