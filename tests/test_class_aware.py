@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 from scipy import stats
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_medical import categories
@@ -111,6 +112,37 @@ def test_clip_settings_refused():
     class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.0)
   with pytest.raises(PolicyError, match='target_unclipped_quantile must be in'):
     class_aware.AdaptiveClipSettings(target_unclipped_quantile=1.5)
+
+
+def test_category_query_refuses_what_is_not_a_split():
+  with pytest.raises(PolicyError, match='split must be an AdaptiveClipSplit'):
+    class_aware.category_query({'z': 1.0})
+
+
+@pytest.mark.usefixtures('tff_context')
+def test_category_query_is_tffs_gaussian_adaptive_query():
+  # The public constructor both runtimes use must build what TFF's gaussian_adaptive builds:
+  # same value and count noise, clip, quantile and learning rate, hence the same initial state.
+  split = calibration.adaptive_clip_split(1.3, 10.0, 5.0)
+  clip = class_aware.AdaptiveClipSettings(0.2, 0.6, 0.3)
+  update_type = _value_type(3)[CATS[0]]
+  ours = tff.aggregators.DifferentiallyPrivateFactory(
+      class_aware.category_query(split, clip)).create(update_type).initialize()
+  tffs = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+      noise_multiplier=split.tff_noise_multiplier,
+      clients_per_round=split.expected_clients_per_round,
+      initial_l2_norm_clip=0.2, target_unclipped_quantile=0.6, learning_rate=0.3,
+      clipped_count_stddev=split.clipped_count_stddev).create(update_type).initialize()
+  flat_ours, flat_tffs = tf.nest.flatten(ours.query_state), tf.nest.flatten(tffs.query_state)
+  assert len(flat_ours) == len(flat_tffs) > 5
+  np.testing.assert_allclose(np.array(flat_ours, np.float64), np.array(flat_tffs, np.float64))
+
+
+def test_category_queries_refuse_splits_of_different_client_counts():
+  splits = _splits(1.0, 10.0, 5.0)
+  splits[CATS[2]] = calibration.adaptive_clip_split(1.0, 12.0, 5.0)
+  with pytest.raises(PolicyError, match='same expected_clients_per_round'):
+    class_aware.category_queries(splits)
 
 
 # --- Execution ----------------------------------------------------------------------------------

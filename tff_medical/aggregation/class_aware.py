@@ -17,45 +17,30 @@ aggregator and the ledger records no event for it.
 """
 
 import collections
-from collections.abc import Mapping, Sequence
-import dataclasses
+from collections.abc import Mapping
 import math
 from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators import differential_privacy
 
 from tff_medical import categories
+from tff_medical.aggregation import category_struct
+from tff_medical.aggregation import shared_noise
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import calibration
 
-STATE_INNER = 'inner'
-STATE_RELEASED = 'released'
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaptiveClipSettings:
-  """Adaptive clipping (Andrew et al. 2021) settings shared by every category's aggregator.
-
-  Defaults follow TFF's gaussian_adaptive: start small, adapt geometrically to the median norm.
-  """
-
-  initial_l2_norm_clip: float = 0.1
-  target_unclipped_quantile: float = 0.5
-  learning_rate: float = 0.2
-
-  def __post_init__(self):
-    if not (math.isfinite(self.initial_l2_norm_clip) and self.initial_l2_norm_clip > 0):
-      raise PolicyError('initial_l2_norm_clip must be positive. '
-                        f'Found {self.initial_l2_norm_clip!r}.')
-    if not 0 <= self.target_unclipped_quantile <= 1:
-      raise PolicyError('target_unclipped_quantile must be in [0, 1]. '
-                        f'Found {self.target_unclipped_quantile!r}.')
-    if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-      raise PolicyError(f'learning_rate must be non-negative. Found {self.learning_rate!r}.')
+# The shared shape, re-exported: callers name these through class_aware.
+STATE_INNER = category_struct.STATE_INNER
+STATE_RELEASED = category_struct.STATE_RELEASED
+AdaptiveClipSettings = category_struct.AdaptiveClipSettings
+check_category_struct = category_struct.check_category_struct
+with_released_categories = category_struct.with_released_categories
+released_categories = category_struct.released_categories
 
 
 class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
@@ -97,29 +82,10 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
       clip: Adaptive clipping settings shared by every category.
       combination_weights: Weight of each category's sub-aggregate in the combined update.
     """
-    # Any key order: a plan read back from JSON may have sorted keys.
-    if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
-      found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
-      raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
-                        f'AdaptiveClipSplit. Found {found!r}.')
-    for category_id in categories.CATEGORY_IDS:
-      if not isinstance(splits[category_id], calibration.AdaptiveClipSplit):
-        raise PolicyError(f'splits[{category_id}] must be an AdaptiveClipSplit. '
-                          f'Found {splits[category_id]!r}.')
-    clients = {c: splits[c].expected_clients_per_round for c in categories.CATEGORY_IDS}
-    if len(set(clients.values())) != 1:
-      raise PolicyError('splits must all have the same expected_clients_per_round (one client '
-                        f'sample serves every category). Found {clients}.')
-    factories = collections.OrderedDict()
-    for category_id in categories.CATEGORY_IDS:
-      split = splits[category_id]
-      factories[category_id] = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-          noise_multiplier=float(split.tff_noise_multiplier),
-          clients_per_round=float(split.expected_clients_per_round),
-          initial_l2_norm_clip=float(clip.initial_l2_norm_clip),
-          target_unclipped_quantile=float(clip.target_unclipped_quantile),
-          learning_rate=float(clip.learning_rate),
-          clipped_count_stddev=float(split.clipped_count_stddev))
+    queries = category_queries(splits, clip)
+    factories = collections.OrderedDict(
+        (c, tff.aggregators.DifferentiallyPrivateFactory(queries[c]))
+        for c in categories.CATEGORY_IDS)
     return cls(factories, combination_weights, is_dp=True)
 
   @classmethod
@@ -135,7 +101,6 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     SharedNoiseFactory, whose state the helpers of this module (with_released_categories,
     dp_events, ...) also read.
     """
-    from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
     return shared_noise.SharedNoiseFactory.from_splits(splits, clip, combination_weights,
                                                        category_fractions)
 
@@ -181,7 +146,7 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.tensorflow.computation(results_type, released_type)
     def combine(results, released):
       scale = tf.constant(weights) * released
-      results = _to_nest(results)
+      results = category_struct.to_nest(results)
       parts = [tf.nest.map_structure(lambda t, s=scale[i]: tf.cast(s, t.dtype) * t, results[c])
                for i, c in enumerate(categories.CATEGORY_IDS)]
       return tf.nest.map_structure(lambda *ts: tf.add_n(ts), *parts)
@@ -192,8 +157,8 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
       @tff.tensorflow.computation(inner_state_type, inner_state_type, released_type)
       def keep_if_frozen(old_state, new_state, released):
         keep_new = released[index] > 0.5
-        return tf.nest.map_structure(lambda o, n: tf.where(keep_new, n, o), _to_nest(old_state),
-                                     _to_nest(new_state))
+        return tf.nest.map_structure(lambda o, n: tf.where(keep_new, n, o), category_struct.to_nest(old_state),
+                                     category_struct.to_nest(new_state))
 
       return keep_if_frozen
 
@@ -222,35 +187,54 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-def check_category_struct(value_type) -> tff.Type:
-  """The sub-update type of a {category: sub-update} struct; TypeError for any other type."""
-  if not isinstance(value_type, tff.StructType) or [
-      name for name, _ in tff.structure.iter_elements(value_type)
-  ] != list(categories.CATEGORY_IDS):
-    raise TypeError(f'value_type must be a struct with one field per category '
-                    f'{list(categories.CATEGORY_IDS)}. Found {value_type}.')
-  update_type = value_type[categories.CATEGORY_IDS[0]]
+def category_query(split: calibration.AdaptiveClipSplit,
+                   clip: AdaptiveClipSettings = AdaptiveClipSettings()):
+  """The DPQuery of one category: TFF's gaussian_adaptive query at the split's multipliers.
+
+  Both runtimes run it: ClassAwareFactory.dp wraps it in a DifferentiallyPrivateFactory, the
+  cross-silo coordinator and sites call it directly (crosssilo/mechanism.py).
+
+  Args:
+    split: The category's AdaptiveClipSplit (tff_medical.privacy.calibration).
+    clip: Adaptive clipping settings.
+
+  Returns:
+    NormalizedQuery(QuantileAdaptiveClipSumQuery) over the split's expected clients per round.
+  """
+  if not isinstance(split, calibration.AdaptiveClipSplit):
+    raise PolicyError(f'split must be an AdaptiveClipSplit. Found {split!r}.')
+  clients = float(split.expected_clients_per_round)
+  # TFF's own split of its multiplier into value noise and count noise (gaussian_adaptive).
+  value_noise_multiplier, count_stddev = differential_privacy.adaptive_clip_noise_params(
+      float(split.tff_noise_multiplier), clients, float(split.clipped_count_stddev))
+  query = tfp.QuantileAdaptiveClipSumQuery(
+      initial_l2_norm_clip=float(clip.initial_l2_norm_clip),
+      noise_multiplier=value_noise_multiplier,
+      target_unclipped_quantile=float(clip.target_unclipped_quantile),
+      learning_rate=float(clip.learning_rate),
+      clipped_count_stddev=count_stddev,
+      expected_num_records=clients,
+      geometric_update=True)
+  return tfp.NormalizedQuery(query, denominator=clients)
+
+
+def category_queries(splits: Mapping[str, calibration.AdaptiveClipSplit],
+                     clip: AdaptiveClipSettings = AdaptiveClipSettings()) -> dict[str, Any]:
+  """`category_query` of every category, after checking the splits fit one client sample."""
+  # Any key order: a plan read back from JSON may have sorted keys.
+  if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
+    found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
+    raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
+                      f'AdaptiveClipSplit. Found {found!r}.')
   for category_id in categories.CATEGORY_IDS:
-    if not value_type[category_id].is_equivalent_to(update_type):
-      raise TypeError(f'every category sub-update must have type {update_type}. '
-                      f'Found {value_type[category_id]} for {category_id}.')
-  return update_type
-
-
-def with_released_categories(state: Any, released: Sequence[str]) -> Any:
-  """The aggregator state with exactly the categories in `released` active for the next round."""
-  unknown = [c for c in released if c not in categories.LABEL_OF]
-  if unknown:
-    raise PolicyError(f'released categories must be known category ids. Found {unknown}.')
-  mask = np.array([1.0 if c in released else 0.0 for c in categories.CATEGORY_IDS], np.float32)
-  new_state = collections.OrderedDict(state)
-  new_state[STATE_RELEASED] = mask
-  return new_state
-
-
-def released_categories(state: Any) -> tuple[str, ...]:
-  mask = np.asarray(state[STATE_RELEASED])
-  return tuple(c for i, c in enumerate(categories.CATEGORY_IDS) if mask[i] > 0.5)
+    if not isinstance(splits[category_id], calibration.AdaptiveClipSplit):
+      raise PolicyError(f'splits[{category_id}] must be an AdaptiveClipSplit. '
+                        f'Found {splits[category_id]!r}.')
+  clients = {c: splits[c].expected_clients_per_round for c in categories.CATEGORY_IDS}
+  if len(set(clients.values())) != 1:
+    raise PolicyError('splits must all have the same expected_clients_per_round (one client '
+                      f'sample serves every category). Found {clients}.')
+  return {c: category_query(splits[c], clip) for c in categories.CATEGORY_IDS}
 
 
 def dp_events(state: Any) -> dict[str, Any]:
@@ -262,12 +246,11 @@ def dp_events(state: Any) -> dict[str, Any]:
   category's recorded event. Frozen categories get None: their inner state was kept, so the event
   in it is an old one. Read from the aggregator state itself, never from the plan.
   """
-  from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
   if shared_noise.is_shared_noise_state(state):
     return shared_noise.dp_events(state)
   released = released_categories(state)
   recorded = {
-      c: (differential_privacy.extract_dp_event_from_state(_as_dp_state(state[STATE_INNER][c]))
+      c: (differential_privacy.extract_dp_event_from_state(category_struct.as_dp_state(state[STATE_INNER][c]))
           if c in released else None) for c in categories.CATEGORY_IDS
   }
   whole_client = accounting.whole_client_events(recorded)
@@ -279,35 +262,13 @@ def dp_events(state: Any) -> dict[str, Any]:
 
 def clip_norms(state: Any) -> dict[str, float]:
   """Each category's current adaptive clip norm (public: it is a DP output)."""
-  from tff_medical.aggregation import shared_noise  # pylint: disable=g-import-not-at-top
   if shared_noise.is_shared_noise_state(state):
     return shared_noise.clip_norms(state)
   norms = {}
   for category_id in categories.CATEGORY_IDS:
-    dp_state = _as_dp_state(state[STATE_INNER][category_id])
+    dp_state = category_struct.as_dp_state(state[STATE_INNER][category_id])
     # NormalizedQuery(QuantileAdaptiveClipSumQuery) state: numerator_state.sum_state.l2_norm_clip
-    numerator = _field(dp_state.query_state, 'numerator_state')
-    sum_state = _field(numerator, 'sum_state')
-    norms[category_id] = float(_field(sum_state, 'l2_norm_clip'))
+    numerator = category_struct.field(dp_state.query_state, 'numerator_state')
+    sum_state = category_struct.field(numerator, 'sum_state')
+    norms[category_id] = float(category_struct.field(sum_state, 'l2_norm_clip'))
   return norms
-
-
-def _to_nest(value):
-  """A TFF Struct (what a tf_computation receives for a struct argument) as tf.nest sees it."""
-  if isinstance(value, tff.structure.Struct):
-    return tff.structure.to_odict_or_tuple(value, recursive=True)
-  return value
-
-
-def _field(value, name):
-  if isinstance(value, Mapping):
-    return value[name]
-  return getattr(value, name)
-
-
-def _as_dp_state(value) -> differential_privacy.DPAggregatorState:
-  if isinstance(value, differential_privacy.DPAggregatorState):
-    return value
-  if isinstance(value, Mapping):
-    return differential_privacy.DPAggregatorState(**value)
-  return differential_privacy.DPAggregatorState(*value)

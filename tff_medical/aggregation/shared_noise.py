@@ -38,17 +38,13 @@ from tensorflow_federated.python.aggregators import differential_privacy
 import tensorflow_privacy as tfp
 
 from tff_medical import categories
-from tff_medical.aggregation import class_aware
+from tff_medical.aggregation import category_struct
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import calibration
 from tff_medical.privacy import shared_noise_calibration
 
 CATS = categories.CATEGORY_IDS
-# class_aware's readers of TFF values: shared so both factories read states the same way.
-_to_nest = class_aware._to_nest  # pylint: disable=protected-access
-_field = class_aware._field  # pylint: disable=protected-access
-_as_dp_state = class_aware._as_dp_state  # pylint: disable=protected-access
 
 
 class SharedNoiseQuery(tfp.SumAggregationDPQuery):
@@ -156,8 +152,8 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
   def __init__(self, *, noise_scale: float, clip_ratios: Mapping[str, float],
                combination_weights: Mapping[str, float], clipped_count_stddev: float,
                expected_clients_per_round: float,
-               clip: class_aware.AdaptiveClipSettings = class_aware.AdaptiveClipSettings()):
-    if not isinstance(clip, class_aware.AdaptiveClipSettings):
+               clip: category_struct.AdaptiveClipSettings = category_struct.AdaptiveClipSettings()):
+    if not isinstance(clip, category_struct.AdaptiveClipSettings):
       raise PolicyError(f'clip must be an AdaptiveClipSettings. Found {clip!r}.')
     self._noise_scale = _non_negative('noise_scale', noise_scale)
     self._clip_ratios = _per_category('clip_ratios', clip_ratios)
@@ -172,7 +168,7 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
   @classmethod
   def from_splits(cls,
                   splits: Mapping[str, calibration.AdaptiveClipSplit],
-                  clip: class_aware.AdaptiveClipSettings = class_aware.AdaptiveClipSettings(),
+                  clip: category_struct.AdaptiveClipSettings = category_struct.AdaptiveClipSettings(),
                   combination_weights: Optional[Mapping[str, float]] = None,
                   category_fractions: Optional[Mapping[str, float]] = None
                  ) -> 'SharedNoiseFactory':
@@ -199,7 +195,7 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
     return True
 
   def create(self, value_type) -> tff.templates.AggregationProcess:
-    update_type = class_aware.check_category_struct(value_type)
+    update_type = category_struct.check_category_struct(value_type)
     del update_type
     query = tfp.NormalizedQuery(
         SharedNoiseQuery(
@@ -224,8 +220,8 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.federated_computation()
     def init_fn():
       return tff.federated_zip(collections.OrderedDict([
-          (class_aware.STATE_INNER, inner.initialize()),
-          (class_aware.STATE_RELEASED, tff.federated_eval(all_released, tff.SERVER)),
+          (category_struct.STATE_INNER, inner.initialize()),
+          (category_struct.STATE_RELEASED, tff.federated_eval(all_released, tff.SERVER)),
       ]))
 
     # The released mask lives in the outer state (class_aware's helpers set it); the query reads
@@ -233,7 +229,7 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.tensorflow.computation(query_state_type, released_type)
     def set_released(query_state, released):
       # NormalizedQuery state (numerator_state, denominator); both are namedtuples in TF.
-      numerator, denominator = _to_nest(query_state)
+      numerator, denominator = category_struct.to_nest(query_state)
       numerator = SharedNoiseQuery.GlobalState(*numerator)._replace(released=released)
       return type(query_state)(numerator, denominator) if hasattr(
           query_state, '_fields') else (numerator, denominator)
@@ -241,14 +237,14 @@ class SharedNoiseFactory(tff.aggregators.UnweightedAggregationFactory):
     @tff.federated_computation(init_fn.type_signature.result,
                                tff.FederatedType(value_type, tff.CLIENTS))
     def next_fn(state, value):
-      released = state[class_aware.STATE_RELEASED]
-      query_state, agg_state, dp_event, is_init_state = state[class_aware.STATE_INNER]
+      released = state[category_struct.STATE_RELEASED]
+      query_state, agg_state, dp_event, is_init_state = state[category_struct.STATE_INNER]
       query_state = tff.federated_map(set_released, (query_state, released))
       inner_state = tff.federated_zip(differential_privacy.DPAggregatorState(
           query_state, agg_state, dp_event, is_init_state))
       output = inner.next(inner_state, value)
       new_state = tff.federated_zip(collections.OrderedDict([
-          (class_aware.STATE_INNER, output.state), (class_aware.STATE_RELEASED, released)]))
+          (category_struct.STATE_INNER, output.state), (category_struct.STATE_RELEASED, released)]))
       return tff.templates.MeasuredProcessOutput(
           state=new_state, result=output.result, measurements=output.measurements)
 
@@ -275,17 +271,17 @@ def _per_category(field: str, value: Any) -> dict[str, float]:
 
 def is_shared_noise_state(state: Any) -> bool:
   """Whether an aggregator state is this factory's (not ClassAwareFactory's per-category one)."""
-  inner = state[class_aware.STATE_INNER]
+  inner = state[category_struct.STATE_INNER]
   return not (isinstance(inner, Mapping) and list(inner) == list(CATS))
 
 
 def _numerator_state(state: Any):
   """(DPAggregatorState, SharedNoiseQuery state) of an aggregator state."""
-  dp_state = _as_dp_state(state[class_aware.STATE_INNER])
+  dp_state = category_struct.as_dp_state(state[category_struct.STATE_INNER])
   # NormalizedQuery(SharedNoiseQuery) state: (numerator_state, denominator).
   query_state = dp_state.query_state
   if isinstance(query_state, Mapping) or hasattr(query_state, '_fields'):
-    return dp_state, _field(query_state, 'numerator_state')
+    return dp_state, category_struct.field(query_state, 'numerator_state')
   return dp_state, query_state[0]
 
 
@@ -302,7 +298,7 @@ def dp_events(state: Any) -> dict[str, Optional[accounting.CategoryRoundEvents]]
   if not isinstance(event, dp_accounting.ComposedDpEvent) or len(parts) != len(CATS) + 1:
     raise PolicyError('a shared-noise aggregator state must record ComposedDpEvent of six value '
                       f'Gaussians and the count. Found {event!r}.')
-  released = class_aware.released_categories(state)
+  released = category_struct.released_categories(state)
   # Relation (b): a whole client moves the one shared count by 0.5, as TFF records it, so its
   # round is the value Gaussian with the count as recorded (never more than relation (a)).
   return {
@@ -317,12 +313,12 @@ def dp_events(state: Any) -> dict[str, Optional[accounting.CategoryRoundEvents]]
 def clip_norms(state: Any) -> dict[str, float]:
   """Each category's current clip C_c = r_c * C (public: C is a DP output)."""
   _, numerator = _numerator_state(state)
-  base = float(_field(_field(numerator, 'sum_state'), 'l2_norm_clip'))
-  ratios = np.asarray(_field(numerator, 'clip_ratios'), np.float64)
+  base = float(category_struct.field(category_struct.field(numerator, 'sum_state'), 'l2_norm_clip'))
+  ratios = np.asarray(category_struct.field(numerator, 'clip_ratios'), np.float64)
   return {c: base * float(ratios[i]) for i, c in enumerate(CATS)}
 
 
 def base_clip_norm(state: Any) -> float:
   """The adaptive base clip C."""
   _, numerator = _numerator_state(state)
-  return float(_field(_field(numerator, 'sum_state'), 'l2_norm_clip'))
+  return float(category_struct.field(category_struct.field(numerator, 'sum_state'), 'l2_norm_clip'))

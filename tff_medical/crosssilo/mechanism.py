@@ -5,8 +5,8 @@ simulation uses per category (tff_medical.aggregation.class_aware), is a thin fe
 around one TF Privacy DPQuery: the server calls `derive_sample_params` and broadcasts the
 result, each client calls `preprocess_record` (clip to the adaptive norm, plus the centred
 "was unclipped" bit), the records are summed, and the server calls `get_noised_result` (Gaussian
-noise, adaptive clip update, DP event). Here the very same query objects are built (taken from
-TFF's gaussian_adaptive factory with the run's calibrated split, `category_queries`), and the
+noise, adaptive clip update, DP event). Here the very same query objects are built (by
+class_aware.category_queries, which the simulation's factory wraps, `category_queries`), and the
 same three calls run where they run in TFF: `derive_sample_params` at the coordinator,
 `preprocess_record` at each site, `get_noised_result` at the coordinator on the sum that Flower's
 SecAgg+ released. Noise, adaptive clipping and the DP event (fed to the ledger through
@@ -84,22 +84,12 @@ class MechanismPlan:
 
 
 def category_queries(plan: MechanismPlan) -> dict[str, Any]:
-  """Each category's DPQuery, exactly as the simulation's aggregator builds it.
+  """Each category's DPQuery, built by the same constructor as the simulation's aggregator.
 
-  ClassAwareFactory.dp builds one TFF gaussian_adaptive factory per category; the factory holds
-  TF Privacy's NormalizedQuery(QuantileAdaptiveClipSumQuery) that it runs. We take that query
-  (TFF keeps it in `_query`; there is no public accessor) instead of re-deriving TFF's noise
-  split here, so any change in how the factory is built applies to both runtimes.
+  class_aware.category_queries is what ClassAwareFactory.dp wraps, so any change in how the
+  query is built applies to both runtimes.
   """
-  factory = class_aware.ClassAwareFactory.dp(plan.splits, plan.clip)
-  queries = {}
-  for c in categories.CATEGORY_IDS:
-    query = getattr(factory._factories[c], '_query', None)  # pylint: disable=protected-access
-    if query is None or not hasattr(query, 'get_noised_result'):
-      raise PolicyError('TFF\'s DifferentiallyPrivateFactory must hold its DPQuery in _query '
-                        f'(TFF 0.87). Found {type(factory._factories[c]).__name__}.')  # pylint: disable=protected-access
-    queries[c] = query
-  return queries
+  return class_aware.category_queries(plan.splits, plan.clip)
 
 
 def initial_states(queries: Mapping[str, Any]) -> dict[str, Any]:
