@@ -15,6 +15,7 @@ from tff_medical import categories
 from tff_medical import fileio
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import budget
 from tff_medical.privacy import ledger_schema as schema
 from tff_medical.privacy.accounting import Accountant
 from tff_medical.privacy.policy import PrivacyLevel
@@ -69,50 +70,6 @@ def parse_step_event(event: dp_accounting.DpEvent) -> tuple[float, float, int]:
   return float(inner.sampling_probability), z, accounting.positive_int('steps', event.count)
 
 
-class _Site:
-  """One site's history: [multipliers per category (None: frozen), steps, rounds] entries."""
-
-  def __init__(self, spec: SiteSpec):
-    self.spec = spec
-    self.history: list[list] = []
-    self.frozen: dict[str, int] = {}
-
-  def runs(self, index: int, extra: Optional[tuple[float, int]] = None):
-    values = [(zs[index], steps) for zs, steps, _ in self.history]
-    if extra is not None:
-      values.append(extra)
-    return schema.merge_runs(values)
-
-  def last_applied(self, index: int) -> Optional[float]:
-    for zs, _, _ in reversed(self.history):
-      if zs[index] is not None:
-        return zs[index]
-    return None
-
-  def append(self, zs: tuple, steps: int) -> None:
-    # Merge only rounds of equal multipliers and equal steps, so rounds are counted exactly.
-    if self.history and self.history[-1][0] == zs and self.history[-1][1] % self.history[-1][
-        2] == 0 and self.history[-1][1] // self.history[-1][2] == steps:
-      self.history[-1][1] += steps
-      self.history[-1][2] += 1
-    else:
-      self.history.append([zs, steps, 1])
-
-  @property
-  def rounds(self) -> int:
-    return sum(r for _, _, r in self.history)
-
-  @property
-  def steps(self) -> int:
-    return sum(s for _, s, _ in self.history)
-
-  def rounds_released(self, index: int) -> int:
-    return sum(r for zs, _, r in self.history if zs[index] is not None)
-
-  def steps_released(self, index: int) -> int:
-    return sum(s for zs, s, _ in self.history if zs[index] is not None)
-
-
 class ExampleLevelLedger:
   """Per-site, per-category epsilon of example-level DP-SGD, with hard budgets per site."""
 
@@ -151,42 +108,28 @@ class ExampleLevelLedger:
       raise PolicyError(f'site_sampling must be a SamplingSpec over the {len(sites)} sites. '
                         f'Found {site_sampling!r}.')
     self._site_sampling = site_sampling
-    self._sites = {site_id: _Site(spec) for site_id, spec in sites.items()}
+    self._epsilon = budget.EpsilonCache(policy.delta, self._accountant)
+    self._specs: dict[str, SiteSpec] = {}
+    self._sites: dict[str, budget.CategoryBudgets] = {}
     self._rounds = 0
-    self._cache: dict[tuple, float] = {}
-    for site_id in self._sites:
-      self._update_frozen(site_id)
+    for site_id, spec in sites.items():
+      self._start_site(site_id, spec)
 
-  def _epsilon(self, site: _Site, groups) -> float:
-    if not groups:
-      return 0.0
-    key = (site.spec.sampling, groups)
-    if key not in self._cache:
-      if len(self._cache) > 2048:
-        self._cache.clear()
-      self._cache[key] = accounting.rounds_epsilon(groups, site.spec.sampling,
-                                                   self._policy.delta, self._accountant)
-    return self._cache[key]
+  def _start_site(self, site_id: str, spec: SiteSpec) -> None:
+    # One relation (add or remove one image): a round holds (z,) per released category.
+    self._specs[site_id] = spec
+    self._sites[site_id] = budget.CategoryBudgets(
+        self._policy, spec.sampling, {c: (z,) for c, z in spec.noise_multipliers.items()},
+        self._epsilon)
+    self._update_frozen(site_id)
 
-  def _site(self, site_id: str) -> _Site:
+  def _site(self, site_id: str) -> budget.CategoryBudgets:
     if site_id not in self._sites:
       raise PolicyError(f'site must be one of the ledger\'s sites. Found {site_id!r}.')
     return self._sites[site_id]
 
-  def _next_multiplier(self, site: _Site, index: int) -> float:
-    last = site.last_applied(index)
-    planned = site.spec.noise_multipliers[categories.CATEGORY_IDS[index]]
-    return planned if last is None else min(planned, last)
-
   def _update_frozen(self, site_id: str) -> None:
-    site = self._sites[site_id]
-    for index, c in enumerate(categories.CATEGORY_IDS):
-      if c in site.frozen:
-        continue
-      after = self._epsilon(site, site.runs(index, (self._next_multiplier(site, index),
-                                                    self._local_steps)))
-      if after > self._policy.budget(c).epsilon:
-        site.frozen[c] = self._rounds
+    self._sites[site_id].update_frozen(self._rounds, self._local_steps)
 
   # Public API.
 
@@ -222,8 +165,7 @@ class ExampleLevelLedger:
 
   def site_epsilon(self, site_id: str, category_id: str) -> float:
     index = categories.label_of(category_id)
-    site = self._site(site_id)
-    return self._epsilon(site, site.runs(index))
+    return self._site(site_id).epsilon(index)
 
   def epsilon_spent(self, category_id: str) -> float:
     """The whole federation's figure for the category: the worst site's."""
@@ -239,7 +181,8 @@ class ExampleLevelLedger:
     return self._site(site_id).steps_released(categories.label_of(category_id))
 
   def site_spec(self, site_id: str) -> SiteSpec:
-    return self._site(site_id).spec
+    self._site(site_id)
+    return self._specs[site_id]
 
   def add_site(self, site_id: str, spec: SiteSpec) -> None:
     """Adds a site first seen after the ledger started (a cross-silo site joining late).
@@ -256,14 +199,13 @@ class ExampleLevelLedger:
       raise PolicyError(f'add_site needs site sampling rate 1 (every site every round). Found '
                         f'{self._site_sampling!r}.')
     accounting.check_sampling_accountant(spec.sampling, self._accountant)
-    self._sites[site_id] = _Site(spec)
-    count = len(self._sites)
+    count = len(self._sites) + 1
     self._site_sampling = SamplingSpec('poisson', count, count)
-    self._update_frozen(site_id)
+    self._start_site(site_id, spec)
 
   def site_status(self, site_id: str, category_id: str) -> str:
     categories.label_of(category_id)
-    return 'exhausted' if category_id in self._site(site_id).frozen else 'active'
+    return self._site(site_id).status(category_id).value
 
   def record_round(self, site_events: Mapping[str, Mapping[str, Optional[dp_accounting.DpEvent]]]
                   ) -> None:
@@ -296,19 +238,19 @@ class ExampleLevelLedger:
           q, z, steps = parse_step_event(event)
         except PolicyError as e:
           raise PolicyError(f'site_events[{site_id}][{c}]: {e}') from None
-        if not math.isclose(q, site.spec.sampling.rate, rel_tol=_RATE_TOLERANCE):
+        if not math.isclose(q, site.sampling.rate, rel_tol=_RATE_TOLERANCE):
           raise PolicyError(f'site_events[{site_id}][{c}] sampling probability must be the '
-                            f'site\'s rate {site.spec.sampling.rate!r}. Found {q!r}.')
+                            f'site\'s rate {site.sampling.rate!r}. Found {q!r}.')
         if c in site.frozen:
           raise PolicyError(f'site_events[{site_id}][{c}] must be None: the category is '
                             f'exhausted at this site. Found {event!r}.')
-        after = self._epsilon(site, site.runs(index, (z, steps)))
+        after = site.epsilon(index, extra=(z, steps))
         target = self._policy.budget(c).epsilon
         if after > target:
           raise PolicyError(f'site_events[{site_id}][{c}] must keep epsilon within {target:g}. '
                             f'Found noise multiplier {z:.6g} over {steps} steps, which would '
                             f'spend {after:.6g}.')
-        zs.append(z)
+        zs.append((z,))
         steps_seen.add(steps)
       if len(steps_seen) > 1:
         raise PolicyError(f'site_events[{site_id}] must all count the same steps (one batch '
@@ -332,16 +274,16 @@ class ExampleLevelLedger:
     site_entries = {}
     for site_id, site in self._sites.items():
       site_entries[site_id] = {
-          'sampling': dict(site.spec.sampling.to_json_dict(), rate=site.spec.sampling.rate),
+          'sampling': dict(site.sampling.to_json_dict(), rate=site.sampling.rate),
           'rounds_participated': site.rounds,
           'steps_completed': site.steps,
           'categories': {
               c: {
                   'target_epsilon': self._policy.budget(c).epsilon,
-                  'noise_multiplier': (site.last_applied(i) or site.spec.noise_multipliers[c]),
+                  'noise_multiplier': site.noise_multiplier(i),
                   'rounds_released': site.rounds_released(i),
                   'steps_released': site.steps_released(i),
-                  'epsilon_spent': self._epsilon(site, site.runs(i)),
+                  'epsilon_spent': site.epsilon(i),
                   'status': self.site_status(site_id, c),
               } for i, c in enumerate(categories.CATEGORY_IDS)
           },
@@ -397,9 +339,10 @@ class ExampleLevelLedger:
         'rounds_completed': self._rounds,
         'sites': {
             site_id: {
-                'sampling': site.spec.sampling.to_json_dict(),
-                'planned_noise_multipliers': dict(site.spec.noise_multipliers),
-                'history': [{'noise_multipliers': dict(zip(categories.CATEGORY_IDS, zs)),
+                'sampling': site.sampling.to_json_dict(),
+                'planned_noise_multipliers': dict(self._specs[site_id].noise_multipliers),
+                'history': [{'noise_multipliers': {c: None if z is None else z[0]
+                                                   for c, z in zip(categories.CATEGORY_IDS, zs)},
                              'steps': steps, 'rounds': rounds}
                             for zs, steps, rounds in site.history],
                 'frozen': dict(site.frozen),
@@ -440,26 +383,23 @@ class ExampleLevelLedger:
       for entry in raw.get('history', []):
         zs = entry['noise_multipliers']
         site.history.append([
-            tuple(None if zs[c] is None else accounting.positive('noise_multiplier', zs[c])
+            tuple(None if zs[c] is None else (accounting.positive('noise_multiplier', zs[c]),)
                   for c in categories.CATEGORY_IDS),
-            accounting.positive_int('steps', entry['steps']), accounting.positive_int('rounds', entry['rounds'])])
-      frozen = raw.get('frozen', {})
-      if not isinstance(frozen, Mapping) or any(c not in categories.CATEGORY_IDS
-                                                for c in frozen):
-        raise PolicyError(f'example ledger state frozen must map category ids to rounds. '
-                          f'Found {frozen!r}.')
-      site.frozen = {c: int(frozen[c]) for c in categories.CATEGORY_IDS if c in frozen}
-      for index, c in enumerate(categories.CATEGORY_IDS):
-        spent = ledger._epsilon(site, site.runs(index))
-        if spent > policy.budget(c).epsilon:
-          raise PolicyError(f'example ledger state must keep {c} within its budget at site '
-                            f'{site_id}. Found epsilon {spent:.6g}.')
+            accounting.positive_int('steps', entry['steps']),
+            accounting.positive_int('rounds', entry['rounds'])])
     rounds = state.get('rounds_completed')
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < max(
         s.rounds for s in ledger._sites.values()):
       raise PolicyError(f'example ledger state rounds_completed must be an integer at least '
                         f'every site\'s rounds. Found {rounds!r}.')
     ledger._rounds = rounds
+    for site_id, raw in raw_sites.items():
+      site = ledger._sites[site_id]
+      site.restore_frozen(raw.get('frozen', {}), rounds, 'example ledger state')
+      over = site.over_budget()
+      if over:
+        raise PolicyError(f'example ledger state must keep {over[0]} within its budget at site '
+                          f'{site_id}. Found epsilon {over[1]:.6g}.')
     for site_id in ledger._sites:
       ledger._update_frozen(site_id)
     return ledger

@@ -4,7 +4,6 @@ Per round: `releasable()` before it, `record_round(events)` before anything from
 saved (it checks everything before changing anything). Derivation in docs/PRIVACY.md.
 """
 
-import enum
 import json
 import math
 import numbers
@@ -17,6 +16,7 @@ from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
+from tff_medical.privacy import budget
 from tff_medical.privacy import example_ledger
 from tff_medical.privacy import shared_noise_calibration
 from tff_medical.privacy.accounting import Accountant
@@ -25,7 +25,6 @@ from tff_medical.privacy.ledger_schema import check_keys
 from tff_medical.privacy.ledger_schema import is_int
 from tff_medical.privacy.ledger_schema import is_number
 from tff_medical.privacy.ledger_schema import LEDGER_FILENAME
-from tff_medical.privacy.ledger_schema import merge_runs
 from tff_medical.privacy.ledger_schema import SAMPLING_KEYS
 from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
@@ -35,12 +34,7 @@ from tff_medical.privacy.shared_noise_calibration import NoiseMechanism
 
 # 2: both neighbouring relations per category, earlier runs on the same data (1 still read).
 SCHEMA_VERSION = 2
-_CACHE_LIMIT = 512
-
-
-class CategoryStatus(enum.Enum):
-  ACTIVE = 'active'
-  EXHAUSTED = 'exhausted'
+CategoryStatus = budget.CategoryStatus
 
 
 _RELATION_NAMES = {
@@ -204,10 +198,11 @@ class PrivacyLedger:
     planned_b = (planned_a if whole_client_noise_multipliers is None else
                  self._planned_map('whole_client_noise_multipliers',
                                    whole_client_noise_multipliers))
-    self._planned = {c: (planned_a[c], planned_b[c]) for c in categories.CATEGORY_IDS}
-    self._history: list[list] = []  # [round tuple, count]: consecutive equal rounds merged.
-    self._frozen: dict[str, int] = {}  # category -> rounds_completed when it was frozen.
-    self._cache: dict[tuple, float] = {}
+    self._epsilon = budget.EpsilonCache(policy.delta, self._accountant)
+    # One accountant step per round; a round holds (z under (a), z under (b)) per category.
+    self._budget = budget.CategoryBudgets(
+        policy, sampling, {c: (planned_a[c], planned_b[c]) for c in categories.CATEGORY_IDS},
+        self._epsilon, lambda c, r: self._earlier.groups(c, _RELATIONS[r]))
     self._spent_by_relation = {c: {r: 0.0 for r in _RELATIONS} for c in categories.CATEGORY_IDS}
     self._spent = {c: 0.0 for c in categories.CATEGORY_IDS}
     self._spent_this_run = {c: 0.0 for c in categories.CATEGORY_IDS}
@@ -226,65 +221,21 @@ class PrivacyLedger:
                         f'unknown {unknown} and missing {missing}.')
     return {c: _finite_positive(f'{field}[{c}]', values[c]) for c in categories.CATEGORY_IDS}
 
-  # Accounting, all through accounting.rounds_epsilon (dp_accounting) on rebuilt events.
-
-  def _epsilon_of(self, groups: tuple) -> float:
-    if not groups:
-      return 0.0
-    if groups not in self._cache:
-      if len(self._cache) >= _CACHE_LIMIT:
-        self._cache.clear()
-      self._cache[groups] = accounting.rounds_epsilon(groups, self._sampling,
-                                                      self._policy.delta, self._accountant)
-    return self._cache[groups]
-
-  def _category_runs(self, index: int, relation: int, extra: Optional[float] = None):
-    values = [(None if round_[index] is None else round_[index][relation], count)
-              for round_, count in self._history]
-    if extra is not None:
-      values.append((extra, 1))
-    return merge_runs(values)
-
-  def _with_earlier(self, category_id: str, relation: int, own) -> tuple:
-    return self._earlier.groups(category_id, _RELATIONS[relation]) + tuple(own)
-
   def _client_runs(self):
-    return merge_runs([(_combined([None if z is None else z[0] for z in round_], self._mechanism),
-                        count) for round_, count in self._history])
-
-  def _last_applied(self, index: int, relation: int = 0) -> Optional[float]:
-    for round_, _ in reversed(self._history):
-      if round_[index] is not None:
-        return round_[index][relation]
-    return None
-
-  def _next_multiplier(self, category_id: str, relation: int) -> float:
-    # The smaller of plan and last applied: the prediction never underestimates the next spend
-    # of a round like the last one or the planned one.
-    last = self._last_applied(categories.LABEL_OF[category_id], relation)
-    planned = self._planned[category_id][relation]
-    return planned if last is None else min(planned, last)
+    return budget.merge_runs([
+        (_combined([None if z is None else z[0] for z in round_], self._mechanism), steps)
+        for round_, steps, _ in self._budget.history])
 
   def _update_frozen(self) -> None:
-    for index, c in enumerate(categories.CATEGORY_IDS):
-      if c in self._frozen:
-        continue
-      after_next = max(
-          self._epsilon_of(self._with_earlier(
-              c, r, self._category_runs(index, r, self._next_multiplier(c, r))))
-          for r in range(len(_RELATIONS)))
-      if after_next > self._policy.budget(c).epsilon:
-        self._frozen[c] = self.rounds_completed
+    self._budget.update_frozen(self.rounds_completed, 1)
 
   def _recompute(self) -> None:
     for index, c in enumerate(categories.CATEGORY_IDS):
       for r, relation in enumerate(_RELATIONS):
-        self._spent_by_relation[c][relation] = self._epsilon_of(
-            self._with_earlier(c, r, self._category_runs(index, r)))
+        self._spent_by_relation[c][relation] = self._budget.epsilon(index, r)
       self._spent[c] = max(self._spent_by_relation[c].values())
-      self._spent_this_run[c] = max(self._epsilon_of(self._category_runs(index, r))
-                                    for r in range(len(_RELATIONS)))
-    client = self._epsilon_of(self._earlier.client_groups() + self._client_runs())
+      self._spent_this_run[c] = self._budget.spent(index, with_earlier=False)
+    client = self._epsilon(self._earlier.client_groups() + self._client_runs(), self._sampling)
     # The client-level mechanism dominates every category's, but PLD's discretization could
     # invert the two estimates by ~1e-4; raising an upper bound keeps it a valid bound.
     self._client_epsilon = max([client] + list(self._spent.values()))
@@ -313,7 +264,7 @@ class PrivacyLedger:
 
   @property
   def rounds_completed(self) -> int:
-    return sum(count for _, count in self._history)
+    return self._budget.rounds
 
   def releasable(self) -> tuple[str, ...]:
     """Categories whose next round keeps them within budget, in CATEGORY_IDS order.
@@ -322,15 +273,15 @@ class PrivacyLedger:
     round at the smaller of the planned and the last applied multiplier, under each relation.
     """
     self._update_frozen()
-    return tuple(c for c in categories.CATEGORY_IDS if c not in self._frozen)
+    return tuple(c for c in categories.CATEGORY_IDS if c not in self._budget.frozen)
 
   def status(self, category_id: str) -> CategoryStatus:
     self._policy.budget(category_id)  # Raises PolicyError naming an unknown category.
-    return CategoryStatus.EXHAUSTED if category_id in self._frozen else CategoryStatus.ACTIVE
+    return self._budget.status(category_id)
 
   @property
   def all_exhausted(self) -> bool:
-    return len(self._frozen) == len(categories.CATEGORY_IDS)
+    return len(self._budget.frozen) == len(categories.CATEGORY_IDS)
 
   def epsilon_spent(self, category_id: str) -> float:
     """The category's guarantee: the larger relation, over every run on the same data."""
@@ -352,19 +303,17 @@ class PrivacyLedger:
 
   def rounds_released(self, category_id: str) -> int:
     self._policy.budget(category_id)
-    index = categories.LABEL_OF[category_id]
-    return sum(count for round_, count in self._history if round_[index] is not None)
+    return self._budget.rounds_released(categories.LABEL_OF[category_id])
 
   def noise_multiplier(self, category_id: str, relation: int = 0) -> float:
     """The effective multiplier last fed to the accountant (the planned one before any)."""
     self._policy.budget(category_id)
-    last = self._last_applied(categories.LABEL_OF[category_id], relation)
-    return self._planned[category_id][relation] if last is None else last
+    return self._budget.noise_multiplier(categories.LABEL_OF[category_id], relation)
 
   def spend_groups(self) -> dict[str, Any]:
     """This run's spend as the budget registry records it (no earlier runs)."""
     return {
-        'spend': {c: {r.value: [list(g) for g in self._category_runs(index, i)]
+        'spend': {c: {r.value: [list(g) for g in self._budget.runs(index, i)]
                       for i, r in enumerate(_RELATIONS)}
                   for index, c in enumerate(categories.CATEGORY_IDS)},
         'client_level': [list(g) for g in self._client_runs()],
@@ -398,23 +347,19 @@ class PrivacyLedger:
       if pair is None:
         continue
       target = self._policy.budget(c).epsilon
-      if c in self._frozen:
+      if c in self._budget.frozen:
         raise PolicyError(
             f'events[{c}] must be None in round {round_num}: the category is exhausted (frozen '
-            f'after round {self._frozen[c]}, epsilon {self._spent[c]:.6g} of {target:g}). '
-            f'Found {events[c]!r}.')
+            f'after round {self._budget.frozen[c]}, epsilon {self._spent[c]:.6g} of '
+            f'{target:g}). Found {events[c]!r}.')
       for r, relation in enumerate(_RELATIONS):
-        after = self._epsilon_of(self._with_earlier(c, r, self._category_runs(index, r, pair[r])))
+        after = self._budget.epsilon(index, r, (pair[r], 1))
         if after > target:
           raise PolicyError(
               f'events[{c}] must keep epsilon within {target:g} in round {round_num}. Found '
               f'noise multiplier {pair[r]:.6g} ({relation.value}), which would spend '
               f'{after:.6g}.')
-    round_ = tuple(pairs)
-    if self._history and self._history[-1][0] == round_:
-      self._history[-1][1] += 1
-    else:
-      self._history.append([round_, 1])
+    self._budget.append(tuple(pairs), 1)
     self._recompute()
     self._update_frozen()
 
@@ -444,7 +389,7 @@ class PrivacyLedger:
                     r.value: {
                         'epsilon': self._spent_by_relation[b.id][r],
                         'noise_multiplier': self.noise_multiplier(b.id, i),
-                        'rounds': [list(g) for g in self._category_runs(
+                        'rounds': [list(g) for g in self._budget.runs(
                             categories.LABEL_OF[b.id], i)],
                     } for i, r in enumerate(_RELATIONS)
                 },
@@ -469,16 +414,17 @@ class PrivacyLedger:
         'noise_mechanism': self._mechanism.value,
         'sampling': self._sampling.to_json_dict(),
         'policy': self._policy.to_json_dict(),
-        'planned_noise_multipliers': {c: p[0] for c, p in self._planned.items()},
-        'planned_whole_client_noise_multipliers': {c: p[1] for c, p in self._planned.items()},
+        'planned_noise_multipliers': {c: p[0] for c, p in self._budget.planned.items()},
+        'planned_whole_client_noise_multipliers': {
+            c: p[1] for c, p in self._budget.planned.items()},
         'history': [{
             'count': count,
             'noise_multipliers': {c: None if z is None else z[0]
                                   for c, z in zip(categories.CATEGORY_IDS, round_)},
             'whole_client_noise_multipliers': {c: None if z is None else z[1]
                                                for c, z in zip(categories.CATEGORY_IDS, round_)},
-        } for round_, count in self._history],
-        'frozen': dict(self._frozen),
+        } for round_, _, count in self._budget.history],
+        'frozen': dict(self._budget.frozen),
     }
 
   @classmethod
@@ -533,38 +479,20 @@ class PrivacyLedger:
                         f'current): {"; ".join(differences)}.')
     ledger = cls(policy, state.get('planned_noise_multipliers'), saved_sampling, saved_accountant,
                  saved_mechanism, state.get('planned_whole_client_noise_multipliers'), earlier)
-    ledger._history = _history_from_state(state.get('history'))
-    frozen = state.get('frozen')
-    rounds = ledger.rounds_completed
-    if (not isinstance(frozen, Mapping) or
-        any(c not in categories.CATEGORY_IDS for c in frozen) or any(
-            isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= rounds
-            for r in frozen.values())):
-      raise PolicyError(f'ledger state frozen must map category ids to rounds in 0..{rounds}. '
-                        f'Found {frozen!r}.')
-    ledger._frozen = {c: frozen[c] for c in categories.CATEGORY_IDS if c in frozen}
-    for c, frozen_at in ledger._frozen.items():
-      late = ledger._released_after(categories.LABEL_OF[c], frozen_at)
+    _history_from_state(state.get('history'), ledger._budget)
+    ledger._budget.restore_frozen(state.get('frozen'), ledger.rounds_completed, 'ledger state')
+    for c, frozen_at in ledger._budget.frozen.items():
+      late = ledger._budget.released_after(categories.LABEL_OF[c], frozen_at)
       if late:
         raise PolicyError(f'ledger state history must not release {c} after it was frozen in '
                           f'round {frozen_at}. Found {late} such rounds.')
+    over = ledger._budget.over_budget()
+    if over:
+      raise PolicyError(f'ledger state must keep {over[0]} within its budget '
+                        f'{policy.budget(over[0]).epsilon:g}. Found epsilon {over[1]:.6g}.')
     ledger._recompute()
-    for c in categories.CATEGORY_IDS:
-      target = policy.budget(c).epsilon
-      if ledger._spent[c] > target:
-        raise PolicyError(f'ledger state must keep {c} within its budget {target:g}. '
-                          f'Found epsilon {ledger._spent[c]:.6g}.')
     ledger._update_frozen()
     return ledger
-
-  def _released_after(self, index: int, round_num: int) -> int:
-    """How many rounds after `round_num` released the category at `index`."""
-    released, seen = 0, 0
-    for round_, count in self._history:
-      if round_[index] is not None:
-        released += max(0, min(count, seen + count - round_num))
-      seen += count
-    return released
 
   def save(self, run_dir: str) -> str:
     """Writes privacy_ledger.json in run_dir atomically; returns its path."""
@@ -592,10 +520,9 @@ def _policy_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:
   return differences
 
 
-def _history_from_state(raw: Any) -> list[list]:
+def _history_from_state(raw: Any, into: budget.CategoryBudgets) -> None:
   if not isinstance(raw, list):
     raise PolicyError(f'ledger state history must be a list. Found {raw!r}.')
-  history: list[list] = []
   for entry in raw:
     count = entry.get('count') if isinstance(entry, Mapping) else None
     zs = entry.get('noise_multipliers') if isinstance(entry, Mapping) else None
@@ -612,11 +539,7 @@ def _history_from_state(raw: Any) -> list[list]:
         (_finite_positive(f'history noise_multipliers[{c}]', zs[c]),
          _finite_positive(f'history whole_client_noise_multipliers[{c}]', whole[c]))
         for c in categories.CATEGORY_IDS)
-    if history and history[-1][0] == round_:
-      history[-1][1] += count
-    else:
-      history.append([round_, count])
-  return history
+    into.append(round_, count, count)
 
 
 # The published ledger's shape.

@@ -1,6 +1,6 @@
 """JSON-shape pieces shared by the client-level and example-level privacy ledgers."""
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 LEDGER_FILENAME = 'privacy_ledger.json'
 SAMPLING_KEYS = ('method', 'total_clients', 'expected_clients_per_round', 'rate')
@@ -31,15 +31,3 @@ def check_keys(where: str, value: Any, keys: Sequence[str], problems: list[str],
     return False
   return True
 
-
-def merge_runs(values: Sequence[tuple[Optional[float], int]]) -> tuple[tuple[float, int], ...]:
-  """Merges consecutive equal multipliers into (z, count) groups, dropping unreleased rounds."""
-  groups: list[list] = []
-  for z, count in values:
-    if z is None or count == 0:
-      continue
-    if groups and groups[-1][0] == z:
-      groups[-1][1] += count
-    else:
-      groups.append([z, count])
-  return tuple((z, n) for z, n in groups)
