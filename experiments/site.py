@@ -4,8 +4,9 @@
       --coordinator=127.0.0.1:9092 --dataset=mednist --data_dir=/data/site-a
 
 --dataset: mednist (a folder with one subfolder per category, or MedNIST.tar.gz), dicom (a
-folder of DICOM files) or phantoms (synthetic, for trials). The images never leave this
-process. The site exits when the coordinator has been unreachable for --max_wait_seconds.
+folder of DICOM files), pacs (the hospital's PACS over DICOMweb: --pacs_url, --pacs_cache_dir
+and credentials, see README "Reading from a PACS") or phantoms (synthetic, for trials). The
+images never leave this process. The site exits when the coordinator has been unreachable for --max_wait_seconds.
 """
 
 import os
@@ -27,6 +28,23 @@ _DATASET = flags.DEFINE_enum('dataset', 'mednist', list(sources.NAMES),
                              'Kind of local data.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'Local data folder (mednist, dicom).')
 _NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 20, 'phantoms only.')
+# pacs only (tff_medical.data.pacs.PacsSettings documents each).
+_PACS_URL = flags.DEFINE_string('pacs_url', '', 'pacs: the DICOMweb root URL.')
+_PACS_CACHE_DIR = flags.DEFINE_string('pacs_cache_dir', '',
+                                      "pacs: this site's owner-only cache of decoded images.")
+_PACS_AUTH = flags.DEFINE_enum('pacs_auth', 'basic', ['basic', 'bearer', 'none'],
+                               'pacs: HTTP basic (user:password) or bearer token.')
+_PACS_CREDENTIALS_FILE = flags.DEFINE_string(
+    'pacs_credentials_file', '', 'pacs: owner-only file holding user:password or the token.')
+_PACS_CREDENTIALS_ENV = flags.DEFINE_string(
+    'pacs_credentials_env', '', 'pacs: or the name of an environment variable holding it.')
+_PACS_CA_BUNDLE = flags.DEFINE_string('pacs_ca_bundle', '', "pacs: the PACS's CA bundle (PEM).")
+_PACS_MODALITIES = flags.DEFINE_list('pacs_modalities', [],
+                                     'pacs: modalities to query (default: the mapping\'s).')
+_PACS_STUDY_DATE = flags.DEFINE_string('pacs_study_date', '',
+                                       'pacs: StudyDate range, e.g. 20200101-20231231.')
+_PACS_STUDY_LIST = flags.DEFINE_string('pacs_study_list', '',
+                                       'pacs: file of Study Instance UIDs, one a line.')
 _SEED = flags.DEFINE_integer('seed', 0, 'phantoms: data seed; also the local shuffling seed.')
 _MAX_WAIT = flags.DEFINE_float('max_wait_seconds', 300.0,
                                'Give up after the coordinator is unreachable this long.')
@@ -51,7 +69,7 @@ def main(argv):
     raise app.UsageError(f'--data_dir is required for --dataset={_DATASET.value}.')
   try:
     images = source.load(data_dir=_DATA_DIR.value, num_per_category=_NUM_PER_CATEGORY.value,
-                         seed=_SEED.value)
+                         seed=_SEED.value, pacs=_pacs_settings() if source.remote else None)
     print(f'site: {len(images)} local images; connecting to {_COORDINATOR.value}', flush=True)
     result = site_runtime.run_site(
         _SITE_DIR.value, _COORDINATOR.value, images, site_seed=_SEED.value,
@@ -67,6 +85,14 @@ def main(argv):
     _exit(2)
   print(f'site: done after {result.rounds} rounds.', flush=True)
   _exit(0)
+
+
+def _pacs_settings() -> dict:
+  return {'url': _PACS_URL.value, 'cache_dir': _PACS_CACHE_DIR.value, 'auth': _PACS_AUTH.value,
+          'credentials_file': _PACS_CREDENTIALS_FILE.value,
+          'credentials_env': _PACS_CREDENTIALS_ENV.value, 'ca_bundle': _PACS_CA_BUNDLE.value,
+          'modalities': tuple(_PACS_MODALITIES.value), 'study_date': _PACS_STUDY_DATE.value,
+          'study_list_file': _PACS_STUDY_LIST.value}
 
 
 def _exit(code: int) -> None:

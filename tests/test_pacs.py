@@ -1,0 +1,439 @@
+"""The PACS source (data/pacs.py): settings, credentials, cache, retries and messages with an
+in-process fake DICOMweb client; then, in the end-to-end tier, a real Orthanc server."""
+
+import io
+import logging as std_logging
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+from pydicom import data as pydicom_data
+import pytest
+import requests
+
+from tff_medical import categories
+from tff_medical.data import dicom
+from tff_medical.data import pacs
+from tff_medical.data import sources
+from tff_medical.errors import ConfigError
+from tff_medical.errors import DataError
+from tff_medical.training import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = 'site-user:s3cr3t-PASSWORD'
+
+
+def _private_file(path, text):
+  fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+  with os.fdopen(fd, 'w') as f:
+    f.write(text)
+  return str(path)
+
+
+def _settings(tmp_path, **overrides):
+  values = dict(url='http://127.0.0.1:1/dicom-web', cache_dir=str(tmp_path / 'cache'),
+                credentials_file=_private_file(tmp_path / 'credentials', SECRET + '\n')
+                if not (tmp_path / 'credentials').exists() else str(tmp_path / 'credentials'),
+                backoff_seconds=0.0)
+  values.update(overrides)
+  return pacs.PacsSettings(**values)
+
+
+# --- Settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'url': ''}, "pacs.url must be set for dataset 'pacs'"),
+    ({'url': 'ftp://pacs/dicom-web'}, 'pacs.url must be an http'),
+    ({'url': 'https://user:pw@pacs.example.org/dicom-web'}, 'must not hold credentials'),
+    ({'url': 'http://pacs.example.org/dicom-web'}, 'must use https to send credentials'),
+    ({'cache_dir': ''}, 'pacs.cache_dir must be set'),
+    ({'credentials_env': 'PACS_TOKEN'}, 'needs exactly one of'),
+    ({'credentials_file': ''}, 'needs exactly one of'),
+    ({'auth': 'kerberos'}, 'pacs.auth must be one of basic, bearer, none'),
+    ({'auth': 'none'}, "need pacs.auth 'basic' or 'bearer'"),
+    ({'modalities': 'CT,M R;'}, 'pacs.modalities must be DICOM modality codes'),
+    ({'study_date': '2020-01-01'}, 'pacs.study_date must be a DICOM date range'),
+    ({'study_date': '-'}, 'pacs.study_date must be a DICOM date range'),
+    ({'page_size': 0}, 'pacs.page_size must be a positive integer'),
+    ({'max_attempts': True}, 'pacs.max_attempts must be a positive integer'),
+    ({'backoff_seconds': -1}, 'pacs.backoff_seconds must be a non-negative number'),
+], ids=['no_url', 'scheme', 'credentials_in_url', 'cleartext_remote', 'no_cache', 'two_sources',
+        'no_source', 'unknown_auth', 'credentials_without_auth', 'modality', 'date', 'date_dash',
+        'page_size', 'attempts_bool', 'backoff'])
+def test_bad_settings_are_one_config_error(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    _settings(tmp_path, **overrides)
+
+
+def test_good_settings_parse_modalities_and_date_ranges(tmp_path):
+  settings = _settings(tmp_path, modalities='ct, mr', study_date='20200101-')
+  assert settings.modalities == ('CT', 'MR') and settings.auth is pacs.Auth.BASIC
+  for value in ('20200101', '20200101-20231231', '-20231231'):
+    assert _settings(tmp_path, study_date=value).study_date == value
+  # Loopback may be plain http; a remote host without credentials too.
+  assert _settings(tmp_path, url='http://localhost:8042/dicom-web').url
+  assert pacs.PacsSettings(url='http://pacs.example.org/dicom-web', cache_dir='c',
+                           auth='none').auth is pacs.Auth.NONE
+
+
+def test_config_has_the_pacs_fields_and_validates_them():
+  config = config_lib.base_config()
+  assert set(config.pacs.to_dict()) == {f.name for f in pacs.dataclasses.fields(
+      pacs.PacsSettings)}
+  config.dataset = 'pacs'
+  with pytest.raises(ConfigError, match='pacs.url must be set'):
+    config_lib.validate(config)
+  config.pacs.url = 'https://pacs.example.org/dicom-web'
+  config.pacs.cache_dir = '/var/cache/site'
+  config.pacs.credentials_env = 'PACS_CREDENTIALS'
+  config_lib.validate(config)
+  config.data_dir = '/some/folder'
+  with pytest.raises(ConfigError, match='data_dir must be empty'):
+    config_lib.validate(config)
+  with pytest.raises(ConfigError, match='unknown fields'):
+    pacs.PacsSettings.from_config(dict(config.pacs.to_dict(), password='x'))
+
+
+def test_registry_entry_reads_the_pacs_settings(monkeypatch):
+  source = sources.get('pacs')
+  assert source.remote and not source.generated and not source.needs_data_dir
+  calls = []
+  monkeypatch.setattr(pacs, 'load_pacs', lambda settings: calls.append(settings) or 'loaded')
+  assert sources.load('pacs', data_dir='', pacs={'url': 'x'}) == 'loaded'
+  assert calls == [{'url': 'x'}]
+  with pytest.raises(ConfigError, match="dataset 'pacs' needs the pacs settings"):
+    pacs.PacsSettings.from_config(None)
+
+
+# --- Credentials and study list ---------------------------------------------------------------
+
+
+def test_credentials_file_must_be_owner_only_and_is_never_quoted(tmp_path):
+  path = tmp_path / 'loose'
+  path.write_text(SECRET)
+  os.chmod(path, 0o644)
+  settings = _settings(tmp_path, credentials_file=str(path))
+  with pytest.raises(ConfigError, match='readable by other users .*chmod 600'):
+    pacs.PacsClient(settings)
+  os.chmod(path, 0o600)
+  path.write_text('no-colon-here')
+  with pytest.raises(ConfigError, match="must hold one line 'user:password'") as error:
+    pacs.PacsClient(settings)
+  assert 'no-colon-here' not in str(error.value)
+  with pytest.raises(ConfigError, match='Cannot read pacs.credentials_file'):
+    pacs.PacsClient(_settings(tmp_path, credentials_file=str(tmp_path / 'missing')))
+
+
+def test_credentials_from_environment_basic_and_bearer(tmp_path, monkeypatch):
+  monkeypatch.delenv('TFF_TEST_PACS', raising=False)
+  settings = _settings(tmp_path, credentials_file='', credentials_env='TFF_TEST_PACS')
+  with pytest.raises(ConfigError, match='TFF_TEST_PACS .* is not set'):
+    pacs.PacsClient(settings)
+  monkeypatch.setenv('TFF_TEST_PACS', SECRET)
+  client = pacs.PacsClient(settings)
+  # pylint: disable=protected-access
+  assert client._client._session.auth == tuple(SECRET.split(':', 1))
+  assert client._client._session.trust_env is False
+  monkeypatch.setenv('TFF_TEST_PACS', 'token-abc')
+  bearer = pacs.PacsClient(_settings(tmp_path, credentials_file='', auth='bearer',
+                                     credentials_env='TFF_TEST_PACS'))
+  assert bearer._client._session.headers['Authorization'] == 'Bearer token-abc'
+  assert bearer._client._session.auth is None
+
+
+def test_study_list_file_lines_are_uids(tmp_path):
+  path = tmp_path / 'studies.txt'
+  path.write_text('# studies to train on\n1.2.3.4\n\n1.2.3.5  # second\n')
+  # pylint: disable=protected-access
+  assert pacs._study_list(_settings(tmp_path, study_list_file=str(path))) == ['1.2.3.4',
+                                                                             '1.2.3.5']
+  path.write_text('1.2.3.4\nDOE^JOHN\n')
+  with pytest.raises(ConfigError, match='line 2 is not a Study Instance UID') as error:
+    pacs._study_list(_settings(tmp_path, study_list_file=str(path)))
+  assert 'DOE' not in str(error.value)
+  path.write_text('# nothing\n')
+  with pytest.raises(ConfigError, match='lists no study'):
+    pacs._study_list(_settings(tmp_path, study_list_file=str(path)))
+
+
+# --- Cache ------------------------------------------------------------------------------------
+
+
+def _mode(path):
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_cache_is_owner_only_and_named_by_keyed_pseudonyms(tmp_path):
+  cache = pacs.InstanceCache(str(tmp_path / 'cache'))
+  uids = ('1.2.840.99.1', '1.2.840.99.1.2', '1.2.840.99.1.2.3')
+  name = cache.pseudonym(*uids)
+  assert name == cache.pseudonym(*uids) and len(name) == 32
+  assert name != cache.pseudonym(uids[0], uids[1], '1.2.840.99.1.2.4')
+  # Another cache (another key) gives another name: the name alone links to nothing.
+  assert name != pacs.InstanceCache(str(tmp_path / 'other')).pseudonym(*uids)
+  # The same folder again keeps its key: names are stable across runs.
+  assert pacs.InstanceCache(str(tmp_path / 'cache')).pseudonym(*uids) == name
+  image = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+  cache.put_image(name, image)
+  cache.put_skip('f' * 32, dicom.REASON_BAD_PIXELS)
+  cache.put_skip('e' * 32, pacs.REASON_RETRIEVE_FAILED)  # Transient: never cached.
+  got, reason = cache.get(name)
+  np.testing.assert_array_equal(got, image)
+  assert reason is None
+  assert cache.get('f' * 32) == (None, dicom.REASON_BAD_PIXELS)
+  assert cache.get('e' * 32) == (None, None) and cache.get('0' * 32) == (None, None)
+  for directory, _, files in os.walk(tmp_path / 'cache'):
+    assert _mode(directory) == 0o700, directory
+    for f in files:
+      assert _mode(os.path.join(directory, f)) == 0o600, f
+      assert not any(u in f for u in uids)
+  # A damaged cached image is a miss (retrieved again), never an error.
+  path = tmp_path / 'cache' / 'images' / f'{name}.npy'
+  path.write_bytes(b'not numpy')
+  assert cache.get(name) == (None, None)
+
+
+def test_cache_folder_others_can_read_is_refused(tmp_path):
+  folder = tmp_path / 'shared'
+  folder.mkdir(mode=0o755)
+  os.chmod(folder, 0o755)
+  with pytest.raises(ConfigError, match='nobody else can read or write .*chmod 700'):
+    pacs.InstanceCache(str(folder))
+  os.chmod(folder, 0o700)
+  pacs.InstanceCache(str(folder))
+  (folder / 'key').write_bytes(b'short')
+  with pytest.raises(ConfigError, match='is damaged'):
+    pacs.InstanceCache(str(folder))
+
+
+# --- The loader with a fake DICOMweb client ----------------------------------------------------
+
+
+CANARY = 'CANARY^PATIENT^7731'
+
+
+def _instance_bytes(modality, uid, rows=None):
+  ds = pydicom.dcmread(pydicom_data.get_testdata_file('CT_small.dcm'))
+  ds.PatientName = CANARY
+  ds.Modality = modality
+  ds.SOPInstanceUID = uid
+  if rows:
+    ds.Rows = rows  # Pixel data now too short for the header: a corrupt instance.
+  buffer = io.BytesIO()
+  ds.save_as(buffer, enforce_file_format=True)
+  return buffer.getvalue()
+
+
+def _http_error(status):
+  response = requests.Response()
+  response.status_code = status
+  return requests.exceptions.HTTPError(f'{status} for url: /studies/1.2.3/{CANARY}',
+                                       response=response)
+
+
+class FakeDicomWeb:
+  """The three dicomweb-client calls the loader makes, over an in-memory PACS.
+
+  `series`: [(study, series, modality, body part, description, [sop uids])]; `failures`:
+  {sop uid: [exceptions raised by successive retrievals]}; `query_failures`: exceptions
+  raised by successive series queries.
+  """
+
+  def __init__(self, series, failures=None, query_failures=None, corrupt=()):
+    self.series = series
+    self.failures = failures or {}
+    self.query_failures = list(query_failures or [])
+    self.corrupt = set(corrupt)
+    self.retrieved = []
+    self.queries = []
+
+  def search_for_series(self, study_instance_uid=None, fields=None, search_filters=None,
+                        limit=None, offset=None):
+    self.queries.append(dict(fields=fields, filters=search_filters, study=study_instance_uid))
+    if self.query_failures:
+      raise self.query_failures.pop(0)
+    rows = []
+    for study, series, modality, body_part, description, sops in self.series:
+      if modality != search_filters['Modality']:
+        continue
+      if study_instance_uid and study != study_instance_uid:
+        continue
+      rows.append({'0020000D': {'vr': 'UI', 'Value': [study]},
+                   '0020000E': {'vr': 'UI', 'Value': [series]},
+                   '00080060': {'vr': 'CS', 'Value': [modality]},
+                   '00180015': {'vr': 'CS', 'Value': [body_part]} if body_part else {'vr': 'CS'},
+                   '00081030': {'vr': 'LO', 'Value': [description]},
+                   '00201209': {'vr': 'IS', 'Value': [len(sops)]},
+                   # What a PACS may send unasked: must go no further.
+                   '00100010': {'vr': 'PN', 'Value': [{'Alphabetic': CANARY}]}})
+    return rows[offset:offset + limit]
+
+  def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None,
+                           limit=None, offset=None):
+    for _, series, _, _, _, sops in self.series:
+      if series == series_instance_uid:
+        return [{'00080018': {'vr': 'UI', 'Value': [s]}} for s in sops][offset:offset + limit]
+    return []
+
+  def retrieve_instance(self, study, series, sop, media_types=None):
+    failures = self.failures.get(sop)
+    if failures:
+      raise failures.pop(0)
+    self.retrieved.append(sop)
+    modality = next(m for _, se, m, _, _, _ in self.series if se == series)
+    return pydicom.dcmread(io.BytesIO(_instance_bytes(
+        modality, sop, rows=512 if sop in self.corrupt else None)))
+
+
+def _pacs(n_head=3):
+  return [
+      ('1.9.1', '1.9.1.1', 'CT', 'HEAD', '', [f'1.9.1.1.{i}' for i in range(n_head)]),
+      ('1.9.2', '1.9.2.1', 'CT', '', 'CT CHEST PE PROTOCOL', ['1.9.2.1.1', '1.9.2.1.2']),
+      ('1.9.3', '1.9.3.1', 'DX', 'HAND', '', ['1.9.3.1.1']),
+      ('1.9.4', '1.9.4.1', 'MR', 'KNEE', '', ['1.9.4.1.1', '1.9.4.1.2']),  # No rule maps it.
+  ]
+
+
+def _load(tmp_path, fake, **overrides):
+  settings = _settings(tmp_path, **overrides)
+  sleeps = []
+  client = pacs.PacsClient(settings, web_client=fake, sleep=sleeps.append)
+  return pacs.load_pacs(settings, client=client), sleeps
+
+
+def test_series_are_categorized_by_the_folder_loaders_mapping(tmp_path):
+  fake = FakeDicomWeb(_pacs())
+  loaded, _ = _load(tmp_path, fake)
+  counts = loaded.category_counts()
+  assert counts == {**{c: 0 for c in categories.CATEGORY_IDS},
+                    'HeadCT': 3, 'ChestCT': 2, 'Hand': 1}
+  assert loaded.report.reasons() == {dicom.REASON_NO_CATEGORY: 2}
+  assert [s.path for s in loaded.report.skipped] == ['instance #6', 'instance #7']
+  # The unmapped series is never retrieved; only the mapping's fields are asked for.
+  assert sorted(fake.retrieved) == sorted(s for row in _pacs()[:3] for s in row[5])
+  assert {q['filters']['Modality'] for q in fake.queries} == {'CT', 'MR', 'CR', 'DX'}
+  assert all(set(q['fields']) == {'BodyPartExamined', 'StudyDescription', 'SeriesDescription',
+                                  'NumberOfSeriesRelatedInstances'} for q in fake.queries)
+  # Pixels are the folder loader's: the same image read_dicom_image gives for the file.
+  expected = dicom.read_dicom_image(io.BytesIO(_instance_bytes('CT', '1.9.1.1.0')))
+  np.testing.assert_array_equal(loaded.images[0], expected)
+
+
+def test_second_run_reads_the_cache_and_retrieves_nothing(tmp_path):
+  first = FakeDicomWeb(_pacs(), corrupt={'1.9.1.1.2'})
+  loaded, _ = _load(tmp_path, first)
+  assert len(first.retrieved) == 6 and loaded.report.reasons()[dicom.REASON_BAD_PIXELS] == 1
+  second = FakeDicomWeb(_pacs(), corrupt={'1.9.1.1.2'})
+  again, _ = _load(tmp_path, second)
+  assert second.retrieved == []  # The corrupt one too: its reason is cached.
+  np.testing.assert_array_equal(again.images, loaded.images)
+  np.testing.assert_array_equal(again.labels, loaded.labels)
+  assert '0 retrieved, 6 from cache' in again.report.summary()
+  # A new instance in a series is retrieved, alone.
+  third = FakeDicomWeb(_pacs(n_head=4), corrupt={'1.9.1.1.2'})
+  _load(tmp_path, third)
+  assert third.retrieved == ['1.9.1.1.3']
+
+
+def test_failed_retrieval_is_retried_with_backoff_then_reported_and_skipped(tmp_path):
+  fake = FakeDicomWeb(_pacs(), failures={
+      '1.9.1.1.0': [requests.exceptions.ConnectionError('refused'), _http_error(503)],
+      '1.9.1.1.1': [requests.exceptions.Timeout('slow')] * 4,
+      '1.9.2.1.1': [_http_error(404)],
+  })
+  loaded, sleeps = _load(tmp_path, fake, backoff_seconds=0.5, max_attempts=4)
+  assert '1.9.1.1.0' in fake.retrieved  # Third try worked.
+  assert loaded.report.reasons() == {pacs.REASON_RETRIEVE_FAILED: 1, pacs.REASON_NOT_FOUND: 1,
+                                     dicom.REASON_NO_CATEGORY: 2}
+  # Exponential backoff: 0.5, 1 for the first; 0.5, 1, 2 for the one that never worked.
+  assert sorted(sleeps) == sorted([0.5, 1.0, 0.5, 1.0, 2.0])
+  assert len(loaded) == 4
+  # The failed one is not cached as failed: the next run tries it again and gets it.
+  retry = FakeDicomWeb(_pacs())
+  again, _ = _load(tmp_path, retry)
+  assert sorted(retry.retrieved) == ['1.9.1.1.1', '1.9.2.1.1'] and len(again) == 6
+
+
+@pytest.mark.parametrize('fake, message, error', [
+    (FakeDicomWeb(_pacs(), query_failures=[_http_error(401)]),
+     r'refused the credentials \(HTTP 401\): check pacs.auth', ConfigError),
+    (FakeDicomWeb(_pacs(), query_failures=[requests.exceptions.ConnectionError('x')] * 4),
+     r'is unreachable \(no connection after 4 attempts\): check pacs.url', DataError),
+    (FakeDicomWeb(_pacs(), query_failures=[requests.exceptions.SSLError('x')]),
+     r"not trusted: set pacs.ca_bundle to the hospital's CA bundle", ConfigError),
+    (FakeDicomWeb(_pacs(), query_failures=[_http_error(400)]),
+     r'refused the query \(HTTP 400\): is pacs.url its DICOMweb root', DataError),
+    (FakeDicomWeb([]), r'the query \(modalities CR, CT, DX, MR\) matched no series', DataError),
+    (FakeDicomWeb(_pacs()[3:]), r'gave no usable image.*2 no category for metadata', DataError),
+], ids=['wrong_credentials', 'unreachable', 'untrusted_tls', 'refused_query', 'empty_query',
+        'nothing_usable'])
+def test_each_failure_is_one_clear_message_quoting_nothing(tmp_path, fake, message, error):
+  with pytest.raises(error, match=message) as raised:
+    _load(tmp_path, fake)
+  text = str(raised.value)
+  assert '\n' not in text and CANARY not in text and '1.9.' not in text
+
+
+def test_a_failed_later_query_is_reported_and_the_rest_loads(tmp_path):
+  # CR answers (empty), then CT fails 4 times: reported; DX and MR still load.
+  fake = FakeDicomWeb(_pacs(), query_failures=[])
+  calls = {'n': 0}
+  original = fake.search_for_series
+
+  def flaky(**kwargs):
+    calls['n'] += 1
+    if kwargs['search_filters']['Modality'] == 'CT':
+      raise _http_error(500)
+    return original(**kwargs)
+  fake.search_for_series = flaky
+  loaded, _ = _load(tmp_path, fake)
+  assert loaded.report.reasons()[pacs.REASON_QUERY_FAILED] == 1
+  assert loaded.category_counts()['Hand'] == 1 and loaded.category_counts()['HeadCT'] == 0
+
+
+def test_query_filter_reaches_the_query(tmp_path):
+  studies = tmp_path / 'studies.txt'
+  studies.write_text('1.9.1\n1.9.3\n')
+  fake = FakeDicomWeb(_pacs())
+  loaded, _ = _load(tmp_path, fake, modalities='CT,DX', study_date='20200101-20201231',
+                    study_list_file=str(studies))
+  assert {(q['filters']['Modality'], q['study']) for q in fake.queries} == {
+      ('CT', '1.9.1'), ('CT', '1.9.3'), ('DX', '1.9.1'), ('DX', '1.9.3')}
+  assert all(q['filters']['StudyDate'] == '20200101-20201231' for q in fake.queries)
+  assert loaded.category_counts()['HeadCT'] == 3 and loaded.category_counts()['ChestCT'] == 0
+
+
+def test_paging_covers_every_result_once(tmp_path):
+  fake = FakeDicomWeb(_pacs(n_head=7))
+  loaded, _ = _load(tmp_path, fake, page_size=2)
+  assert loaded.category_counts()['HeadCT'] == 7 and len(set(fake.retrieved)) == len(
+      fake.retrieved) == 10
+
+
+def test_no_header_value_reaches_logs_report_or_cache(tmp_path, caplog):
+  std_logging.getLogger('dicomweb_client').setLevel(std_logging.DEBUG)
+  caplog.set_level(std_logging.DEBUG)
+  fake = FakeDicomWeb(_pacs(), failures={'1.9.1.1.0': [_http_error(503)]})
+  loaded, _ = _load(tmp_path, fake)
+  text = caplog.text + loaded.report.summary() + repr(loaded.report.skipped)
+  for directory, _, files in os.walk(tmp_path / 'cache'):
+    for f in files:
+      text += f
+      with open(os.path.join(directory, f), 'rb') as handle:
+        text += handle.read().decode('latin-1')
+  assert '1.9.1.1.0' in fake.retrieved  # Retried after the 503: its failure was handled.
+  for secret in (CANARY, '1.9.1.1', '1.9.2', SECRET.split(':')[1]):
+    assert secret not in text, secret
+
+
+def test_unreachable_real_port_is_one_message(tmp_path):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  settings = _settings(tmp_path, url=f'http://127.0.0.1:{port}/dicom-web', max_attempts=2,
+                       backoff_seconds=0.01, timeout_seconds=5)
+  with pytest.raises(DataError, match=r'is unreachable \(no connection after 2 attempts\)'):
+    pacs.load_pacs(settings)
