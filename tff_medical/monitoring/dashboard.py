@@ -182,6 +182,9 @@ def run_data(run_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any
     total_clients = ledger_json['sampling'].get('total_clients', total_clients)
   plan = run_config.get('plan') if isinstance(run_config, Mapping) else None
   checks = compliance_lib.compliance(run_dir, skip)
+  # An audit run's claimed vs empirical epsilon (tff_medical.training.canaries); absent otherwise.
+  empirical, problem = run_reader.read_json(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  problems += [problem] if problem else []
   return {
       'name': name,
       'public': False,
@@ -206,6 +209,7 @@ def run_data(run_dir: str, name: str, skip: Iterable[str] = ()) -> dict[str, Any
       'audit_count': len(records),
       'audit_latest': [_audit_row(r) for r in records[-LATEST_AUDIT_RECORDS:]][::-1],
       'compliance': [c.to_json_dict() for c in checks],
+      'empirical_audit': empirical if isinstance(empirical, Mapping) else None,
       'problems': problems,
   }
 

@@ -273,3 +273,28 @@ def category_report(stats: CategoryStatistics, claimed_epsilon: Optional[float],
 def failing_categories(report: Mapping[str, Any]) -> list[str]:
   """The categories of an empirical_audit.json whose empirical epsilon exceeds the claim."""
   return [c for c, entry in report.get('categories', {}).items() if entry.get('passed') is False]
+
+
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+  return '∞' if value is None else f'{value:.{digits}f}'
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+  """empirical_audit.json as a Markdown table: claimed against empirical, per category."""
+  confidence = report.get('confidence', 0.95)
+  lines = [
+      f'| Category | Claimed ε (ledger, this run) | Empirical ε, all iterates [{confidence:.0%} '
+      'interval] | Gap (claimed − upper end) | Empirical ε, final sub-aggregate | Released model: '
+      'all iterates / final | Canary insertions | Passed |',
+      '|---|---:|---:|---:|---:|---:|---:|:---:|',
+  ]
+  for c, entry in report.get('categories', {}).items():
+    mech, model = entry['mechanism'], entry['released_model']
+    low, high = mech['all_iterates']['interval']
+    lines.append(
+        f'| {c} | {_fmt(entry.get("claimed_epsilon"))} | '
+        f'{_fmt(mech["all_iterates"]["epsilon"])} [{_fmt(low)}, {_fmt(high)}] | '
+        f'{_fmt(mech.get("gap"))} | {_fmt(mech["final_model"]["epsilon"])} | '
+        f'{_fmt(model["all_iterates"]["epsilon"])} / {_fmt(model["final_model"]["epsilon"])} | '
+        f'{entry["mechanism"]["insertions"]} | {"yes" if entry.get("passed") else "**no**"} |')
+  return '\n'.join(lines)

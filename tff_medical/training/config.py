@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   # its canaries and is never exported as deployable.
   config.audit = ml_collections.ConfigDict()
   config.audit.enabled = False
-  config.audit.canaries_per_category = 1000  # Inserted; as many never-inserted for the null.
+  # Inserted; as many never-inserted for the null. 2,000: docs/PRIVACY_AUDIT.md, "Why this many".
+  config.audit.canaries_per_category = 2000
   config.audit.canary_norm_multiple = 2.0  # Canary norm / the category's clip norm (> 1).
   config.audit.confidence = 0.95  # Of the bootstrap interval of each empirical epsilon.
   config.audit.bootstrap = 200  # Resamples of the canaries for that interval.

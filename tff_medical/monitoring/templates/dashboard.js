@@ -237,6 +237,32 @@
     }
     grid.appendChild(budget.node);
 
+    // Empirical privacy audit (audit runs only): claimed against measured epsilon per category.
+    var audit = run.empirical_audit;
+    if (audit && audit.categories) {
+      var ap = panel('Empirical privacy audit (canary clients)', 'Audit run: its model carries ' +
+        'canaries and is not deployable. Claimed: the ledger\'s ε for this run; empirical: ' +
+        'one-shot estimate over all released rounds of each category\'s sub-aggregate, with its ' +
+        Math.round(100 * (audit.confidence || 0.95)) + '% interval, ' + audit.canaries_per_category +
+        ' canaries a category, δ = ' + audit.delta + '. Passed: upper end ≤ claimed.');
+      var arowsE = DATA.categories.map(function (c) {
+        var e = audit.categories[c.id] || {};
+        var m = (e.mechanism || {}).all_iterates || {};
+        var r = (e.released_model || {}).all_iterates || {};
+        var iv = m.interval || [null, null];
+        return [c.id, fmt(e.claimed_epsilon, 4), fmt(m.epsilon, 4),
+                '[' + fmt(iv[0], 3) + ', ' + (iv[1] === null ? '∞' : fmt(iv[1], 3)) + ']',
+                fmt((e.mechanism || {}).gap, 3), fmt(r.epsilon, 4),
+                el('span', {cls: 'badge ' + (e.passed ? 'ok' : 'bad'),
+                            text: e.passed ? 'passed' : 'FAILED'})];
+      });
+      ap.body.appendChild(el('div', {cls: 'hscroll'}, [table(['Category', 'Claimed ε',
+        'Empirical ε', 'Interval', 'Gap', 'Released model ε', 'Check'], arowsE,
+        [0, 1, 1, 0, 1, 1, 0])]));
+      check.tables.empirical_audit = arowsE.length;
+      grid.appendChild(ap.node);
+    }
+
     function chartPanel(key, title, note, series, opts) {
       var p = panel(title, note);
       grid.appendChild(p.node);
