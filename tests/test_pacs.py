@@ -437,3 +437,168 @@ def test_unreachable_real_port_is_one_message(tmp_path):
                        backoff_seconds=0.01, timeout_seconds=5)
   with pytest.raises(DataError, match=r'is unreachable \(no connection after 2 attempts\)'):
     pacs.load_pacs(settings)
+
+
+# --- End to end: a real Orthanc ----------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def orthanc(tmp_path_factory):
+  """Orthanc on loopback, seeded (3 copies of each SEEDS entry), one instance made corrupt."""
+  import orthanc_fixture  # pylint: disable=g-import-not-at-top
+  reason = orthanc_fixture.install_orthanc()
+  if reason:
+    pytest.skip(reason)
+  server = orthanc_fixture.OrthancServer(str(tmp_path_factory.mktemp('orthanc')))
+  server.start()
+  try:
+    seeded = orthanc_fixture.seed_instances(copies=3)
+    ids = [server.upload(f) for f in seeded.files]
+    # One Abdomen CT instance corrupt: reported and skipped, the rest goes on.
+    corrupt = next(i for i, s in enumerate(seeded.specs) if s.expected == 'AbdomenCT')
+    server.damage(ids[corrupt])
+    credentials = tmp_path_factory.mktemp('site') / 'pacs_credentials'
+    _private_file(credentials, f'{orthanc_fixture.USER}:{server.password}\n')
+    yield server, seeded, corrupt, str(credentials)
+  finally:
+    server.cleanup()
+  assert server.process is None
+
+
+def _expected_counts(seeded, corrupt, modalities=('CT', 'MR', 'CR', 'DX')):
+  counts = {c: 0 for c in categories.CATEGORY_IDS}
+  unknown = 0
+  for i, spec in enumerate(seeded.specs):
+    if spec.modality not in modalities:
+      continue
+    if not spec.expected:
+      unknown += 1
+    elif i != corrupt:
+      counts[spec.expected] += 1
+  return counts, unknown
+
+
+def _canaries_in(paths, canaries):
+  """(file, canary) for every canary found in any file under `paths` (texts included)."""
+  found = []
+  for root in paths:
+    if isinstance(root, str) and not os.path.exists(root):
+      continue
+    walk = os.walk(root) if os.path.isdir(root) else [(os.path.dirname(root), [],
+                                                       [os.path.basename(root)])]
+    for directory, _, files in walk:
+      for name in files:
+        path = os.path.join(directory, name)
+        with open(path, 'rb') as f:
+          data = f.read()
+        found += [(path, c) for c in canaries if c.encode() in data or c in path]
+  return found
+
+
+@pytest.mark.slow  # End-to-end tier: a real Orthanc server.
+def test_orthanc_ingest_categorizes_caches_and_reports(orthanc, tmp_path):
+  server, seeded, corrupt, credentials = orthanc
+  settings = pacs.PacsSettings(url=server.dicomweb_url, cache_dir=str(tmp_path / 'cache'),
+                               credentials_file=credentials, backoff_seconds=0.1)
+  before = server.wado_retrievals()
+  loaded = pacs.load_pacs(settings)
+  counts, unknown = _expected_counts(seeded, corrupt)
+  assert loaded.category_counts() == counts
+  assert loaded.report.reasons() == {dicom.REASON_NO_CATEGORY: unknown,
+                                     dicom.REASON_BAD_PIXELS: 1}
+  retrieved = server.wado_retrievals() - before
+  assert retrieved == sum(counts.values()) + 1  # Unmapped series are never retrieved.
+  assert not _canaries_in([str(tmp_path / 'cache')], seeded.canaries)
+  # The check finds what it looks for: a seeded DICOM file would be caught.
+  (tmp_path / 'control').write_bytes(seeded.files[0])
+  assert _canaries_in([str(tmp_path / 'control')], seeded.canaries)
+  for directory, _, files in os.walk(tmp_path / 'cache'):
+    assert _mode(directory) == 0o700
+    assert all(_mode(os.path.join(directory, f)) == 0o600 for f in files)
+  # Second run: from the cache, no instance retrieved again (Orthanc's own request log).
+  again = pacs.load_pacs(settings)
+  assert server.wado_retrievals() - before == retrieved
+  np.testing.assert_array_equal(again.images, loaded.images)
+  # Asking for US too: its series are counted as unknown, still not retrieved.
+  with_us = pacs.load_pacs(pacs.PacsSettings(
+      url=server.dicomweb_url, cache_dir=str(tmp_path / 'cache'), credentials_file=credentials,
+      modalities='CT,MR,CR,DX,US'))
+  assert with_us.report.reasons()[dicom.REASON_NO_CATEGORY] == _expected_counts(
+      seeded, corrupt, ('CT', 'MR', 'CR', 'DX', 'US'))[1] > unknown
+  assert server.wado_retrievals() - before == retrieved
+
+
+@pytest.mark.slow  # End-to-end tier: a real Orthanc server.
+def test_orthanc_wrong_credentials_and_empty_query_are_one_message(orthanc, tmp_path):
+  server, _, _, credentials = orthanc
+  wrong = _private_file(tmp_path / 'wrong', 'tff-site:not-the-password\n')
+  with pytest.raises(ConfigError, match=r'refused the credentials \(HTTP 401\)'):
+    pacs.load_pacs(pacs.PacsSettings(url=server.dicomweb_url, cache_dir=str(tmp_path / 'c'),
+                                     credentials_file=wrong))
+  with pytest.raises(DataError, match=r'study_date 19000101-19000102\) matched no series'):
+    pacs.load_pacs(pacs.PacsSettings(url=server.dicomweb_url, cache_dir=str(tmp_path / 'c'),
+                                     credentials_file=credentials,
+                                     study_date='19000101-19000102'))
+
+
+def _run(args, env=None, timeout=600):
+  return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+                                                  FLWR_TELEMETRY_ENABLED='0', **(env or {})))
+
+
+@pytest.mark.slow  # End-to-end tier: Orthanc, train.py and site.py processes.
+def test_train_and_site_read_the_pacs_and_leak_nothing(orthanc, tmp_path):
+  server, seeded, corrupt, credentials = orthanc
+  cache = tmp_path / 'site_cache'
+  config_path = tmp_path / 'pacs_config.py'
+  config_path.write_text(
+      'from tff_medical.training import config as config_lib\n'
+      'def get_config():\n'
+      '  config = config_lib.base_config()\n'
+      "  config.dataset = 'pacs'\n"
+      f'  config.pacs.url = {server.dicomweb_url!r}\n'
+      f'  config.pacs.cache_dir = {str(cache)!r}\n'
+      f'  config.pacs.credentials_file = {credentials!r}\n'
+      '  config.num_clients = 4\n'
+      '  config.clients_per_round = 2\n'
+      '  config.total_rounds = 2\n'
+      '  config.eval_every = 1\n'
+      '  config.test_fraction = 0.2\n'
+      '  config.model.conv_filters = (4,)\n'
+      '  config.dp = False\n'
+      '  config.release_non_private = True\n'
+      '  return config\n')
+  before = server.wado_retrievals()
+  runs = tmp_path / 'runs'
+  trained = _run(['experiments/train.py', f'--config={config_path}',
+                  f'--root_output_dir={runs}', '--experiment_name=pacs'])
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert 'Traceback' not in trained.stderr
+  counts, _ = _expected_counts(seeded, corrupt)
+  assert server.wado_retrievals() - before == sum(counts.values()) + 1
+  run_config = (runs / 'pacs' / 'config.json').read_text()
+  assert f'{sum(counts.values())} images loaded' in run_config
+  # The site reads the same PACS through its flags: from the cache, retrieving nothing. With
+  # no coordinator it gives up after --max_wait_seconds (exit 2).
+  site_dir = tmp_path / 'site'
+  site_dir.mkdir()
+  site = _run(['experiments/site.py', f'--site_dir={site_dir}', '--coordinator=127.0.0.1:9',
+               '--dataset=pacs', f'--pacs_url={server.dicomweb_url}',
+               f'--pacs_cache_dir={cache}', f'--pacs_credentials_file={credentials}',
+               '--max_wait_seconds=3'], timeout=300)
+  assert f'site: {sum(counts.values())} local images' in site.stdout, site.stderr[-3000:]
+  assert site.returncode == 2, site.stderr[-3000:]
+  assert 'Traceback' not in site.stderr
+  assert server.wado_retrievals() - before == sum(counts.values()) + 1
+  leaks = _canaries_in([str(runs), str(cache), str(site_dir)], seeded.canaries)
+  assert not leaks, leaks[:5]
+  outputs = trained.stdout + trained.stderr + site.stdout + site.stderr
+  assert not [c for c in seeded.canaries if c in outputs]
+  # Wrong credentials through the site's flags: one line, no traceback.
+  wrong = _private_file(tmp_path / 'wrong', 'tff-site:wrong\n')
+  refused = _run(['experiments/site.py', f'--site_dir={site_dir}', '--dataset=pacs',
+                  f'--pacs_url={server.dicomweb_url}', f'--pacs_cache_dir={cache}',
+                  f'--pacs_credentials_file={wrong}'], timeout=300)
+  assert refused.returncode == 1 and 'Traceback' not in refused.stderr
+  assert 'refused the credentials (HTTP 401)' in refused.stderr
