@@ -287,3 +287,68 @@ def seed_instances(copies: int = 2, token: str = '') -> Seeded:
       files.append(buffer.getvalue())
       specs.append(spec)
   return Seeded(files=files, specs=specs, canaries=canaries)
+
+
+# Memory measurement (docs/BENCHMARKS.md, "PACS ingest memory") -------------------------------
+
+_MEASURE = '''
+import resource, sys, time
+from tff_medical.data import dicom, pacs
+url, cache, credentials, modality = sys.argv[1:]
+settings = pacs.PacsSettings(url=url, cache_dir=cache, credentials_file=credentials,
+                             modalities=modality)
+# The measurement's own modality code, mapped to Head CT.
+mapping = dicom.DicomMapping.from_dict({'rules': [
+    {'category': 'HeadCT', 'modalities': [modality], 'body_parts': ['HEAD']}]})
+started = time.monotonic()
+loaded = pacs.load_pacs(settings, mapping)
+print(len(loaded), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic() - started)
+'''
+
+
+def measure_memory(sizes=(500, 1500, 3000)) -> list[tuple[int, int, float, int, float]]:
+  """Peak RSS of a fresh process ingesting n instances, for each n of `sizes`.
+
+  Instances are CT_small.dcm (128x128, 16 bits, about 39 KiB), 100 to a series; each size is
+  its own modality code, so that one Orthanc holds them all and a query selects n of them.
+  Returns (n, peak KiB from an empty cache, seconds, peak KiB from the cache, seconds).
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  results = []
+  template = pydicom.dcmread(pydicom_data.get_testdata_file('CT_small.dcm'))
+  with OrthancServer() as server:
+    credentials = os.path.join(server.root, 'credentials')
+    fd = os.open(credentials, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, 'w') as f:
+      f.write(f'{USER}:{server.password}\n')
+    for k, n in enumerate(sizes):
+      modality = f'CT{k}'
+      for i in range(n):
+        ds = template.copy()
+        ds.Modality = modality
+        ds.BodyPartExamined = 'HEAD'
+        ds.StudyInstanceUID = f'1.2.826.0.1.3680043.8.498.77.{k}.{i // 100}'
+        ds.SeriesInstanceUID = ds.StudyInstanceUID + '.1'
+        ds.SOPInstanceUID = f'{ds.SeriesInstanceUID}.{i}'
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        server.upload(buffer.getvalue())
+      cache = os.path.join(server.root, f'cache{k}')
+      row = [n]
+      for _ in range(2):  # Empty cache, then the same query from the cache.
+        out = subprocess.run([sys.executable, '-c', _MEASURE, server.dicomweb_url, cache,
+                              credentials, modality], capture_output=True, text=True, check=True)
+        count, peak, seconds = out.stdout.split()
+        assert int(count) == n, (count, n)
+        row += [int(peak), float(seconds)]
+      results.append(tuple(row))
+  return results
+
+
+if __name__ == '__main__':
+  print('instances  peak RSS (MiB), empty cache  seconds  peak RSS (MiB), from cache  seconds')
+  for n, peak, seconds, cached_peak, cached_seconds in measure_memory():
+    print(f'{n:9d}  {peak / 1024:28.1f}  {seconds:7.1f}  {cached_peak / 1024:26.1f}  '
+          f'{cached_seconds:7.1f}')
