@@ -10,7 +10,6 @@ resumes the run from its last completed round.
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ['FLWR_TELEMETRY_ENABLED'] = '0'
@@ -55,22 +54,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   from tff_medical.crosssilo import coordinator
-  from tff_medical.errors import ConfigError
-  from tff_medical.errors import TffMedicalError
-  from tff_medical.monitoring import dashboard
-  from tff_medical.training import program
-  from tff_medical.training import report
+  from tff_medical.training import entry
   # pylint: enable=g-import-not-at-top
   run_dir = os.path.join(_ROOT_OUTPUT_DIR.value, _EXPERIMENT_NAME.value)
-  page = os.path.join(run_dir, dashboard.DASHBOARD_FILENAME)
-
-  def refresh(live: bool) -> None:
-    try:
-      dashboard.build_dashboard([run_dir], page, live=live)
-    except (OSError, dashboard.DashboardError) as e:  # A view must not stop training.
-      logging.warning('Dashboard not updated: %s', e)
-
-  try:
+  with entry.reported_errors():
     deployment = coordinator.Deployment(
         pki_dir=_PKI_DIR.value, num_sites=_NUM_SITES.value, threshold=_THRESHOLD.value,
         host=_HOST.value, fleet_port=_FLEET_PORT.value, driver_port=_DRIVER_PORT.value,
@@ -78,25 +65,14 @@ def main(argv):
         join_timeout=_JOIN_TIMEOUT.value, max_abandoned_rounds=_MAX_ABANDONED.value,
         eval_dataset=_EVAL_DATASET.value, eval_data_dir=_EVAL_DATA_DIR.value,
         eval_num_per_category=_EVAL_NUM.value)
-    result = coordinator.run(_CONFIG.value, deployment, run_dir,
-                             on_round=lambda record: (print(
-                                 f'round {record["round"]}: {record["metrics"]["num_clients"]} '
-                                 'sites', flush=True), refresh(True)))
-    if _CONFIG.value.export and result.rounds_completed:
-      result.saved_model_dir = program.export(result)
-    print(report.summary_table(result, dashboard_path=page))
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
-  except TffMedicalError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  except KeyboardInterrupt:
-    print('\ninterrupted; rerun the same command to resume from the last completed round.',
-          file=sys.stderr)
-    sys.exit(130)
-  finally:
-    if os.path.isdir(run_dir):
-      refresh(False)
+
+    def cross_silo(on_round):
+      def each_round(record):
+        print(f'round {record["round"]}: {record["metrics"]["num_clients"]} sites', flush=True)
+        on_round(record)
+      return coordinator.run(_CONFIG.value, deployment, run_dir, on_round=each_round)
+
+    print(entry.train_and_export(_CONFIG.value, run_dir, train=cross_silo))
 
 
 if __name__ == '__main__':

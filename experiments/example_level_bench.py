@@ -61,6 +61,7 @@ def main(argv):
   from tff_medical.training import example_level
   from tff_medical.data import model_input
   from tff_medical.training import program
+  from tff_medical.training import run_record
   # pylint: enable=g-import-not-at-top
 
   if _RENDER_ONLY.value:
@@ -87,8 +88,7 @@ def main(argv):
   client_config = copy.deepcopy(config)
   client_config.privacy_unit = 'client'
   try:
-    # pylint: disable-next=protected-access
-    client_plan = program._calibrate(client_config, policy, sampling_spec)
+    client_plan = run_record.calibrate(client_config, policy, sampling_spec)
     client_result = {'status': 'calibrated', 'noise_multipliers': client_plan.noise_multipliers}
   except TffMedicalError as e:
     client_result = {'status': 'refused', 'message': str(e)}

@@ -7,7 +7,6 @@ Rerunning the same command resumes the run from its last completed round.
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -38,27 +37,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # pylint: disable=g-import-not-at-top
   from tff_medical import runtime
-  from tff_medical.errors import ConfigError
-  from tff_medical.errors import TffMedicalError
   from tff_medical.training import entry
   # pylint: enable=g-import-not-at-top
   name = _EXPERIMENT_NAME.value or os.path.splitext(
       os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
-  try:
+  with entry.reported_errors():
     runtime.install_execution_context()
     print(entry.train_and_export(_CONFIG.value, os.path.join(_ROOT_OUTPUT_DIR.value, name)))
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
-  except TffMedicalError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  except KeyboardInterrupt:
-    # Every completed round is checkpointed; nothing of the interrupted one was released.
-    print('\ninterrupted; rerun the same command to resume from the last completed round.',
-          file=sys.stderr)
-    sys.exit(130)
-  finally:
-    runtime.shutdown()
 
 
 if __name__ == '__main__':

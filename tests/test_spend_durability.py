@@ -23,6 +23,7 @@ from tff_medical.data import phantoms
 from tff_medical.errors import ConfigError
 from tff_medical.privacy import budget_registry
 from tff_medical.training import program
+from tff_medical.training import run_record
 
 from test_program import smoke_config  # pylint: disable=g-bad-import-order
 
@@ -234,5 +235,5 @@ def test_a_killed_save_leaves_no_temporary_checkpoint_behind(tmp_path):
   (root / 'round_3_temp4321' / 'variables').mkdir(parents=True)
   (root / 'round_3_temp4321' / 'variables' / 'variables.index').write_bytes(b'partial')
   (root / 'round_2').mkdir()
-  program._CheckpointStore(str(root), keep_total=3)  # pylint: disable=protected-access
+  run_record.CheckpointStore(str(root), keep_total=3)
   assert sorted(os.listdir(root)) == ['round_2']

@@ -19,7 +19,6 @@ nothing was unmasked, so the model, the clip norms and the ledger stay as they w
 round number is reused.
 """
 
-import collections
 import dataclasses
 import json
 import os
@@ -42,17 +41,15 @@ from tff_medical.data import sources
 from tff_medical.errors import ConfigError
 from tff_medical.errors import PolicyError
 from tff_medical.errors import TffMedicalError
-from tff_medical.monitoring import audit as audit_lib
-from tff_medical.privacy import accounting
 from tff_medical.privacy import calibration
 from tff_medical.privacy import example_ledger
-from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
 from tff_medical.training import config as config_lib
-from tff_medical.training import evaluation
 from tff_medical.training import example_level
+from tff_medical.training import privacy_unit
 from tff_medical.training import program
+from tff_medical.training import run_record
 
 SUPERLINK_LOG = 'superlink.log'
 EVAL_DATASETS = ('none',) + sources.NAMES
@@ -236,56 +233,38 @@ class _Pending:
   record: Any
 
 
-class _ClientLevel:
+class _ClientLevel(privacy_unit.ClientLevel):
   """privacy_unit 'client': class-aware DP-FedAvg, the coordinator's noise on the secure sum."""
 
-  privacy_unit = 'client'
-
   def __init__(self, config, policy, spec, shapes):
-    self._config, self._policy, self._spec, self._shapes = config, policy, spec, shapes
-    self.plan = program._calibrate(config, policy, spec)  # pylint: disable=protected-access
-    self._clip = class_aware.AdaptiveClipSettings(config.clip.initial_l2_norm_clip,
-                                                  config.clip.target_unclipped_quantile,
-                                                  config.clip.learning_rate)
-    self.plan_json = mechanism.MechanismPlan(
-        {c: calibration.AdaptiveClipSplit.from_json_dict(self.plan.splits[c])
-         for c in categories.CATEGORY_IDS}, self._clip).to_json()
-    self.queries = mechanism.category_queries(mechanism.MechanismPlan.from_json(self.plan_json))
+    super().__init__(config, policy, spec)
+    self._shapes = shapes
+    self.plan_restored()
     self.states = mechanism.initial_states(self.queries)
-    whole_client = {
-        c: calibration.AdaptiveClipSplit.from_json_dict(split).whole_client_noise_multiplier
-        for c, split in self.plan.splits.items()}
-    self.ledger = ledger_lib.PrivacyLedger(policy, self.plan.noise_multipliers, spec,
-                                           config.accountant,
-                                           whole_client_noise_multipliers=whole_client)
 
-  def fingerprint_privacy(self) -> dict[str, Any]:
-    return {'dp': True, 'accountant': self._config.accountant,
-            'clip': self._config.clip.to_dict()}
+  def plan_restored(self) -> None:
+    clip = class_aware.AdaptiveClipSettings(self._config.clip.initial_l2_norm_clip,
+                                            self._config.clip.target_unclipped_quantile,
+                                            self._config.clip.learning_rate)
+    self.mechanism_json = mechanism.MechanismPlan(
+        {c: calibration.AdaptiveClipSplit.from_json_dict(self.plan.splits[c])
+         for c in categories.CATEGORY_IDS}, clip).to_json()
+    self.queries = mechanism.category_queries(
+        mechanism.MechanismPlan.from_json(self.mechanism_json))
 
-  def checkpoint(self) -> dict[str, Any]:
+  def checkpoint_fields(self) -> dict[str, Any]:
     return {'queries': json.dumps({c: mechanism.flatten_state(self.states[c])
-                                   for c in categories.CATEGORY_IDS}),
-            'ledger': json.dumps(self.ledger.state()),
-            'plan': json.dumps({'plan': dataclasses.asdict(self.plan),
-                                'mechanism': self.plan_json})}
+                                   for c in categories.CATEGORY_IDS})}
 
   def restore(self, restored) -> None:
-    saved_plan = json.loads(program._decode(restored['plan']))  # pylint: disable=protected-access
-    if saved_plan['mechanism'] != self.plan_json:
-      # total_rounds changed: keep the calibration the run started with.
-      self.plan = program._Plan(**saved_plan['plan'])  # pylint: disable=protected-access
-      self.plan_json = saved_plan['mechanism']
-      self.queries = mechanism.category_queries(mechanism.MechanismPlan.from_json(self.plan_json))
-    flat_states = json.loads(program._decode(restored['queries']))  # pylint: disable=protected-access
+    super().restore(restored)
+    flat_states = run_record.from_checkpoint(restored['queries'])
     self.states = {c: mechanism.unflatten_state(self.queries[c], flat_states[c])
                    for c in categories.CATEGORY_IDS}
-    self.ledger = ledger_lib.PrivacyLedger.from_state(
-        json.loads(program._decode(restored['ledger'])), policy=self._policy,  # pylint: disable=protected-access
-        sampling=self._spec, accountant=self._config.accountant)
 
-  def plan_record(self) -> dict[str, Any]:
-    return dataclasses.asdict(self.plan)
+  def clip_norms(self) -> dict[str, float]:
+    return {c: mechanism.clip_norm(self.queries[c], self.states[c])
+            for c in categories.CATEGORY_IDS}
 
   def exhausted(self) -> bool:
     return not self.ledger.releasable()
@@ -293,11 +272,9 @@ class _ClientLevel:
   def prepare(self, driver, node_ids, round_num, deployment, sites) -> Any:
     del driver, deployment, sites
     params = mechanism.sample_params(self.queries, self.states)
-    clip_norms = {c: mechanism.clip_norm(self.queries[c], self.states[c])
-                  for c in categories.CATEGORY_IDS}
-    return _Round(list(node_ids), _round_instructions(self._config, self.plan_json, params,
+    return _Round(list(node_ids), _round_instructions(self._config, self.mechanism_json, params,
                                                       round_num),
-                  self.ledger.releasable(), clip_norms)
+                  self.ledger.releasable(), self.clip_norms())
 
   def aggregate(self, secure: secagg.SecureSum, prepared: _Round) -> _Pending:
     """Raises PolicyError for an unusable secure sum (the round is abandoned)."""
@@ -312,24 +289,8 @@ class _ClientLevel:
     self.ledger.record_round(pending.record.events)  # Checks everything before it records.
     self.states = pending.record.states
 
-  def round_outputs(self, pending: _Pending) -> tuple[dict[str, Any], dict[str, Any],
-                                                     dict[str, Any]]:
-    """(headline metrics, per-category metrics, audit fields) of a committed round."""
-    norms = {c: mechanism.clip_norm(self.queries[c], self.states[c])
-             for c in categories.CATEGORY_IDS}
-    head = {'client_level_epsilon': self.ledger.client_level_epsilon}
-    metrics = {}
-    for c in categories.CATEGORY_IDS:
-      metrics[f'epsilon/{c}'] = self.ledger.epsilon_spent(c)
-      metrics[f'clip_norm/{c}'] = norms[c]
-      metrics[f'released/{c}'] = int(c in pending.released)
-    audit = {'clip_norms': norms,
-             'epsilon_spent': {c: self.ledger.epsilon_spent(c) for c in categories.CATEGORY_IDS},
-             'client_level_epsilon': self.ledger.client_level_epsilon}
-    return head, metrics, audit
 
-
-class _ExampleLevel:
+class _ExampleLevel(privacy_unit.ExampleLevel):
   """privacy_unit 'example': DP-SGD at each site; the coordinator averages, adding no noise.
 
   Each site plans, accounts and freezes on its own (site_worker.ExampleSite). Before a round the
@@ -340,8 +301,6 @@ class _ExampleLevel:
   reports fewer steps than the ledger holds for it (it lost its own ledger) or another sampling
   or plan than it started with is left out of the run.
   """
-
-  privacy_unit = 'example'
 
   def __init__(self, config, policy, shapes, run_dir: str):
     self._config, self._policy, self._shapes = config, policy, shapes
@@ -354,17 +313,22 @@ class _ExampleLevel:
             'example_dp': self._config.example_dp.to_dict(),
             'batch_size': int(self._config.client.batch_size)}
 
-  def checkpoint(self) -> dict[str, Any]:
-    return {'ledger': json.dumps(None if self.ledger is None else self.ledger.example.state()),
-            'plan': json.dumps(self.plan_record(), sort_keys=True)}
+  def checkpoint_fields(self) -> dict[str, Any]:
+    return {}
+
+  def ledger_state(self) -> Any:
+    return None if self.ledger is None else self.ledger.example.state()
+
+  def plan_json(self) -> str:
+    return json.dumps(self.plan_record(), sort_keys=True)
 
   def restore(self, restored) -> None:
-    saved = json.loads(program._decode(restored['plan']))  # pylint: disable=protected-access
+    saved = run_record.from_checkpoint(restored['plan'])
     if saved.get('run_id') != self.run_id:
       raise ConfigError(f'Cannot resume the run in its folder: its run id '
                         f'({saved.get("run_id")!r}) differs from the folder\'s {RUN_ID_FILE} '
                         f'({self.run_id!r}). Restore that file, or start a new run.')
-    state = json.loads(program._decode(restored['ledger']))  # pylint: disable=protected-access
+    state = run_record.from_checkpoint(restored['ledger'])
     if state is not None:
       self.ledger = example_level.LedgerView(example_ledger.ExampleLevelLedger.from_state(
           state, self._policy, accountant=self._config.accountant))
@@ -472,17 +436,6 @@ class _ExampleLevel:
   def commit(self, pending: _Pending) -> None:
     self.ledger.example.record_round(pending.record)  # Checks everything before it records.
 
-  def round_outputs(self, pending: _Pending) -> tuple[dict[str, Any], dict[str, Any],
-                                                     dict[str, Any]]:
-    """(headline metrics, per-category metrics, audit fields) of a committed round."""
-    spent = {c: self.ledger.epsilon_spent(c) for c in categories.CATEGORY_IDS}
-    metrics = {}
-    for c in categories.CATEGORY_IDS:
-      metrics[f'epsilon/{c}'] = spent[c]
-      metrics[f'released/{c}'] = int(c in pending.released)
-    return ({'example_level_epsilon': self.ledger.example.example_level_epsilon}, metrics,
-            {'epsilon_spent': spent})
-
 
 RUN_ID_FILE = 'run_id'
 
@@ -517,7 +470,7 @@ def run(config, deployment: Deployment, run_dir: str, *,
 
 
 def _run(config, deployment: Deployment, run_dir: str, *, driver_factory, on_round
-        ) -> program.RunResult:
+        ) -> run_record.RunResult:
   config = _cross_silo_config(config, deployment)
   os.makedirs(run_dir, exist_ok=True)
   policy = policy_lib.load_policy(config.policy or policy_lib.DEFAULT_POLICY_PATH)
@@ -531,174 +484,160 @@ def _run(config, deployment: Deployment, run_dir: str, *, driver_factory, on_rou
   unit = (_ExampleLevel(config, policy, shapes, run_dir) if example_level.is_example(config)
           else _ClientLevel(config, policy, spec, shapes))
   optimizer = mechanism.ServerOptimizer(program.server_optimizer(config), weights)
-  fingerprint = {
-      'policy': policy.to_json_dict(), 'sampling': spec.to_json_dict(),
-      'privacy': unit.fingerprint_privacy(),
-      'model': config.model.to_dict(), 'deployment': 'cross_silo',
-  }
-  fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True,
-                                      default=program._json_default))  # pylint: disable=protected-access
+  record = run_record.RunRecord(
+      run_dir, {'policy': policy.to_json_dict(), 'sampling': spec.to_json_dict(),
+                'privacy': unit.fingerprint_privacy(), 'model': config.model.to_dict(),
+                'deployment': 'cross_silo'},
+      checkpoints_to_keep=config.checkpoints_to_keep, on_round=on_round)
   pseudonyms = _Pseudonyms()
-  store = program._CheckpointStore(os.path.join(run_dir, program.CHECKPOINT_DIR),  # pylint: disable=protected-access
-                                   config.checkpoints_to_keep)
 
-  def program_state(round_num, round_record):
-    fields = unit.checkpoint()
-    state = collections.OrderedDict(
-        weights=[np.asarray(w, np.float32) for w in weights],
-        optimizer=[np.asarray(v) for v in optimizer.flat_state()])
-    if 'queries' in fields:
-      state['queries'] = fields['queries']
-    state.update(round=np.int64(round_num), ledger=fields['ledger'],
-                 fingerprint=json.dumps(fingerprint, sort_keys=True), plan=fields['plan'],
-                 pseudonyms=json.dumps(pseudonyms.mapping),
-                 round_record=json.dumps(round_record, default=program._json_default))  # pylint: disable=protected-access
-    return state
+  def program_state(round_num: int, round_record: dict, audit_head=None):
+    fields = dict(weights=[np.asarray(w, np.float32) for w in weights],
+                  optimizer=[np.asarray(v) for v in optimizer.flat_state()],
+                  pseudonyms=json.dumps(pseudonyms.mapping), **unit.checkpoint_fields())
+    return record.program_state(fields, round_num, plan_json=unit.plan_json(),
+                                ledger_state=unit.ledger_state(), round_record=round_record,
+                                audit_head=audit_head)
 
-  restored, round_num = store.load_latest(program_state(0, {}))
-  last_record = {}
+  restored, round_num, last_record = record.restore(program_state(0, {}), unit)
   if restored is not None:
-    saved = json.loads(program._decode(restored['fingerprint']))  # pylint: disable=protected-access
-    if saved != fingerprint:
-      raise ConfigError(f'Cannot resume the run in {run_dir}: its policy, sites, privacy or '
-                        'model settings differ from this configuration. Use the original '
-                        'settings, or a new --experiment_name for a new run.')
-    unit.restore(restored)
     weights = [np.asarray(w, np.float32) for w in restored['weights']]
     optimizer.load_flat_state(restored['optimizer'])
-    round_num = int(restored['round'])
-    pseudonyms = _Pseudonyms(json.loads(program._decode(restored['pseudonyms'])))  # pylint: disable=protected-access
-    last_record = json.loads(program._decode(restored['round_record']))  # pylint: disable=protected-access
-    logging.info('Resuming %s after round %d.', run_dir, round_num)
-
-  program._write_json_atomic(os.path.join(run_dir, program.CONFIG_FILE), {  # pylint: disable=protected-access
+    pseudonyms = _Pseudonyms(run_record.from_checkpoint(restored['pseudonyms']))
+  record.write_config({
       'config': json.loads(config.to_json_best_effort()), 'plan': unit.plan_record(),
       'data_report': 'cross-silo: site data stays at the sites',
       'num_clients': deployment.num_sites, 'sampling': spec.to_json_dict(),
       'deployment': {'mode': 'cross_silo', 'num_sites': deployment.num_sites,
                      'secagg_threshold': deployment.threshold,
                      'fleet_address': deployment.fleet_address,
-                     'eval_dataset': deployment.eval_dataset,
-                     'privacy_unit': unit.privacy_unit}})
-
-  import asyncio  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  audit = audit_lib.AuditLog(os.path.join(run_dir, program.AUDIT_FILE))
-  csv_release = tff.program.CSVFileReleaseManager(os.path.join(run_dir, program.METRICS_FILE),
-                                                  key_fieldname='round')
-
-  def release(record: dict) -> None:
-    if unit.ledger is not None:
-      unit.ledger.save(run_dir)
-    if record.get('audit') and (audit.last_round() or 0) < record['round']:
-      audit.append(record['audit'])
-    asyncio.run(csv_release.release(record['metrics'], key=record['round']))
-    if on_round is not None:
-      on_round(record)
-
-  audit.repair_partial_tail()
-  if last_record:
-    release(last_record)
-
+                     'eval_dataset': deployment.eval_dataset, 'privacy_unit': unit.name}})
+  record.start(unit.ledger, last_record)
   eval_data = _eval_data(config, deployment)
-  superlink = None
-  stop_reason = 'completed'
-  try:
-    if driver_factory is not None:
-      driver, run_id = driver_factory(), 0
-    else:
-      superlink = transport.SuperLink(
-          deployment.pki_dir, deployment.fleet_address, deployment.driver_address,
-          os.path.join(run_dir, SUPERLINK_LOG), os.path.join(run_dir, 'superlink_storage'))
-      superlink.start()
-      driver = transport.make_driver(superlink.coordinator_dir, deployment.driver_address)
-      run_id = transport.create_run(driver)
-      logging.warning('Coordinator listening for sites on %s.', deployment.fleet_address)
-    abandoned_in_a_row, first_round = 0, True
+  stop_reason = run_record.COMPLETED
+  with _Fleet(deployment, run_dir, driver_factory) as fleet:
     while round_num < config.total_rounds:
       if unit.exhausted():
-        stop_reason = 'budget_exhausted'
+        stop_reason = run_record.BUDGET_EXHAUSTED
         break
-      node_ids = _wait_for_sites(driver, deployment, superlink, first=first_round)
-      first_round = False
-      if node_ids is None:
-        stop_reason = 'not_enough_sites'
+      outcome = fleet.secure_round(unit, weights, round_num + 1)
+      if isinstance(outcome, str):
+        stop_reason = outcome
         break
-      started = time.monotonic()
-      sites = _node_sites(driver, superlink)
-      prepared = unit.prepare(driver, node_ids, round_num + 1, deployment,
-                              {n: sites[n] for n in node_ids if n in sites})
-      if isinstance(prepared, str):
-        stop_reason = prepared
-        break
-      secure = None if prepared is None else secagg.run_secure_round(
-          driver, prepared.node_ids, round_num + 1, weights, prepared.instructions,
-          deployment.threshold, deployment.stage_timeout, deployment.train_timeout,
-          run_id=run_id)
-      pending = None
-      if secure is not None:
-        try:
-          pending = unit.aggregate(secure, prepared)
-        except PolicyError as e:
-          logging.error('Round %d: unusable secure sum (%s).', round_num + 1, e)
-      if pending is None:
-        abandoned_in_a_row += 1
-        logging.warning('Round %d abandoned (%d of %d in a row): secure aggregation did not '
-                        'complete; nothing released, no budget spent.', round_num + 1,
-                        abandoned_in_a_row, deployment.max_abandoned_rounds)
-        if abandoned_in_a_row >= deployment.max_abandoned_rounds:
-          stop_reason = 'rounds_abandoned'
-          break
-        continue
-      abandoned_in_a_row = 0
-      before, saved_optimizer = weights, optimizer.state
-      try:
-        new_weights = optimizer.apply(weights, pending.update)
-        if not all(np.all(np.isfinite(w)) for w in new_weights):
-          raise PolicyError('the server update must be finite. Found a non-finite weight.')
-        unit.commit(pending)
-      except PolicyError:
-        optimizer.state = saved_optimizer
-        raise
+      if outcome is None:
+        continue  # Abandoned: nothing released, the round number is reused.
+      secure, pending, started = outcome
+      before, weights = weights, _apply_update(optimizer, weights, pending, unit)
       round_num += 1
-      weights = new_weights
-      update_norm = float(np.sqrt(sum(np.sum((a.astype(np.float64) - b)**2)
-                                      for a, b in zip(weights, before))))
-      participants = pseudonyms(secure.node_ids)
-      head, unit_metrics, unit_audit = unit.round_outputs(pending)
-      metrics = {'round': round_num, 'round_seconds': time.monotonic() - started,
-                 'num_clients': secure.contributors, 'update_norm': update_norm, **head,
-                 'secure_sum_projected': pending.projected, **unit_metrics}
-      audit_record = {
-          'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'round': round_num,
-          'participants': participants, 'num_participants': len(participants),
-          'categories_released': list(pending.released), 'update_norm': update_norm,
-          'model_sha256': audit_lib.model_weights_sha256(weights), **unit_audit}
+      round_record = _round_record(round_num, unit, secure, pending, started, before, weights,
+                                   pseudonyms)
       if eval_data is not None and (round_num % config.eval_every == 0 or
                                     round_num == config.total_rounds):
         keras_model.set_weights(weights)
-        evaluated = evaluation.evaluate(keras_model, eval_data)
-        metrics.update({f'eval/{k}': v for k, v in evaluated.items()
-                        if k != 'confusion_matrix'})
-        metrics['eval/confusion_matrix'] = json.dumps(evaluated['confusion_matrix'])
-      record = {'round': round_num, 'audit': audit_record, 'metrics': metrics}
-      store.save(program_state(round_num, record), round_num)
-      release(record)
-  finally:
-    if superlink is not None:
-      superlink.stop()
-
+        run_record.evaluate_into(round_record['metrics'], keras_model, eval_data)
+      record.commit(program_state(round_num, round_record, record.audit.head()), round_record,
+                    unit.ledger)
   keras_model.set_weights(weights)
-  if eval_data is not None:
-    final = evaluation.evaluate(keras_model, eval_data)
-  else:
-    final = {f'accuracy/{c}': float('nan') for c in categories.CATEGORY_IDS}
-    final['accuracy'] = float('nan')
-  if unit.ledger is not None and unit.ledger.all_exhausted and stop_reason == 'completed':
-    stop_reason = 'budget_exhausted'
-  return program.RunResult(run_dir=run_dir, rounds_completed=round_num,
-                           stop_reason=stop_reason, evaluation=final, ledger=unit.ledger,
-                           keras_model=keras_model, policy=policy)
+  return run_record.RunResult(
+      run_dir=run_dir, rounds_completed=round_num,
+      stop_reason=run_record.final_stop_reason(stop_reason, unit.ledger),
+      evaluation=run_record.final_evaluation(keras_model, eval_data), ledger=unit.ledger,
+      keras_model=keras_model, policy=policy)
+
+
+def _round_record(round_num: int, unit, secure, pending: _Pending, started: float, before,
+                  weights, pseudonyms: _Pseudonyms) -> dict[str, Any]:
+  """A committed round's metrics and (confidential) audit record."""
+  norm = run_record.update_norm(before, weights)
+  unit_metrics, unit_audit = unit.round_outputs(pending.released)
+  metrics = {'round': round_num, 'round_seconds': time.monotonic() - started,
+             'num_clients': secure.contributors, 'update_norm': norm,
+             'secure_sum_projected': pending.projected, **unit_metrics}
+  audit_record = run_record.round_audit_record(
+      round_num, pseudonyms(secure.node_ids), pending.released, norm, weights, **unit_audit)
+  return {'round': round_num, 'audit': audit_record, 'metrics': metrics}
+
+
+def _apply_update(optimizer, weights, pending: _Pending, unit) -> list[np.ndarray]:
+  """The server step with a round's aggregate; the ledger records the round only if it holds."""
+  saved_optimizer = optimizer.state
+  try:
+    new_weights = optimizer.apply(weights, pending.update)
+    if not all(np.all(np.isfinite(w)) for w in new_weights):
+      raise PolicyError('the server update must be finite. Found a non-finite weight.')
+    unit.commit(pending)
+  except PolicyError:
+    optimizer.state = saved_optimizer
+    raise
+  return new_weights
+
+
+class _Fleet:
+  """The SuperLink and its driver for one coordinator process, and the rounds' secure sums."""
+
+  def __init__(self, deployment: Deployment, run_dir: str, driver_factory):
+    self._deployment, self._run_dir, self._driver_factory = deployment, run_dir, driver_factory
+    self._superlink = None
+    self._abandoned_in_a_row, self._first_round = 0, True
+
+  def __enter__(self) -> '_Fleet':
+    deployment = self._deployment
+    if self._driver_factory is not None:
+      self._driver, self._run_id = self._driver_factory(), 0
+      return self
+    self._superlink = transport.SuperLink(
+        deployment.pki_dir, deployment.fleet_address, deployment.driver_address,
+        os.path.join(self._run_dir, SUPERLINK_LOG),
+        os.path.join(self._run_dir, 'superlink_storage'))
+    try:
+      self._superlink.start()
+      self._driver = transport.make_driver(self._superlink.coordinator_dir,
+                                           deployment.driver_address)
+      self._run_id = transport.create_run(self._driver)
+    except BaseException:
+      self._superlink.stop()
+      raise
+    logging.warning('Coordinator listening for sites on %s.', deployment.fleet_address)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._superlink is not None:
+      self._superlink.stop()
+
+  def secure_round(self, unit, weights, round_num: int):
+    """(secure sum, pending aggregate, start time); None for an abandoned round; or why the
+    run stops ('not_enough_sites', 'budget_exhausted', 'rounds_abandoned')."""
+    deployment = self._deployment
+    node_ids = _wait_for_sites(self._driver, deployment, self._superlink, first=self._first_round)
+    self._first_round = False
+    if node_ids is None:
+      return run_record.NOT_ENOUGH_SITES
+    started = time.monotonic()
+    sites = _node_sites(self._driver, self._superlink)
+    prepared = unit.prepare(self._driver, node_ids, round_num, deployment,
+                            {n: sites[n] for n in node_ids if n in sites})
+    if isinstance(prepared, str):
+      return prepared
+    secure = None if prepared is None else secagg.run_secure_round(
+        self._driver, prepared.node_ids, round_num, weights, prepared.instructions,
+        deployment.threshold, deployment.stage_timeout, deployment.train_timeout,
+        run_id=self._run_id)
+    pending = None
+    if secure is not None:
+      try:
+        pending = unit.aggregate(secure, prepared)
+      except PolicyError as e:
+        logging.error('Round %d: unusable secure sum (%s).', round_num, e)
+    if pending is not None:
+      self._abandoned_in_a_row = 0
+      return secure, pending, started
+    self._abandoned_in_a_row += 1
+    logging.warning('Round %d abandoned (%d of %d in a row): secure aggregation did not '
+                    'complete; nothing released, no budget spent.', round_num,
+                    self._abandoned_in_a_row, deployment.max_abandoned_rounds)
+    if self._abandoned_in_a_row >= deployment.max_abandoned_rounds:
+      return run_record.ROUNDS_ABANDONED
+    return None
 
 
 def _node_sites(driver, superlink) -> dict[int, str]:

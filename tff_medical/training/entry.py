@@ -1,19 +1,52 @@
-"""What `experiments/train.py` does once flags are parsed: train, export, summarize."""
+"""What the training and coordinator scripts share once flags are parsed: run, export, report."""
 
+import contextlib
 import os
+import sys
+from typing import Callable, Optional
 
+from absl import app
 from absl import logging
 
+from tff_medical import runtime
+from tff_medical.errors import ConfigError
+from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import dashboard
 from tff_medical.training import program
 from tff_medical.training import report
+from tff_medical.training import run_record
+
+OnRound = Callable[[dict], None]
 
 
-def train_and_export(config, run_dir: str, progress: bool = True) -> str:
+@contextlib.contextmanager
+def reported_errors():
+  """A user's mistake is one line, never a traceback; Ctrl-C says how to resume; the TFF
+  worker never outlives the script."""
+  try:
+    yield
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  except TffMedicalError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    # Every completed round is checkpointed; nothing of the interrupted one was released.
+    print('\ninterrupted; rerun the same command to resume from the last completed round.',
+          file=sys.stderr)
+    sys.exit(130)
+  finally:
+    runtime.shutdown()
+
+
+def train_and_export(config, run_dir: str, progress: bool = True,
+                     train: Optional[Callable[[OnRound], run_record.RunResult]] = None) -> str:
   """Trains or resumes the run in `run_dir`, exports the model, returns the summary table.
 
-  run_dir/dashboard.html is rebuilt after every round (the page reloads itself while the run is
-  live) and a last time at the end, which turns the reloading off.
+  `train(on_round)` runs the rounds: by default the simulation (program.run); the coordinator
+  script passes the cross-silo run. run_dir/dashboard.html is rebuilt after every round (the
+  page reloads itself while the run is live) and a last time at the end, which turns the
+  reloading off.
   """
   page = os.path.join(run_dir, dashboard.DASHBOARD_FILENAME)
 
@@ -23,9 +56,11 @@ def train_and_export(config, run_dir: str, progress: bool = True) -> str:
     except (OSError, dashboard.DashboardError) as e:  # A view must not stop training.
       logging.warning('Dashboard not updated: %s', e)
 
+  if train is None:
+    train = lambda on_round: program.run(config, run_dir, progress=progress, on_round=on_round)
   try:
-    result = program.run(config, run_dir, progress=progress, on_round=lambda _: refresh(True))
-    if config.export:
+    result = train(lambda _: refresh(True))
+    if config.export and result.rounds_completed:
       result.saved_model_dir = program.export(result)
   finally:
     if os.path.isdir(run_dir):
