@@ -574,7 +574,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
     client: a PacsClient to use instead of one built from `settings` (tests).
 
   Returns:
-    The images (N, 64, 64) uint8 in query order, their labels, and the report (retrieved and
+    The images (N, 64, 64) uint8 in pseudonym order (stable across runs), their labels, and the report (retrieved and
     cached counts in its source line, skips as 'instance #n').
 
   Raises:
@@ -590,7 +590,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
     client = PacsClient(settings, max_instance_bytes=limits.max_file_bytes)
   modalities = settings.modalities or tuple(sorted({m for r in rules.rules for m in r.modalities}))
   report = source.LoadReport(source='PACS')
-  images, labels = [], []
+  images, labels, names = [], [], []
   counts = {'retrieved': 0, 'cached': 0, 'series': 0}
   index = 0  # 'instance #n' in the report: the position in this run's query results.
   seen = set()  # Pseudonyms loaded in this run (32 bytes each).
@@ -603,7 +603,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
             answered = True
             counts['series'] += 1
             index = _load_series(client, cache, rules, limits, item, index, report, images,
-                                 labels, counts, bar, seen)
+                                 labels, names, counts, bar, seen)
         except _Failed as failure:
           if not answered and failure.refused:
             raise DataError(f'The PACS at {settings.url} refused the query ({failure.reason}): '
@@ -632,12 +632,16 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
                     f'{", study_date " + settings.study_date if settings.study_date else ""}'
                     f'{", study list" if studies else ""}) {what}. {report.summary()}.')
   logging.info('%s', report.summary())
-  return source.LabeledImages(images=np.stack(images), labels=np.array(labels, np.int32),
+  # In pseudonym order, not the PACS's (QIDO promises none): the same instances give the same
+  # dataset, so a resumed run finds the same partition.
+  order = sorted(range(len(names)), key=names.__getitem__)
+  return source.LabeledImages(images=np.stack([images[i] for i in order]),
+                              labels=np.array([labels[i] for i in order], np.int32),
                               report=report)
 
 
-def _load_series(client, cache, rules, limits, item, index, report, images, labels, counts,
-                 bar, seen: set[str]) -> int:
+def _load_series(client, cache, rules, limits, item, index, report, images, labels, names,
+                 counts, bar, seen: set[str]) -> int:
   """Loads one series of a query result; returns the next instance index."""
   study, series = _value(item, _TAG_STUDY_UID), _value(item, _TAG_SERIES_UID)
   category, reason = rules.category_for(
@@ -694,6 +698,7 @@ def _load_series(client, cache, rules, limits, item, index, report, images, labe
         continue
       images.append(image)
       labels.append(label)
+      names.append(pseudonym)
   except (_Failed, _NotFound):
     # The rest of this series cannot be listed; the next run asks again.
     report.skip(f'series #{counts["series"]}', REASON_QUERY_FAILED)
