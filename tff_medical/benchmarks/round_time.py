@@ -1,25 +1,7 @@
 """Time of one training round: plain Keras, TFF FedAvg (with and without DP), and ours.
 
-Every contender trains the same clients' examples with the same model, batch size, epochs and
-client learning rate, in one process, so that the figures are comparable as ratios:
-
-  keras               a tf.function SGD loop over the union of the clients' examples: the floor
-                      here (one compiled graph, as LocalTrainer; the reference of the ratios).
-  keras_fit           model.fit over the same union: what plain Keras users run.
-  tff_fedavg          tff.learning.algorithms.build_unweighted_fed_avg, default aggregation.
-  tff_dp              the same with tff.learning.dp_aggregator (TFF's own DP round).
-  class_aware_dp      our round as tff_medical.training.program runs it: LocalTrainer for each
-                      client (in-process, per category), then the class-aware DP process.
-  class_aware         the same with ClassAwareFactory.non_private().
-
-A timed round starts from the clients' uint8 arrays in memory (as the program holds them) and
-ends when the new global model is back in Python. The program's bookkeeping around a round
-(checkpoint, ledger, audit, release) is not part of it. Rounds are interleaved across the
-contenders (round r of every contender, then round r + 1), so that a change in the machine's
-load during the run touches every contender alike rather than one of them.
-
-An execution context must be installed (tff_medical.runtime.install_execution_context) before
-these functions run.
+Needs an installed execution context (tff_medical.runtime.install_execution_context). Method:
+docs/DESIGN.md.
 """
 
 import dataclasses
@@ -269,7 +251,7 @@ def class_aware_round(learning_process, trainer: local_training.LocalTrainer, st
 
 
 def _class_aware_round(setting: Setting, clients: list[ClientArrays], dp: bool) -> RoundFn:
-  """tff_medical.training.program's round, less its bookkeeping (see the module docstring)."""
+  """tff_medical.training.program's round, less its bookkeeping (see docs/DESIGN.md)."""
   build = lambda: cnn.build_cnn(setting.conv_filters, seed=setting.seed)
   factory = class_aware_factory(dp, setting.noise_multiplier, setting.num_clients,
                                 setting.max_count_noise_fraction)

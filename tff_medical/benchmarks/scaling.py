@@ -1,34 +1,6 @@
 """Scaling of our class-aware DP round: round time and peak memory against the population.
 
-Two curves, each point measured in a fresh Python process (so that its peak memory is its own):
-  clients per round   m = 10, 100, 1000 clients trained a round, at a fixed total;
-  total clients       N = 1,000 ... 59,000 one-image clients (the MedNIST size), at a fixed m.
-Cost should grow with the examples trained a round (m one-image clients), not with the N - m
-clients that sit idle: per round only the sampler touches all N (one uniform draw each, for
-Poisson sampling); the images, the partition and the client ids are built once, at setup.
-
-A point replicates tff_medical.training.program's run for one configuration (configs/demo.py's
-model, client and server optimizers and clipping), with one client per image: load the images,
-partition them, build the calibrated process's shape, then each round sample with the
-program's sampler, look up each sampled client's images, train it with LocalTrainer and run
-`process.next` (round_time.class_aware_round). Setup (data load, partition, build) is timed
-apart from the rounds. Not part of a point: the program's checkpoint, ledger, audit and release
-steps, and evaluation. The noise multiplier is fixed (its size does not change the work; a
-calibrated one can be refused at 10 clients a round).
-
-Memory: peak resident set size (VmHWM in /proc/PID/status), never tracemalloc (which sees only
-Python's allocator, not TensorFlow's): of the point's Python process and of TFF's C++ worker,
-which runs the aggregation in its own process (read just before the worker stops). Their sum
-bounds the point's combined peak from above (the two peaks need not coincide). Not getrusage's
-ru_maxrss: Linux carries it across fork and exec, so a point started from the benchmark's own
-(large) process would report that process's size (measured: a child of a 234 MiB parent reads
-ru_maxrss 234 MiB and VmHWM 9 MiB).
-
-The images come from the embedded phantom generator, generated once per benchmark run for the
-largest point and cached as .npy files (`make_image_cache`); every point loads the first N of
-them, which the generator has shuffled.
-
-Run one point alone:  python -m tff_medical.benchmarks.scaling POINT.json RESULT.json
+One point: python -m tff_medical.benchmarks.scaling POINT.json RESULT.json. Method: docs/DESIGN.md.
 """
 
 import dataclasses

@@ -1,17 +1,6 @@
 """Which site a Fleet node is, taken from the authenticated connection, never from what it says.
 
-Flower 1.12 ties a node id to the node-auth public key a caller sends, but registers the node
-(CreateNode) without any proof that the caller holds the matching private key: only later
-requests carry an HMAC keyed by the ECDH secret of the site's key and the SuperLink's. And it
-never looks at the TLS client certificate. In the SuperLink process (tff_medical.crosssilo.
-superlink) `BindingInterceptor` replaces Flower's interceptor and adds, on every Fleet request:
-* the certificate's CN (site:NAME, checked by TLS against our CA) must name the same enrolled
-  site as the node-auth key (enrolled_sites.csv, `KEY site:NAME`): site-a's certificate with
-  site-b's key is refused (UNAUTHENTICATED) before Flower sees the request;
-* a node counts as that site only once a request of it passed Flower's HMAC check (proof of the
-  private key). The SuperLink writes {node id: {site, verified}} to an owner-only file that the
-  coordinator reads (`read_identities`); the coordinator counts and asks only verified nodes and
-  takes each site's name from here, never from a report.
+What Flower 1.12 leaves unchecked and what `BindingInterceptor` adds: docs/DESIGN.md.
 """
 
 import base64

@@ -1,22 +1,6 @@
 """How much of a round one malicious site controls, measured on the real encoder and decoder.
 
-One category, clip norm 1 (everything scales with C). n - 1 honest sites send clipped updates
-at the clip norm that agree with each other (each is a shared direction g plus its own part,
-cosine ~0.7 to g); the malicious site sends its maximum in every coordinate, +-1 in a random
-sign pattern s, and pushes the round toward w, the direction s decodes to. The figure is the
-cosine between the decoded, bounded sum (what the query then noises) and w: the fraction of
-the round's update in the malicious site's direction.
-
-* before: the encoding before the rotation (each coordinate of update / C clipped to [-1, 1],
-  w = s / sqrt(d)), as in issue 14, finding 5;
-* at_max: the current encoding (w = unrotate(s), normalized), s inside Flower's range;
-* honest_at_max: the same round with that site honest instead, its clipped update exactly w
-  at the clip norm: the most one honest site can have;
-* own_client: a site that replaces Flower's SecAgg+ client and adds 2n times its maximum
-  (any integer is possible modulo 2**32); only the coordinator's sum-level bounds stop it;
-* attacker_norm: the norm of what the at_max site adds to the decoded sum, in clip norms;
-* honest_norm, honest_cosine: an honest clipped update after the encoding's clip (norm kept
-  and cosine to the update before it), the price of the bound.
+The setting and what each figure means: docs/DESIGN.md.
 """
 
 import dataclasses

@@ -1,19 +1,6 @@
 """Provisioning: a certificate authority, the coordinator's and each site's keys and certificates.
 
-Two independent checks decide who may join, both set up here:
-* mutual TLS: the coordinator's SuperLink requires a client certificate signed by this CA and
-  within its validity (tff_medical.crosssilo.transport); the sites check the coordinator's
-  certificate against the same CA;
-* Flower node authentication: each site signs its requests with its own EC key, and the SuperLink
-  accepts only the public keys listed in coordinator/enrolled_sites.csv.
-
-Layout of a PKI folder (every folder 0700, every private key 0600 from its first byte: written
-through a 0600 temporary file created with O_EXCL, then renamed; never readable by another user):
-  ca/ca.pem, ca/ca.key                    the CA: keep ca.key offline, it mints identities
-  coordinator/ca.pem, cert.pem, key.pem   TLS identity (server and client auth)
-  coordinator/auth_key, auth_key.pub      the SuperLink's node-auth key pair (OpenSSH EC)
-  coordinator/enrolled_sites.csv          node-auth public keys of the enrolled sites
-  sites/<name>/ca.pem, cert.pem, key.pem, auth_key, auth_key.pub   what a site receives
+The two checks they serve and the PKI folder's layout: docs/DESIGN.md.
 """
 
 import datetime

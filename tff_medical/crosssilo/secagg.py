@@ -1,16 +1,6 @@
 """One secure-aggregation round over Flower's SecAgg+ (coordinator side) and the site's ClientApp.
 
-The coordinator drives flwr.server.workflow.SecAggPlusWorkflow with a Strategy that only hands
-out the round's instructions and captures the unmasked result: the workflow itself never sees
-anything but masked vectors, and what it unmasks is the sum over the sites that stayed to the
-end. Sites run a ClientApp wrapped by flwr's secaggplus_mod, which quantizes and masks what the
-site's fit returns. Every site reports num_examples = 1 and max_weight is 1; the workflow would
-divide by the sum of the weights the sites claim, which a site can set to rescale the whole sum,
-so the unmask stage here ignores the weights and keeps the plain sum (and logs a claimed total
-other than one per site: a site that does not run this code).
-
-A round is abandoned (None) whenever the workflow halts: too few sites at any stage for the
-reconstruction threshold. Nothing of it is released and the caller spends no budget.
+What the workflow sees, why claimed weights are ignored, when a round is abandoned: docs/DESIGN.md.
 """
 
 import dataclasses

@@ -1,10 +1,6 @@
 """A site's process: a Flower SuperNode with our ClientApp, mutual TLS and node authentication.
 
-The site connects out to the coordinator (no listening port at the site), proves who it is twice
-(its CA-signed certificate in the TLS handshake, its enrolled EC key on every request), and then
-answers rounds: SecAgg+ key exchange, local training on its own images, masked upload. When the
-coordinator goes away (end of run, restart) the site keeps trying to reconnect for
-`max_wait_seconds`, then exits.
+How it connects and when it exits: docs/DESIGN.md.
 """
 
 import dataclasses

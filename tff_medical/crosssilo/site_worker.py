@@ -1,20 +1,6 @@
 """A site's work in a round, encoded for SecAgg+; the site's own example-level ledger.
 
-Client level (privacy_unit 'client'): local per-category training, then the DP record. The math
-is the simulation's: LocalTrainer for the sub-updates, and the same DPQuery's preprocess_record
-(mechanism.encode_site_records) with the clip norms the coordinator derived.
-
-Example level (privacy_unit 'example'): the simulation's DPSGDTrainer on the site's own images,
-under the site's own plan (dp_sgd.SitePlan, calibrated here from the site's examples per
-category) and its own ledger (`ExampleSite`: example_level.RunLedger over this one site), which
-decides the per-category freeze here; the DP-SGD delta is clipped to the public bound and sent
-through SecAgg+ (mechanism.encode_site_update). Before each round the coordinator asks for the
-site's report (`ExampleReport`: its example sampling n and b, planned and next-round multipliers,
-steps released so far; privacy figures, no data) and accounts the round from it.
-
-What stays at the site: the images, the examples per category, the Poisson secret and the noise.
-Everything else the site needs arrives in the round's instructions; the images never leave this
-process.
+Client and example level at a site, and what stays there: docs/DESIGN.md.
 """
 
 import dataclasses

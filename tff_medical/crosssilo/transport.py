@@ -1,14 +1,6 @@
 """Mutual TLS and node authentication around Flower 1.12's SuperLink, driver and SuperNode.
 
-Flower 1.12 serves TLS with `require_client_auth=False` and its clients present no certificate:
-the only client identity it checks is node authentication (an EC key in an allow list). We
-want both, so that an expired, foreign or missing certificate is refused during the TLS
-handshake, before any Flower code runs:
-* the SuperLink runs in its own process (`python -m tff_medical.crosssilo.superlink`) in which
-  grpc.ssl_server_credentials is wrapped to require a client certificate signed by our CA;
-* the coordinator's driver and each site's connection present their certificate
-  (`MtlsDriver`, `present_client_certificate`).
-gRPC (BoringSSL) then verifies the chain and the validity dates on both sides.
+Why Flower alone does not check client certificates, and how we make it: docs/DESIGN.md.
 """
 
 import ctypes

@@ -1,19 +1,6 @@
 """tf.data views of a partitioned source: per-client `ClientData`, central evaluation data.
 
-Elements are (x, y) pairs, as Keras `fit` / `evaluate` and `tff.learning.models.from_keras_model`
-take them: x float32 (64, 64, 1) in [0, 1] (uint8 / 255), y int32 scalar (the label index).
-
-Memory: the pixels stay in the caller's one uint8 array. A client's dataset is built when it is
-asked for, from that client's rows only, and dropped with the dataset; nothing per client is
-kept. It holds the client's own pixels (not a reference to the whole array) on purpose: TFF
-serializes every dataset it is handed into a GraphDef, capped at 100 MB
-(value_serialization._DEFAULT_MAX_SERIALIZED_SEQUENCE_SIZE_BYTES), and a dataset that captured
-the whole source (240 MB for 59,000 images) would be copied into every client's message and
-refused. The same cap bounds one client to about 25,000 images (uint8) when TFF runs it.
-
-Only when the dataset function is traced with a string tensor (ClientData's
-`create_tf_dataset_from_all_clients` and `dataset_computation`, or a `tf.function`) does it
-gather from one tensor of all images, built once and shared by every client.
+Element format and memory (TFF's serialization cap): docs/DESIGN.md.
 """
 
 from typing import Optional, Union

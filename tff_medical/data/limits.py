@@ -1,32 +1,5 @@
 """Bounds on input files, checked before anything is decoded, so that no file can hang a load or
-exhaust memory.
-
-What is checked, and the reason reported in the loader's skip report when a file is refused:
-  * Only regular files are read (a symlink to one is fine). FIFOs, devices, sockets and links to
-    them are skipped as 'not a regular file' without being opened for reading data: a FIFO would
-    block forever and /dev/zero would never end. The check is made on the path, then again on
-    the opened descriptor, so a file swapped in between is still refused.
-  * `max_file_bytes`: a file larger than this is not read ('file larger than max_file_bytes').
-  * `max_image_pixels`: one frame's Rows x Columns x SamplesPerPixel for DICOM, width x height
-    for JPEG and PNG, read from the header before any pixel is decoded ('image larger than
-    max_image_pixels'). Decoding to the 64x64 model image costs about 26 bytes a pixel at its
-    peak, so the default (8192 x 8192, larger than any detector in clinical use) stays near 2 GB.
-  * `max_dicom_pixel_bytes`: Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated/8,
-    the pixel data a DICOM header declares ('DICOM pixel data larger than max_dicom_pixel_bytes').
-  * `max_inflated_bytes`: a deflate-compressed DICOM (Deflated Explicit VR Little Endian) is
-    inflated in bounded steps first; above this size it is skipped ('deflated DICOM larger than
-    max_inflated_bytes'). pydicom itself would inflate the whole file in one call.
-  * `max_member_bytes`: an archive member larger than this is not read ('archive member larger
-    than max_member_bytes').
-  * `max_archive_bytes` and `max_archive_members`: the uncompressed size and the number of
-    members of a tar archive. Above either the archive is refused as a whole with a DataError,
-    as a truncated one is, since keeping the part read would silently drop whole categories.
-  * PIL's own decompression-bomb guard, if it fires, is reported as 'over PIL's
-    decompression-bomb limit', not as an unreadable image.
-
-Override: every loader takes `limits=InputLimits(...)`, e.g.
-`load_dicom_folder(path, limits=InputLimits(max_file_bytes=2 * GiB))` for tomosynthesis stacks
-larger than the default. The defaults are `DEFAULT_LIMITS`.
+exhaust memory. Each limit and its skip reason: docs/DESIGN.md.
 """
 
 import dataclasses
@@ -51,7 +24,7 @@ REASON_UNREADABLE_FILE = 'unreadable file'
 
 @dataclasses.dataclass(frozen=True)
 class InputLimits:
-  """The bounds above; every field a positive integer."""
+  """The bounds checked before decoding (each in docs/DESIGN.md); every field a positive integer."""
 
   max_file_bytes: int = 512 * MiB
   max_image_pixels: int = 8192 * 8192

@@ -1,31 +1,6 @@
-"""MedNIST as users have it: the extracted folder or the MedNIST.tar.gz archive.
+"""MedNIST as users have it: the extracted folder or the MedNIST.tar.gz archive (read as a stream).
 
-Layout: one subfolder per category (AbdomenCT, BreastMRI, CXR, ChestCT, Hand, HeadCT) of JPEG
-files, either directly under the given folder or under a single folder inside it (the archive
-holds MedNIST/<category>/*.jpeg; pointing at the folder the archive was extracted into works too).
-The archive is read as a stream: nothing is extracted to disk.
-
-What is done with each file:
-  * JPEG and PNG files (by extension) are decoded, converted to 8-bit grayscale and, when not
-    already 64x64, resized to 64x64 (they are kept, not skipped; the count is logged).
-  * Files with another extension are skipped as 'not an image file'; images that do not decode
-    (truncated, corrupt) as 'unreadable image'.
-  * A folder that is not a category is skipped as a whole, reported once as
-    'unknown category folder' (in an archive, read once as a stream, its images are decoded
-    with the others and then dropped); files beside the category folders are reported as
-    'not in a category folder'.
-  * Hidden files and folders (.DS_Store, ._*, .git) are ignored without a report entry.
-  * Input limits (data/limits.py) are checked before decoding: FIFOs, devices and archive
-    members that are links or special files are skipped as 'not a regular file'; files,
-    members and pictures above the size limits with their own reasons; an archive above its
-    total size or member count is refused whole.
-  * A folder that holds the MedNIST folder and other folders: the one folder with category
-    folders is the data root, the others are reported once each as 'not in the MedNIST folder'.
-Skipped paths are reported relative to the source root. MedNIST file names are serial numbers,
-so nothing sensitive is in them; for folders of your own images, file names are yours to choose.
-
-Images come back sorted by their path under the data root, so the folder and the archive of the
-same data give identical arrays.
+Layout, what is kept and what is skipped with which reason: docs/DESIGN.md.
 """
 
 import bz2

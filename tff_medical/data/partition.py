@@ -1,30 +1,6 @@
 """Splits a labelled source into a central test set and per-client train / holdout sets.
 
-What happens, in order (each stage has its own random stream derived from `seed`, so the central
-test set depends only on the labels, `seed` and `test_fraction`: experiments that vary the number
-of clients or the scheme are evaluated on the same test images):
-
-  1. Central test split, stratified: round(test_fraction * n_c) examples of every category c.
-  2. The rest is assigned to clients:
-     * IID: a random permutation cut into client-sized pieces.
-     * DIRICHLET: label skew. For each category, client proportions are drawn from Dir(alpha)
-       and that category's examples are shared out in those proportions (Yurochkin et al.
-       2019; Wang et al. 2020), the usual form of the Dirichlet benchmark of Hsu et al. 2019,
-       who draw each client's label mix from Dir(alpha * prior) instead. Small alpha: each
-       client holds few categories; large alpha: close to IID.
-     Client sizes: equal shares (in expectation for DIRICHLET) when `size_skew` is 0, otherwise
-     proportional to lognormal(0, size_skew) weights (for DIRICHLET the weights scale each
-     client's Dirichlet concentration, so expected sizes follow them).
-  3. Every client gets at least one example. IID sizes are 1 + a share of the rest. A Dirichlet
-     draw can leave clients empty; each empty client then takes one random example from the
-     largest clients (largest first, none drops below one example), so the skew of everyone else
-     is barely touched. Hence the one hard limit: num_clients <= examples left after step 1.
-  4. Each client keeps round(holdout_fraction * n) of its n examples as a local holdout, capped
-     at n - 1 so that it always trains on at least one example.
-
-Rounding is half up and deterministic. Storage is CSR-style (one concatenated index array plus
-offsets per split), so 59,000 clients cost a few arrays, not 59,000 Python lists. Client ids are
-pseudonyms ('client_00000', ...) that carry nothing about patients or the source.
+The stages, their random streams and limits: docs/DESIGN.md.
 """
 
 import enum

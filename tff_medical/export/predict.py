@@ -1,15 +1,6 @@
 """Classifies image files (PNG, JPEG, DICOM) with an exported SavedModel.
 
-The model is loaded with plain TensorFlow (tf.saved_model.load), as any user of the export
-would. Files are recognised by content, not by name: a DICOM file by 'DICM' at offset 128 (or,
-without that preamble, by pydicom reading pixel data from it), PNG and JPEG by their signatures.
-Each is turned into the 64x64 uint8 grayscale image that training used, by the loaders' own code:
-data/mednist.py for PNG and JPEG, data/dicom.py (Modality LUT, window, square padding) for DICOM.
-
-A file that cannot be read is reported with a reason and the others go on. Reasons for DICOM are
-data/dicom.py's fixed strings: nothing from a DICOM header is ever printed. The loaders' input
-limits (data/limits.py) apply before anything is decoded: a FIFO or device is never read (it
-would block or never end), nor a file above max_file_bytes, nor an image above the pixel limits.
+How files are recognised and converted, and how failures are reported: docs/DESIGN.md.
 """
 
 import dataclasses

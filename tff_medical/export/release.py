@@ -1,16 +1,6 @@
 """The publishable bundle of a finished run: what may leave the data custodian, and nothing else.
 
-`assemble(run_dir, output)` writes a new folder holding the run's PUBLISHABLE files
-(tff_medical/run_files.py): saved_model/, model_card.json, privacy_ledger.json (and
-privacy_ledger_client.json, empirical_audit.json when present), metrics.csv reduced to the
-publishable columns, a public dashboard rendered anew from those files, and MANIFEST.json with
-each file's SHA-256. Confidential entries (audit log, manifest, checkpoints, config, the
-custodian's dashboard) are never copied, and asking for one is refused.
-
-Nothing is written unless every check passes: the bundle is built in a private folder beside
-`output` and renamed into place at the end. Before that rename the bundle is scanned for every
-client id of the run (from partition_manifest.json and the audit log's participants) and for
-per-round timing; a hit fails the release (defence in depth behind the column allowlist).
+What the bundle holds and the checks before it is published: docs/DESIGN.md.
 """
 
 import csv
@@ -300,7 +290,7 @@ def _check_public_compliance(folder: str, dashboard_path: str) -> None:
 
 
 def assemble(run_dir: str, output: str, include: Sequence[str] = ()) -> Release:
-  """Writes the publishable bundle of `run_dir` to the new folder `output`; see the module doc.
+  """Writes the publishable bundle of `run_dir` to the new folder `output`; see docs/DESIGN.md.
 
   Args:
     run_dir: A finished run directory (training/program.py or the cross-silo coordinator) with

@@ -1,22 +1,6 @@
 """Exports a trained classifier as a SavedModel that serves with TensorFlow alone, plus its card.
 
-The SavedModel has one signature, 'serving_default':
-  input   images: uint8 [N, 64, 64, 1], grayscale 0-255 (what the data loaders produce);
-  outputs probabilities float32 [N, 6], category_index int32 [N], category_id string [N],
-          display_name string [N], privacy_level string [N], probability float32 [N] (the max).
-Scaling to [0, 1] happens inside, as in training (data/client_data.py), so a caller cannot get it
-wrong. Category ids, display names and privacy levels are string constants in the graph, taken
-from the policy: loading needs no tff_medical import and no Keras custom objects.
-
-The model card (model_card.json) follows the model-card convention (Mitchell et al. 2019; the
-Model Card Toolkit and Hugging Face sections): model details, intended and out-of-scope uses,
-training data, evaluation data, accuracy per category with a 95% Wilson interval, limitations
-and, copied from the privacy ledger, each category's differential-privacy guarantee stated under
-both neighbouring relations. A model trained on the synthetic phantoms says it is a demonstration
-model that has never seen a real image (synthetic_training_data, serving_warning; predict.py
-prints the warning). The card holds no patient identifier and no per-client count: only policy,
-ledger, test-split figures, the number of clients and short names (a data source that looks like
-a path, which could name a patient or a site, is refused).
+The serving signature and the model card's fields: docs/DESIGN.md.
 """
 
 import datetime

@@ -1,30 +1,6 @@
-"""A tamper-evident audit log of training rounds: run_dir/audit_log.jsonl, one record per line.
+"""A tamper-evident audit log of training rounds: run_dir/audit_log.jsonl, one keyed record a line.
 
-Each record holds what a reviewer needs to check a round (who took part, pseudonymously; what was
-released; the clip norms; the privacy spent; a hash of the resulting model), and is keyed:
-
-* "mac" is HMAC-SHA256, under the custodian's secret key, of the record's canonical JSON without
-  "mac"; "prev_mac" is the previous record's "mac" (64 zeros for the first), so each MAC also
-  covers every record before it. "key_id" names the key (a hash prefix, not the key) so that a
-  verifier can say "wrong key" rather than "tampered"; "audit_version" is 2.
-* The key lives outside the run directory: ~/.config/tff_medical/audit.key by default,
-  $TFF_MEDICAL_AUDIT_KEY_FILE or an explicit key_file instead. It is 32 random bytes, created
-  owner-only at first use (0700 folder, 0600 file from the moment it exists). Whoever can edit a
-  run directory but not read the key cannot forge a record: editing one and recomputing every
-  hash, deleting, inserting or reordering records breaks a MAC or a link at that line.
-* A chain cannot show that records were cut from its END. So every append also writes the chain
-  head (round, MAC) to an anchor beside the key, <key folder>/heads/<sha256 of the log's real
-  path>.json (0600, atomic); the training program keeps `AuditLog.head()` in each checkpoint;
-  and the privacy ledger's rounds_completed and epsilon must match the last record. The
-  verifier compares the log with each of these that exists.
-
-Logs written before records were keyed ("prev_hash"/"record_hash", plain SHA-256) are still read
-and their chain checked, but they are reported as unkeyed (not tamper-evident): anyone can
-recompute a plain hash. They cannot be extended.
-
-No patient identifier may enter a record: only the fields of `ALLOWED_FIELDS` are accepted, each
-with a checked type, participants must be pseudonymous ids ('client_00042') and category names
-must be category ids. Free text has no field to go in.
+Keying, the chain's anchors and what verification detects: docs/DESIGN.md.
 """
 
 import dataclasses
@@ -1002,13 +978,7 @@ def verify_chain(path: 'str | os.PathLike[str]',
                  use_anchor: bool = True) -> VerifyResult:
   """Checks every line of an audit log, the chain between them, and where the chain ends.
 
-  Detected, at the first line where it shows: a changed record (its MAC no longer matches, even
-  when every plain hash was recomputed), a deleted, inserted or reordered record (prev_mac does
-  not match the line before; for the first line, it is not the genesis value), a record keyed
-  with another key ("wrong key" for the first line), a line that is not a JSON record, is not in
-  canonical form or has fields outside the allow-list, and round numbers that do not increase by
-  one. Then the end: records cut from the end, against the anchor kept beside the key and, if
-  given, against `expected_head` and `expected_records`.
+  What is detected, line by line and at the end: docs/DESIGN.md.
 
   Args:
     path: the audit_log.jsonl file.

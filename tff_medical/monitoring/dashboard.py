@@ -1,20 +1,6 @@
 """A self-contained HTML dashboard of one or more training runs (run_dir/dashboard.html).
 
-`build_dashboard` reads a run directory's files (metrics.csv, privacy_ledger.json,
-audit_log.jsonl, config.json), renders its compliance items (compliance.py) and writes one HTML
-file that opens from file:// with no network: the chart library (uPlot, vendor/), the page's
-HTML/CSS/JS (templates/) and the data (JSON) are inline, and a Content-Security-Policy forbids
-the page any request. While `live` is set the page reloads itself every few seconds; the final
-write after training clears it.
-
-This page is the data custodian's: it shows the audit records (who took part in each round),
-participation by client and config.json, so it is confidential (run_files.CONFIDENTIAL) and says
-so at its top. `build_dashboard(..., public=True)` renders the page that may be published, from
-the publishable files alone (a release bundle, experiments/release.py): accuracy and loss per
-category, epsilon against the budgets the ledger states, noise multipliers, clients per round as
-counts, clip and update norms, the policy as the ledger records it, and the compliance items that
-need no confidential file (budget respected, ledger consistent with the accountant, identifier
-scan of the bundle). No audit record, client id, configuration or round timing.
+The custodian's (confidential) page and the public one, and what each shows: docs/DESIGN.md.
 """
 
 import collections
@@ -348,7 +334,7 @@ def build_dashboard(run_dirs: Sequence[str],
     live: While True the page reloads itself every `refresh_seconds` (a run in progress); the
       final write after training passes False.
     refresh_seconds: The reload period of a live page.
-    public: The page that may be published (see the module docstring), built from the
+    public: The page that may be published (see docs/DESIGN.md), built from the
       publishable files alone; the default is the custodian's confidential page.
     names: The runs' names on the page; default: the folders' names.
 

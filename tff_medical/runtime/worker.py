@@ -1,23 +1,6 @@
 """TFF's C++ worker, started so that only this process can reach it, and dying with us.
 
-TFF 0.87 runs computations in `worker_binary`, a gRPC server it starts as a child process. As
-shipped, that process (a) inherits our stdout, so `python x.py | tail` and CI wait on it forever,
-(b) outlives the Python process, and (c) listens on a TCP port of all interfaces without
-authentication: whoever reads the port from /proc/net/tcp6 (any local user) can send it a
-computation that runs with our rights. The pip package has no in-process C++ executor, so this
-module replaces TFF's launcher (executor_stacks.executor_factory.local_cpp_executor_factory) with
-one that fixes all three:
-  - the worker's output goes to a log file in a private (0700) directory, never to our stdout or
-    stderr; the directory is removed at shutdown unless the worker failed;
-  - the kernel kills it when the thread that started it dies (PR_SET_PDEATHSIG, armed by the
-    shim as the worker loads), so even a `kill -9` of Python leaves nothing behind; a normal exit
-    stops it through atexit;
-  - a preloaded shim (loopback_bind.c) turns the bind of its gRPC port into a bind to a Unix
-    socket in that private directory, so there is no TCP port at all and the kernel refuses
-    every other uid at connect(); the shim also closes any accepted connection whose peer is
-    another uid (SO_PEERCRED). Before any computation is sent, /proc is checked: a worker holding
-    an inet listening socket, or a socket directory others may enter, is killed and an error
-    raised.
+What TFF's own launcher gets wrong and how this one fixes it: docs/DESIGN.md.
 """
 
 import atexit

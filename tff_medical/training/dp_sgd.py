@@ -1,67 +1,6 @@
 """Example-level DP-SGD inside a site, with a budget per category (privacy_unit 'example').
 
-Client-level DP-FedAvg protects a whole client and needs many clients a round to keep the noise
-small. A hospital network has a handful of sites, each with thousands of patients; there the unit
-to protect is one patient's image. Each site runs DP-SGD on its own examples; the server only
-averages the sites' updates (plainly, or by the deployment's secure sum): the example-level
-guarantee needs no server noise.
-
-Mechanism: IDP-SGD "Scale" (Boenisch et al., NeurIPS 2023) with categories as privacy groups.
-Let C be the configured clip norm, z_c category c's calibrated noise multiplier and s a scale.
-
-  * Sampling: every step draws a batch B_t by Poisson sampling: each of the site's n examples
-    independently with probability q = b / n (b = client.batch_size, the expected batch size).
-  * Clipping: the gradient g_i of an example of category c is clipped to C_c = C * s / z_c.
-  * Noise: one Gaussian draw N(0, (s C)^2 I) per step, shared by all categories.
-  * Update: theta <- theta - lr * (sum_{i in B_t} clip_{C_{c(i)}}(g_i) + N) / b.
-
-Unit: one example (image). A patient with k images in the site's data is protected by group
-privacy over k examples, a weaker figure than the ledger's; a patient-level unit would need one
-record per patient (per-patient gradients), which this module does not do.
-
-Relation: add or remove one example of category c (the other examples stay). The noised sum of
-a step moves by at most C_c (one clipped gradient), and its noise has stddev s C, so for category
-c the step is the Gaussian mechanism with multiplier s C / C_c = z_c on a Poisson sample of
-rate q: PoissonSampledDpEvent(q, GaussianDpEvent(z_c)), composed over the steps. Dividing by b
-and the model update are post-processing. z_c is calibrated (tff_medical.privacy.accounting,
-dp_accounting) from (epsilon_c, delta, q, planned steps), the planned steps being local steps a
-round x total_rounds (as if the site took part in every round: a site sampled less often spends
-less, and the ledger counts the steps taken, not the plan).
-
-Why s = data-weighted mean of the z_c over the site's examples (as IDP-SGD): s only rescales
-every clip and the noise together (C_c / (s C) = 1 / z_c whatever s is), so it does not change
-any category's guarantee; it fixes what C means. With the weighted mean a category at the
-site's average multiplier is clipped at exactly C, so the configured C stays "the clip of a
-typical example" whatever the policy, instead of shrinking every clip by the largest z.
-Categories with a stricter budget (larger z_c) get a smaller clip, so their examples weigh less
-in the gradient: that is the price of their budget, paid in weight rather than in a separate,
-noisier update.
-
-Balanced gradient: unlike the client-level mechanism (one sub-update per category, which drifts
-toward "always predict c" with many local steps), every step mixes all the site's categories in
-one gradient, so local training cannot drift toward one category.
-
-Sampling secrecy: amplification by sampling assumes that nobody outside the site knows which
-examples a batch drew, so the Poisson draws must be seeded by a secret (the program uses a
-per-run secret kept in its checkpoint, example_level.RunLedger), never by the public config seed.
-The noise comes from OS entropy.
-
-What is treated as public, as in standard DP-SGD (q = b / n): the site's number of examples
-and its examples per category (they set q and s). A frozen category (its next round would
-exceed its budget at this site) gets C_c = 0: its examples contribute nothing to any later
-step, so it spends nothing more; the noise stays s C for the others.
-
-Whole federation: each patient's images live at one site, and only that site's mechanism reads
-them; the other sites' updates do not depend on them. The per-category guarantee of everything
-released is therefore the worst site's (tff_medical.privacy.example_ledger).
-
-Per-example gradients: tf.vectorized_map over a one-example GradientTape. Measured here (TF
-2.14, CPU, CNN 16/32, batch 30): 0.035 s a batch, against 1.0 s for tape.jacobian of the loss
-vector (the route of TF Privacy's vectorized Keras optimizers: its pfor falls back to a while
-loop for Conv2DBackpropFilter) and 0.016 s for a plain batch gradient. TF Privacy's fast
-("ghost") clipping would be cheaper still but has no Conv2D in its layer registry (0.9.0), and its
-GaussianSumQuery clips every record at one norm, while Scale needs one norm per category; the
-clipping, one-draw noise and sum are therefore a few lines here.
+Mechanism and timings: docs/DESIGN.md; its privacy derivation: docs/PRIVACY.md.
 """
 
 import dataclasses
@@ -299,7 +238,7 @@ class DPSGDTrainer:
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
       return gradients, loss, probabilities[0]
 
-    # One row per example (see the module docstring for why vectorized_map).
+    # One row per example (docs/DESIGN.md says why vectorized_map).
     jacobians, losses, probabilities = tf.vectorized_map(per_example, (x, y))
     batch = tf.shape(y)[0]
     squared = tf.add_n([tf.reduce_sum(tf.reshape(g, [batch, -1])**2, axis=1) for g in jacobians])
@@ -367,7 +306,7 @@ class DPSGDTrainer:
       plan: The site's calibration.
       released: Categories still within budget at this site; the others' examples get clip 0.
       sampling_seed: Seeds the Poisson batches (a seed sequence, e.g. (secret, round, site)),
-        so that a resumed run repeats them; it must be secret (see the module docstring).
+        so that a resumed run repeats them; it must be secret (see docs/PRIVACY.md).
     """
     y = np.asarray(y)
     if len(y) != plan.examples:

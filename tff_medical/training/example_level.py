@@ -1,21 +1,6 @@
 """privacy_unit 'example' in the training program: site plans, server aggregation, ledgers.
 
-Kept apart from program.py so that the client-level path stays as it was. The pieces:
-
-* `calibrate`: one dp_sgd.SitePlan per site (its examples per category, q = b / n_k, planned
-  steps = example_dp.local_steps x total_rounds), and, when client-level noise is stacked, the
-  client-level multiplier and split.
-* `make_factory`: the server aggregation. Each site returns ONE combined update, in the first
-  category slot (zeros in the others). Without stacking: ClassAwareFactory.non_private, whose
-  per-slot means add up to the plain mean of the site updates (the example guarantee needs no
-  server noise; a deployment may compute the same mean by secure summation). With stacking:
-  ClassAwareFactory.dp whose first slot gets the noise of the strictest category (z = max_c z_c,
-  calibrated for the client sampling and total_rounds) and combination weights (1, 0, ..., 0),
-  so the five empty slots contribute neither data nor noise. A site's combined update depends
-  on all its categories, so every category is accounted with that first slot's event, a
-  whole-client guarantee at least as strong as each category's target.
-* `RunLedger`: the example ledger (privacy_ledger.json) and, when stacked, the client-level one
-  (privacy_ledger_client.json), behind the calls program.run makes of a ledger.
+The pieces: docs/DESIGN.md; stacked client-level noise: docs/PRIVACY.md.
 """
 
 import dataclasses

@@ -1,19 +1,6 @@
 """Per-category local training of one client, in-process with TensorFlow.
 
-Sub-update c starts from the global model and sees only the client's category-c examples, so
-category-c data influences only sub-aggregate c (the class-aware mechanism's premise). A client
-without category c returns zeros for it. A sub-update with a NaN or infinity (a diverged client)
-is replaced by zeros: zero is a valid contribution, so privacy accounting is unchanged and the
-global model cannot be corrupted.
-
-Why in-process rather than a TFF client computation: TFF 0.87's C++ runtime serializes every
-client's dataset and runs a graph per client (about 0.3 s a client here) and cannot use a GPU
-(TFF issue 4600). One compiled tf.function per client shape runs the same math in milliseconds,
-on a GPU when there is one; TFF keeps what must be federated and private: the class-aware DP
-aggregation and the server update (tff_medical.training.process).
-
-Local work is short on purpose: with only positive labels a many-step sub-update drifts toward
-"always predict c" (privacy design note, FedAwS).
+Why per category and in-process rather than as a TFF computation: docs/DESIGN.md.
 """
 
 import dataclasses
