@@ -1,22 +1,7 @@
 """The cross-silo coordinator: owns the SuperLink, runs SecAgg+ rounds, applies our DP math.
 
-The run directory is the simulation's (tff_medical.training.program): config.json, the privacy
-ledger, metrics.csv, the audit log, checkpoints, and at the end the dashboard, SavedModel and
-model card, written by the same functions. Each round is committed as the simulation commits
-it: the ledger records the round's DP events, the whole state is checkpointed, and only then is
-anything released. A restarted coordinator resumes after its last checkpointed round (sites
-reconnect by themselves, see tff_medical.crosssilo.site_runtime).
-
-Accounting follows what happens: the enrolled sites are the whole population and every
-connected site takes part in every round, so there is no sampling amplification. That is
-Poisson sampling with rate 1 (SamplingSpec('poisson', N, N)), which dp_accounting treats as the
-plain Gaussian mechanism under add-or-remove-one, the relation of the per-category promise. A
-round in which fewer sites take part releases a sum over fewer sites with the same noise: the
-bound per site is unchanged.
-
-A round is abandoned when SecAgg+ cannot finish (fewer sites than its threshold at some stage):
-nothing was unmasked, so the model, the clip norms and the ledger stay as they were and the
-round number is reused.
+Its run directory is the simulation's, committed by the same run record (training/run_record.py);
+why rate 1 and what an abandoned round spends: docs/DESIGN.md.
 """
 
 import dataclasses
@@ -454,7 +439,7 @@ def _run_id(run_dir: str) -> str:
 def run(config, deployment: Deployment, run_dir: str, *,
         driver_factory: Optional[Callable[[], Any]] = None,
         on_round: Optional[Callable[[dict], None]] = None) -> program.RunResult:
-  """Trains (or resumes) the cross-silo run in `run_dir`; see the module docstring.
+  """Trains (or resumes) the cross-silo run in `run_dir` (docs/ARCHITECTURE.md, "A round's commit").
 
   Args:
     config: A training config (configs/*.py; base_config fields). Population and sampling are

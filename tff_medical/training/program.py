@@ -260,7 +260,7 @@ def _registered_spend(config, images, run_id: str, sampling_spec
 def run(config, run_dir: str, *, progress: bool = False,
         on_round: Optional[Callable[[dict], None]] = None,
         stop_after_rounds: Optional[int] = None) -> RunResult:
-  """Trains (or resumes) the configured run in `run_dir`; see the module docstring.
+  """Trains (or resumes) the configured run in `run_dir` (docs/ARCHITECTURE.md, "A round's commit").
 
   `stop_after_rounds` ends this invocation after that many new rounds (for tests of resume).
   """
