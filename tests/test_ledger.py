@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tff_medical import categories
+from tff_medical import fileio
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import calibration
@@ -19,6 +20,8 @@ from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy.ledger import PrivacyLedger
 from tff_medical.privacy.sampling import SamplingSpec
+
+from helpers import reference_epsilon  # pylint: disable=g-bad-import-order
 
 POLICY = policy_lib.default_policy()
 SAMPLING = SamplingSpec('poisson', 1000, 100)
@@ -45,22 +48,6 @@ def tff_like(z, clients_per_round=100):
   return accounting.category_event(raw_tff_event(z, clients_per_round))
 
 
-def reference_epsilon(rate, z, rounds, delta, relation='poisson'):
-  """Straight dp_accounting: `rounds` separate composes of one sampled Gaussian."""
-  if relation == 'poisson':
-    accountant = rdp.RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
-  else:
-    n, m = relation
-    accountant = rdp.RdpAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    event = dp_accounting.SampledWithoutReplacementDpEvent(n, m,
-                                                           dp_accounting.GaussianDpEvent(z / 2))
-  for _ in range(rounds):
-    accountant.compose(event)
-  return accountant.get_epsilon(delta)
-
-
 @pytest.mark.parametrize('total, per_round, rounds, delta', [
     pytest.param(1000, 100, 3, 1e-5, id='q0.1_r3'),
     pytest.param(59_000, 590, 2, 1e-6, id='q0.01_r2_delta1e-6'),
@@ -71,7 +58,7 @@ def test_epsilon_spent_equals_independent_dp_accounting(total, per_round, rounds
   ledger = PrivacyLedger(policy, SHORT_RUN, sampling)
   for _ in range(rounds):
     ledger.record_round(gaussians(SHORT_RUN))
-  references = {z: reference_epsilon(sampling.rate, z, rounds, delta)
+  references = {z: reference_epsilon([(sampling.rate, z, rounds)], delta)
                 for z in set(SHORT_RUN.values())}
   for c, z in SHORT_RUN.items():
     assert ledger.epsilon_spent(c) == pytest.approx(references[z], rel=1e-9)
@@ -90,7 +77,7 @@ def test_tff_events_are_accounted_at_their_effective_multiplier():
   for c, z in SHORT_RUN.items():
     assert ledger.noise_multiplier(c) == pytest.approx(z, rel=1e-6)
     assert ledger.epsilon_spent(c) == pytest.approx(
-        reference_epsilon(0.1, z, 1, POLICY.delta), rel=1e-5)
+        reference_epsilon([(0.1, z, 1)], POLICY.delta), rel=1e-5)
 
 
 def test_fixed_size_ledger_uses_replace_one():
@@ -103,7 +90,7 @@ def test_fixed_size_ledger_uses_replace_one():
   assert ledger.to_json_dict()['neighboring_relation'] == 'replace_one'
   for c, z in zs.items():
     assert ledger.epsilon_spent(c) == pytest.approx(
-        reference_epsilon(0.1, z, 1, POLICY.delta, relation=(1000, 100)), rel=1e-9)
+        reference_epsilon([(0.1, z, 1)], POLICY.delta, fixed_size=(1000, 100)), rel=1e-9)
 
 
 def test_pld_ledger_equals_pld_accountant():
@@ -411,7 +398,7 @@ def test_save_writes_valid_json_atomically(tmp_path, monkeypatch):
   def broken_write(*args, **kwargs):
     raise OSError('disk full')
 
-  monkeypatch.setattr(ledger_lib.fileio.os, 'fsync', broken_write)
+  monkeypatch.setattr(fileio.os, 'fsync', broken_write)
   with pytest.raises(OSError, match='disk full'):
     ledger.save(str(tmp_path))
   monkeypatch.undo()
@@ -423,14 +410,14 @@ def test_save_writes_valid_json_atomically(tmp_path, monkeypatch):
   replaced = []
   real_replace, real_fsync = os.replace, os.fsync
   synced = []
-  monkeypatch.setattr(ledger_lib.os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd)))
+  monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(fd), real_fsync(fd)))
 
   def recording_replace(src, dst):
     with open(src) as f:
       replaced.append((json.load(f), dst, len(synced)))
     real_replace(src, dst)
 
-  monkeypatch.setattr(ledger_lib.os, 'replace', recording_replace)
+  monkeypatch.setattr(os, 'replace', recording_replace)
   ledger.save(str(tmp_path))
   assert replaced == [(ledger.to_json_dict(), path, 1)]
   with open(path) as f:

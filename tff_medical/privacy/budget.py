@@ -55,6 +55,25 @@ class EpsilonCache:
     return self._values[key]
 
 
+class BudgetLedger:
+  """What every privacy ledger holds: the policy it enforces and the accountant it asks."""
+
+  _accountant: Accountant
+
+  def __init__(self, policy: PrivacyPolicy):
+    if not isinstance(policy, PrivacyPolicy):
+      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
+    self._policy = policy
+
+  @property
+  def policy(self) -> PrivacyPolicy:
+    return self._policy
+
+  @property
+  def accountant(self) -> Accountant:
+    return self._accountant
+
+
 def _no_earlier(category_id: str, relation: int) -> Groups:
   del category_id, relation
   return ()

@@ -4,36 +4,26 @@ What it accounts (DP-SGD steps per site, the worst-site guarantee) is in docs/PR
 """
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import dp_accounting
 
 from tff_medical import categories
-from tff_medical import fileio
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import budget
 from tff_medical.privacy import ledger_schema as schema
 from tff_medical.privacy.accounting import Accountant
-from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingMethod
 from tff_medical.privacy.sampling import SamplingSpec
 
-SCHEMA_VERSION = 1
-PRIVACY_UNIT = 'example'
-WHOLE_GUARANTEE = 'worst_site'
-STATEMENT = ('Per category c, everything released is (epsilon_c, delta)-DP with respect to adding '
-             'or removing one category-c image at one site (the privacy unit is one image). The '
-             'guarantee is the worst site\'s: each example is held and used by one site only, and '
-             'the other sites\' updates do not depend on it. The top-level figures are the '
-             'largest over the sites. Each site\'s example count n sets its sampling rate b / n and '
-             'is published here: n is treated as public.')
+SCHEMA_VERSION = schema.EXAMPLE_SCHEMA_VERSION
+PRIVACY_UNIT = schema.EXAMPLE_PRIVACY_UNIT
+WHOLE_GUARANTEE = schema.WHOLE_GUARANTEE
+STATEMENT = schema.EXAMPLE_STATEMENT
 CLIENT_LEDGER_FILENAME = 'privacy_ledger_client.json'
-_RATE_TOLERANCE = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +60,7 @@ def parse_step_event(event: dp_accounting.DpEvent) -> tuple[float, float, int]:
   return float(inner.sampling_probability), z, accounting.positive_int('steps', event.count)
 
 
-class ExampleLevelLedger:
+class ExampleLevelLedger(budget.BudgetLedger):
   """Per-site, per-category epsilon of example-level DP-SGD, with hard budgets per site."""
 
   def __init__(self,
@@ -89,8 +79,7 @@ class ExampleLevelLedger:
       site_sampling: How sites are drawn into rounds, for the record (the example-level
         guarantee does not count on it: a site is accounted for the rounds it took part in).
     """
-    if not isinstance(policy, PrivacyPolicy):
-      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
+    super().__init__(policy)
     if not isinstance(sites, Mapping) or not sites:
       raise PolicyError(f'sites must be a non-empty mapping of site id to SiteSpec. '
                         f'Found {sites!r}.')
@@ -98,7 +87,6 @@ class ExampleLevelLedger:
       if not isinstance(site_id, str) or not isinstance(spec, SiteSpec):
         raise PolicyError(f'sites must map site ids (str) to SiteSpec. Found {site_id!r}: '
                           f'{spec!r}.')
-    self._policy = policy
     self._accountant = accounting.check_sampling_accountant(
         next(iter(sites.values())).sampling, accountant)
     self._local_steps = accounting.positive_int('local_steps', local_steps)
@@ -132,14 +120,6 @@ class ExampleLevelLedger:
     self._sites[site_id].update_frozen(self._rounds, self._local_steps)
 
   # Public API.
-
-  @property
-  def policy(self) -> PrivacyPolicy:
-    return self._policy
-
-  @property
-  def accountant(self) -> Accountant:
-    return self._accountant
 
   @property
   def sites(self) -> tuple[str, ...]:
@@ -238,7 +218,7 @@ class ExampleLevelLedger:
           q, z, steps = parse_step_event(event)
         except PolicyError as e:
           raise PolicyError(f'site_events[{site_id}][{c}]: {e}') from None
-        if not math.isclose(q, site.sampling.rate, rel_tol=_RATE_TOLERANCE):
+        if not math.isclose(q, site.sampling.rate, rel_tol=schema.TOLERANCE):
           raise PolicyError(f'site_events[{site_id}][{c}] sampling probability must be the '
                             f'site\'s rate {site.sampling.rate!r}. Found {q!r}.')
         if c in site.frozen:
@@ -322,10 +302,7 @@ class ExampleLevelLedger:
 
   def save(self, run_dir: str, **kwargs) -> str:
     """Writes privacy_ledger.json atomically (kwargs: see `to_json_dict`); returns its path."""
-    payload = self.to_json_dict(**kwargs)
-    validate_example_ledger_json(payload)
-    return fileio.write_atomic(os.path.join(run_dir, schema.LEDGER_FILENAME),
-                               json.dumps(payload, indent=2, allow_nan=False) + '\n')
+    return schema.write_ledger(run_dir, self.to_json_dict(**kwargs))
 
   def state(self) -> dict[str, Any]:
     """JSON-able checkpoint state: applied multipliers per round, not derived figures."""
@@ -405,170 +382,4 @@ class ExampleLevelLedger:
     return ledger
 
 
-# The published ledger's shape.
-
-_TOP_KEYS = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
-             'sampling', 'rounds_completed', 'local_steps_per_round', 'whole_guarantee',
-             'statement', 'example_level_epsilon', 'client_level_epsilon', 'client_level_ledger',
-             'categories', 'sites')
-_SITE_KEYS = ('sampling', 'rounds_participated', 'steps_completed', 'categories')
-_SITE_CATEGORY_KEYS = ('target_epsilon', 'noise_multiplier', 'rounds_released',
-                       'steps_released', 'epsilon_spent', 'status')
-_TOLERANCE = 1e-9
-
-
-def validate_example_ledger_json(ledger: Any) -> None:
-  """Checks an example-level ledger's shape and invariants; PolicyError listing every problem.
-
-  Beyond keys and types: each site's rate = b / n, no category over its target at any site,
-  steps and rounds released within what the site took, and the top-level figures are the worst
-  site's (whole_guarantee 'worst_site'), with example_level_epsilon their largest.
-  """
-  problems: list[str] = []
-  if not schema.check_keys('ledger', ledger, _TOP_KEYS, problems):
-    raise PolicyError(' '.join(problems))
-  if ledger['schema_version'] != SCHEMA_VERSION:
-    problems.append(f'schema_version must be {SCHEMA_VERSION}. '
-                    f'Found {ledger["schema_version"]!r}.')
-  if ledger['privacy_unit'] != PRIVACY_UNIT:
-    problems.append(f'privacy_unit must be example. Found {ledger["privacy_unit"]!r}.')
-  if ledger['accountant'] not in [a.value for a in Accountant]:
-    problems.append(f'accountant must be one of rdp, pld. Found {ledger["accountant"]!r}.')
-  if ledger['neighboring_relation'] != 'add_or_remove_one':
-    problems.append(f'neighboring_relation must be add_or_remove_one (Poisson example '
-                    f'sampling). Found {ledger["neighboring_relation"]!r}.')
-  if ledger['whole_guarantee'] != WHOLE_GUARANTEE:
-    problems.append(f'whole_guarantee must be {WHOLE_GUARANTEE}. '
-                    f'Found {ledger["whole_guarantee"]!r}.')
-  if not isinstance(ledger['statement'], str) or not ledger['statement'].strip():
-    problems.append('statement must be a non-empty string.')
-  delta = ledger['delta']
-  if not schema.is_number(delta) or not 0 < delta < 1:
-    problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
-  rounds = ledger['rounds_completed']
-  if not schema.is_int(rounds) or rounds < 0:
-    problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
-    rounds = None
-  site_sampling = ledger['sampling']
-  if schema.check_keys('sampling', site_sampling, schema.SAMPLING_KEYS, problems):
-    n, m = site_sampling['total_clients'], site_sampling['expected_clients_per_round']
-    if isinstance(ledger['sites'], Mapping) and n != len(ledger['sites']):
-      problems.append(f'sampling.total_clients must be the number of sites '
-                      f'({len(ledger["sites"])}). Found {n!r}.')
-    rate = site_sampling['rate']
-    if not (schema.is_int(m) and schema.is_int(n) and 1 <= m <= n) or not (
-        schema.is_number(rate) and math.isclose(rate, m / n, rel_tol=_TOLERANCE)):
-      problems.append(f'sampling must have integers 1 <= m <= N and rate m / N. '
-                      f'Found {site_sampling!r}.')
-  if not schema.is_int(ledger['local_steps_per_round']) or ledger['local_steps_per_round'] < 1:
-    problems.append(f'local_steps_per_round must be a positive integer. '
-                    f'Found {ledger["local_steps_per_round"]!r}.')
-  client = ledger['client_level_epsilon']
-  if client is not None and (not schema.is_number(client) or client < 0):
-    problems.append(f'client_level_epsilon must be null or a non-negative number. '
-                    f'Found {client!r}.')
-  if (client is None) != (ledger['client_level_ledger'] is None):
-    problems.append('client_level_epsilon and client_level_ledger must both be set (client-'
-                    'level noise stacked) or both be null. Found '
-                    f'{client!r} and {ledger["client_level_ledger"]!r}.')
-  sites = ledger['sites']
-  if not isinstance(sites, Mapping) or not sites:
-    problems.append(f'sites must be a non-empty object. Found {sites!r}.')
-    raise PolicyError(' '.join(problems))
-  per_category: dict[str, list] = {c: [] for c in categories.CATEGORY_IDS}
-  for site_id, site in sites.items():
-    where = f'sites.{site_id}'
-    if not schema.check_keys(where, site, _SITE_KEYS, problems):
-      continue
-    sampling = site['sampling']
-    if schema.check_keys(f'{where}.sampling', sampling, schema.SAMPLING_KEYS, problems):
-      n, b = sampling['total_clients'], sampling['expected_clients_per_round']
-      if sampling['method'] != 'poisson':
-        problems.append(f'{where}.sampling.method must be poisson. Found {sampling["method"]!r}.')
-      if not (schema.is_int(n) and schema.is_int(b) and 1 <= b <= n):
-        problems.append(f'{where}.sampling examples and batch must be integers with 1 <= b <= '
-                        f'n. Found n={n!r}, b={b!r}.')
-      elif not schema.is_number(sampling['rate']) or not math.isclose(sampling['rate'], b / n,
-                                                                rel_tol=_TOLERANCE):
-        problems.append(f'{where}.sampling.rate must be {b / n!r}. Found {sampling["rate"]!r}.')
-    site_rounds, steps = site['rounds_participated'], site['steps_completed']
-    if not schema.is_int(site_rounds) or site_rounds < 0 or (rounds is not None and
-                                                       site_rounds > rounds):
-      problems.append(f'{where}.rounds_participated must be in 0..rounds_completed. '
-                      f'Found {site_rounds!r}.')
-      site_rounds = None
-    if not schema.is_int(steps) or steps < 0:
-      problems.append(f'{where}.steps_completed must be a non-negative integer. Found {steps!r}.')
-      steps = None
-    entries = site['categories']
-    if not isinstance(entries, Mapping) or list(entries) != list(categories.CATEGORY_IDS):
-      problems.append(f'{where}.categories must list the six categories in order.')
-      continue
-    for c, entry in entries.items():
-      cw = f'{where}.categories.{c}'
-      if not schema.check_keys(cw, entry, _SITE_CATEGORY_KEYS, problems):
-        continue
-      per_category[c].append(entry)
-      for key in ('target_epsilon', 'noise_multiplier'):
-        if not schema.is_number(entry[key]) or entry[key] <= 0:
-          problems.append(f'{cw}.{key} must be a positive number. Found {entry[key]!r}.')
-      if entry['status'] not in ('active', 'exhausted'):
-        problems.append(f'{cw}.status must be active or exhausted. Found {entry["status"]!r}.')
-      released, steps_released = entry['rounds_released'], entry['steps_released']
-      if not schema.is_int(released) or released < 0 or (site_rounds is not None and
-                                                   released > site_rounds):
-        problems.append(f'{cw}.rounds_released must be in 0..rounds_participated. '
-                        f'Found {released!r}.')
-      if not schema.is_int(steps_released) or steps_released < 0 or (steps is not None and
-                                                               steps_released > steps):
-        problems.append(f'{cw}.steps_released must be in 0..steps_completed. '
-                        f'Found {steps_released!r}.')
-      spent = entry['epsilon_spent']
-      if not schema.is_number(spent) or spent < 0:
-        problems.append(f'{cw}.epsilon_spent must be a non-negative number. Found {spent!r}.')
-        continue
-      if (steps_released == 0) != (spent == 0):
-        problems.append(f'{cw}.epsilon_spent must be 0 exactly when no step was released. '
-                        f'Found {spent!r} after {steps_released!r} steps.')
-      if schema.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
-        problems.append(f'{cw}.epsilon_spent must not exceed target_epsilon '
-                        f'({entry["target_epsilon"]!r}). Found {spent!r}.')
-
-  whole = ledger['categories']
-  if not isinstance(whole, Mapping) or list(whole) != list(categories.CATEGORY_IDS):
-    problems.append(f'categories must list {", ".join(categories.CATEGORY_IDS)} in that order.')
-    raise PolicyError(' '.join(problems))
-  largest = 0.0
-  for c, entry in whole.items():
-    where = f'categories.{c}'
-    if not schema.check_keys(where, entry, schema.CATEGORY_KEYS_V1, problems):
-      continue
-    if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
-      problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
-                      f'Found {entry["privacy_level"]!r}.')
-    if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
-      problems.append(f'{where}.display_name must be a non-empty string.')
-    spent = entry['epsilon_spent']
-    site_entries = [e for e in per_category[c] if schema.is_number(e.get('epsilon_spent'))]
-    if not schema.is_number(spent):
-      problems.append(f'{where}.epsilon_spent must be a number. Found {spent!r}.')
-      continue
-    largest = max(largest, spent)
-    if site_entries:
-      worst = max(e['epsilon_spent'] for e in site_entries)
-      if not math.isclose(spent, worst, rel_tol=_TOLERANCE, abs_tol=1e-15):
-        problems.append(f'{where}.epsilon_spent must be the worst site\'s ({worst!r}). '
-                        f'Found {spent!r}.')
-      all_exhausted = all(e.get('status') == 'exhausted' for e in site_entries)
-      if entry['status'] != ('exhausted' if all_exhausted else 'active'):
-        problems.append(f'{where}.status must be exhausted exactly when every site has it '
-                        f'exhausted. Found {entry["status"]!r}.')
-    if schema.is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
-      problems.append(f'{where}.epsilon_spent must not exceed target_epsilon. Found {spent!r}.')
-  example = ledger['example_level_epsilon']
-  if not schema.is_number(example) or not math.isclose(example, largest, rel_tol=_TOLERANCE,
-                                                 abs_tol=1e-15):
-    problems.append(f'example_level_epsilon must be the largest category figure ({largest!r}). '
-                    f'Found {example!r}.')
-  if problems:
-    raise PolicyError(' '.join(problems))
+validate_example_ledger_json = schema.validate_example_ledger_json

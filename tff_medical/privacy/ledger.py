@@ -4,43 +4,28 @@ Per round: `releasable()` before it, `record_round(events)` before anything from
 saved (it checks everything before changing anything). Derivation in docs/PRIVACY.md.
 """
 
-import json
 import math
 import numbers
-import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import dp_accounting
 
-from tff_medical import fileio
 from tff_medical import categories
 from tff_medical.errors import PolicyError
 from tff_medical.privacy import accounting
 from tff_medical.privacy import budget
-from tff_medical.privacy import example_ledger
+from tff_medical.privacy import ledger_schema as schema
 from tff_medical.privacy import shared_noise_calibration
 from tff_medical.privacy.accounting import Accountant
-from tff_medical.privacy.ledger_schema import CATEGORY_KEYS_V1
-from tff_medical.privacy.ledger_schema import check_keys
-from tff_medical.privacy.ledger_schema import is_int
-from tff_medical.privacy.ledger_schema import is_number
-from tff_medical.privacy.ledger_schema import LEDGER_FILENAME
-from tff_medical.privacy.ledger_schema import SAMPLING_KEYS
-from tff_medical.privacy.policy import PrivacyLevel
 from tff_medical.privacy.policy import PrivacyPolicy
 from tff_medical.privacy.sampling import SamplingMethod
 from tff_medical.privacy.sampling import SamplingSpec
 from tff_medical.privacy.shared_noise_calibration import NoiseMechanism
 
-# 2: both neighbouring relations per category, earlier runs on the same data (1 still read).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = schema.CLIENT_SCHEMA_VERSION
+LEDGER_FILENAME = schema.LEDGER_FILENAME
+RELATION_STATEMENTS = schema.RELATION_STATEMENTS
 CategoryStatus = budget.CategoryStatus
-
-
-_RELATION_NAMES = {
-    SamplingMethod.POISSON: 'add_or_remove_one',
-    SamplingMethod.FIXED_SIZE: 'replace_one',
-}
 
 
 def _finite_positive(field: str, value: Any) -> float:
@@ -65,26 +50,6 @@ def _combined(zs: Sequence[Optional[float]],
 
 Relation = accounting.Relation
 _RELATIONS = tuple(Relation)
-
-# What each guarantee is about, as the ledger and the model card state it (README "What is
-# private, and from whom"). Fixed-size sampling is accounted under replace-one.
-RELATION_STATEMENTS = {
-    SamplingMethod.POISSON: {
-        Relation.REMOVE_CATEGORY_EXAMPLES.value:
-            'adding or removing all of one client\'s category-c examples; the client stays',
-        Relation.REMOVE_WHOLE_CLIENT.value:
-            'adding or removing one whole client whose only examples are category c',
-        'client_level': 'adding or removing one whole client, whatever its categories',
-    },
-    SamplingMethod.FIXED_SIZE: {
-        Relation.REMOVE_CATEGORY_EXAMPLES.value:
-            'replacing one client\'s category-c examples by others; the client stays',
-        Relation.REMOVE_WHOLE_CLIENT.value:
-            'replacing one whole client whose only examples are category c by another such client',
-        'client_level': 'replacing one whole client by another',
-    },
-}
-
 
 def _round_pair(field: str, event: Any,
                 sampling: SamplingSpec) -> Optional[tuple[float, float]]:
@@ -157,7 +122,7 @@ class EarlierRuns:
     return [dict(entry, run_id=run_id) for run_id, entry in self.runs]
 
 
-class PrivacyLedger:
+class PrivacyLedger(budget.BudgetLedger):
   """Per-category and client-level epsilon of what was released, with hard budgets.
 
   Each category is accounted under both relations (accounting.Relation); its epsilon_spent, the
@@ -187,9 +152,7 @@ class PrivacyLedger:
         whole_client_noise_multiplier); default: as under (a).
       earlier: What earlier runs on the same data spent; composed into every figure.
     """
-    if not isinstance(policy, PrivacyPolicy):
-      raise PolicyError(f'policy must be a PrivacyPolicy. Found {policy!r}.')
-    self._policy = policy
+    super().__init__(policy)
     self._sampling = sampling
     self._accountant = accounting.check_sampling_accountant(sampling, accountant)
     self._mechanism = shared_noise_calibration.as_noise_mechanism(noise_mechanism)
@@ -243,16 +206,8 @@ class PrivacyLedger:
   # Public API.
 
   @property
-  def policy(self) -> PrivacyPolicy:
-    return self._policy
-
-  @property
   def sampling(self) -> SamplingSpec:
     return self._sampling
-
-  @property
-  def accountant(self) -> Accountant:
-    return self._accountant
 
   @property
   def noise_mechanism(self) -> NoiseMechanism:
@@ -369,7 +324,7 @@ class PrivacyLedger:
         'schema_version': SCHEMA_VERSION,
         'accountant': self._accountant.value,
         'privacy_unit': 'client',
-        'neighboring_relation': _RELATION_NAMES[self._sampling.method],
+        'neighboring_relation': schema.RELATION_NAMES[self._sampling.method],
         'neighboring_relations': dict(RELATION_STATEMENTS[self._sampling.method]),
         'delta': self._policy.delta,
         'sampling': dict(self._sampling.to_json_dict(), rate=self._sampling.rate),
@@ -496,11 +451,7 @@ class PrivacyLedger:
 
   def save(self, run_dir: str) -> str:
     """Writes privacy_ledger.json in run_dir atomically; returns its path."""
-    payload = self.to_json_dict()
-    validate_ledger_json(payload)
-    # A reader (the dashboard) sees the old file or the new one, never half of one.
-    return fileio.write_atomic(os.path.join(run_dir, LEDGER_FILENAME),
-                               json.dumps(payload, indent=2, allow_nan=False) + '\n')
+    return schema.write_ledger(run_dir, self.to_json_dict())
 
 
 def _policy_differences(saved: Any, current: Mapping[str, Any]) -> list[str]:
@@ -542,170 +493,5 @@ def _history_from_state(raw: Any, into: budget.CategoryBudgets) -> None:
     into.append(round_, count, count)
 
 
-# The published ledger's shape.
-
-_TOP_KEYS_V1 = ('schema_version', 'accountant', 'privacy_unit', 'neighboring_relation', 'delta',
-                'sampling', 'rounds_completed', 'client_level_epsilon', 'categories')
-_TOP_KEYS = _TOP_KEYS_V1 + ('neighboring_relations', 'earlier_runs')
-# Optional top-level keys: absent in ledgers written before they existed.
-_OPTIONAL_TOP_KEYS = ('noise_mechanism',)
-CATEGORY_KEYS = CATEGORY_KEYS_V1 + ('epsilon_this_run', 'relations')
-_RELATION_KEYS = ('epsilon', 'noise_multiplier', 'rounds')
-_TOLERANCE = 1e-9
-
-
-def validate_ledger_json(ledger: Any) -> None:
-  """Checks a published ledger's shape and invariants; raises PolicyError listing every problem.
-
-  Beyond types and keys it checks what must hold for an honest ledger: rate = m / N, the
-  relation that the sampling is accounted under, no category over its target, rounds released
-  within rounds completed, and a client-level epsilon no smaller than any category's.
-  A ledger with privacy_unit 'example' is checked by example_ledger.validate_example_ledger_json.
-  """
-  if isinstance(ledger, Mapping) and ledger.get('privacy_unit') == 'example' and 'sites' in ledger:
-    example_ledger.validate_example_ledger_json(ledger)
-    return
-  problems: list[str] = []
-  version = ledger.get('schema_version') if isinstance(ledger, Mapping) else None
-  # Version 1 ledgers (one relation, no earlier runs) stay readable.
-  top_keys, category_keys = ((_TOP_KEYS_V1, CATEGORY_KEYS_V1) if version == 1 else
-                             (_TOP_KEYS, CATEGORY_KEYS))
-  if not check_keys('ledger', ledger, top_keys, problems, _OPTIONAL_TOP_KEYS):
-    raise PolicyError(' '.join(problems))
-  mechanisms = [m.value for m in NoiseMechanism]
-  if 'noise_mechanism' in ledger and ledger['noise_mechanism'] not in mechanisms:
-    problems.append(f'noise_mechanism must be one of {", ".join(mechanisms)}. '
-                    f'Found {ledger["noise_mechanism"]!r}.')
-  if not is_int(ledger['schema_version']) or ledger['schema_version'] not in (1, SCHEMA_VERSION):
-    problems.append(f'schema_version must be 1 or {SCHEMA_VERSION}. '
-                    f'Found {ledger["schema_version"]!r}.')
-  if version == SCHEMA_VERSION:
-    if not isinstance(ledger['earlier_runs'], list):
-      problems.append(f'earlier_runs must be a list. Found {ledger["earlier_runs"]!r}.')
-    statements = ledger['neighboring_relations']
-    wanted = RELATION_STATEMENTS.get(_METHOD_BY_VALUE.get(
-        ledger['sampling'].get('method') if isinstance(ledger['sampling'], Mapping) else None))
-    if wanted is not None and statements != wanted:
-      problems.append(f'neighboring_relations must be {wanted!r}. Found {statements!r}.')
-  if ledger['accountant'] not in [a.value for a in Accountant]:
-    problems.append(f'accountant must be one of rdp, pld. Found {ledger["accountant"]!r}.')
-  if ledger['privacy_unit'] != 'client':
-    problems.append(f'privacy_unit must be client. Found {ledger["privacy_unit"]!r}.')
-  delta = ledger['delta']
-  if not is_number(delta) or not 0 < delta < 1:
-    problems.append(f'delta must be a number in (0, 1). Found {delta!r}.')
-  rounds = ledger['rounds_completed']
-  if not is_int(rounds) or rounds < 0:
-    problems.append(f'rounds_completed must be a non-negative integer. Found {rounds!r}.')
-    rounds = None
-
-  sampling = ledger['sampling']
-  if check_keys('sampling', sampling, SAMPLING_KEYS, problems):
-    method = sampling['method']
-    if method not in _RELATION_NAMES_BY_VALUE:
-      problems.append(f'sampling.method must be one of poisson, fixed_size. Found {method!r}.')
-    else:
-      if ledger['neighboring_relation'] != _RELATION_NAMES_BY_VALUE[method]:
-        problems.append(f'neighboring_relation must be {_RELATION_NAMES_BY_VALUE[method]} for '
-                        f'{method} sampling. Found {ledger["neighboring_relation"]!r}.')
-      if ledger['accountant'] in [a.value for a in Accountant]:
-        problem = accounting.sampling_accountant_problem(method, ledger['accountant'])
-        if problem:
-          problems.append(problem)
-    n, m = sampling['total_clients'], sampling['expected_clients_per_round']
-    if not (is_int(n) and is_int(m) and 1 <= m <= n):
-      problems.append('sampling.total_clients and expected_clients_per_round must be integers '
-                      f'with 1 <= m <= N. Found N={n!r}, m={m!r}.')
-    elif not is_number(sampling['rate']) or not math.isclose(
-        sampling['rate'], m / n, rel_tol=_TOLERANCE):
-      problems.append(f'sampling.rate must be expected_clients_per_round / total_clients '
-                      f'({m / n!r}). Found {sampling["rate"]!r}.')
-
-  client_epsilon = ledger['client_level_epsilon']
-  if not is_number(client_epsilon) or client_epsilon < 0:
-    problems.append(f'client_level_epsilon must be a non-negative number. '
-                    f'Found {client_epsilon!r}.')
-    client_epsilon = None
-
-  entries = ledger['categories']
-  if not isinstance(entries, Mapping) or list(entries) != list(categories.CATEGORY_IDS):
-    found = list(entries) if isinstance(entries, Mapping) else entries
-    problems.append(f'categories must list {", ".join(categories.CATEGORY_IDS)} in that order. '
-                    f'Found {found!r}.')
-    raise PolicyError(' '.join(problems))
-  for c, entry in entries.items():
-    where = f'categories.{c}'
-    if not check_keys(where, entry, category_keys, problems):
-      continue
-    if version == SCHEMA_VERSION:
-      _check_relations(where, entry, problems)
-    if not isinstance(entry['display_name'], str) or not entry['display_name'].strip():
-      problems.append(f'{where}.display_name must be a non-empty string. '
-                      f'Found {entry["display_name"]!r}.')
-    if entry['privacy_level'] not in [level.value for level in PrivacyLevel]:
-      problems.append(f'{where}.privacy_level must be one of High, Medium, Low. '
-                      f'Found {entry["privacy_level"]!r}.')
-    if entry['status'] not in [s.value for s in CategoryStatus]:
-      problems.append(f'{where}.status must be active or exhausted. Found {entry["status"]!r}.')
-    for key in ('target_epsilon', 'noise_multiplier'):
-      if not is_number(entry[key]) or entry[key] <= 0:
-        problems.append(f'{where}.{key} must be a positive number. Found {entry[key]!r}.')
-    released, spent = entry['rounds_released'], entry['epsilon_spent']
-    if not is_int(released) or released < 0 or (rounds is not None and released > rounds):
-      problems.append(f'{where}.rounds_released must be an integer in 0..rounds_completed '
-                      f'({rounds}). Found {released!r}.')
-      released = None
-    if not is_number(spent) or spent < 0:
-      problems.append(f'{where}.epsilon_spent must be a non-negative number. Found {spent!r}.')
-      continue
-    if version == SCHEMA_VERSION and ledger['earlier_runs']:
-      pass  # Earlier runs on the same data: spend without a round of this run is expected.
-    elif released == 0 and spent != 0:
-      problems.append(f'{where}.epsilon_spent must be 0 with no round released. Found {spent!r}.')
-    if released and spent == 0:
-      problems.append(f'{where}.epsilon_spent must be positive after {released} released '
-                      'rounds. Found 0.')
-    if is_number(entry['target_epsilon']) and spent > entry['target_epsilon']:
-      problems.append(f'{where}.epsilon_spent must not exceed target_epsilon '
-                      f'({entry["target_epsilon"]!r}). Found {spent!r}.')
-    if client_epsilon is not None and client_epsilon < spent * (1 - _TOLERANCE):
-      problems.append(f'client_level_epsilon must be at least {where}.epsilon_spent ({spent!r}).'
-                      f' Found {client_epsilon!r}.')
-  if problems:
-    raise PolicyError(' '.join(problems))
-
-
-_RELATION_NAMES_BY_VALUE = {method.value: name for method, name in _RELATION_NAMES.items()}
-_METHOD_BY_VALUE = {method.value: method for method in SamplingMethod}
-
-
-def _check_relations(where: str, entry: Mapping[str, Any], problems: list[str]) -> None:
-  """Both relations present, each within the target, epsilon_spent their larger."""
-  relations = entry['relations']
-  names = [r.value for r in _RELATIONS]
-  if not check_keys(f'{where}.relations', relations, names, problems):
-    return
-  epsilons = []
-  for name in names:
-    if not check_keys(f'{where}.relations.{name}', relations[name], _RELATION_KEYS, problems):
-      return
-    value = relations[name]['epsilon']
-    rounds = relations[name]['rounds']
-    if not is_number(value) or value < 0:
-      problems.append(f'{where}.relations.{name}.epsilon must be a non-negative number. '
-                      f'Found {value!r}.')
-      return
-    if not isinstance(rounds, list) or not all(
-        isinstance(g, list) and len(g) == 2 and is_number(g[0]) and g[0] > 0 and is_int(g[1]) and
-        g[1] > 0 for g in rounds) or (is_int(entry['rounds_released']) and
-                                      sum(g[1] for g in rounds) != entry['rounds_released']):
-      problems.append(f'{where}.relations.{name}.rounds must be [multiplier, count] pairs '
-                      f'counting rounds_released ({entry["rounds_released"]!r}). Found {rounds!r}.')
-    if is_number(entry['target_epsilon']) and value > entry['target_epsilon']:
-      problems.append(f'{where}.relations.{name}.epsilon must not exceed target_epsilon '
-                      f'({entry["target_epsilon"]!r}). Found {value!r}.')
-    epsilons.append(value)
-  spent = entry['epsilon_spent']
-  if is_number(spent) and not math.isclose(spent, max(epsilons), rel_tol=_TOLERANCE):
-    problems.append(f'{where}.epsilon_spent must be the larger relation\'s epsilon '
-                    f'({max(epsilons)!r}). Found {spent!r}.')
+validate_ledger_json = schema.validate_ledger_json
+CATEGORY_KEYS = schema.CATEGORY_KEYS
