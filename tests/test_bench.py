@@ -1,6 +1,5 @@
 """The benchmark's harness on tiny settings: structure, equal work, reports; no timings."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,8 @@ from tff_medical.benchmarks import round_time
 from tff_medical.benchmarks import scaling
 from tff_medical.privacy import policy as policy_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_config  # pylint: disable=g-bad-import-order
+from helpers import REPO  # pylint: disable=g-bad-import-order
 
 # 2 clients x 4 examples; TFF's dp_aggregator needs noise < 2 x 0.05 x clients = 0.2 here.
 TINY = round_time.Setting('tiny', num_clients=2, examples_per_client=4, conv_filters=(4,),
@@ -84,16 +84,9 @@ def test_setting_refuses_bad_values():
     round_time.Setting('bad', num_clients=2, examples_per_client=4, noise_multiplier=0.0)
 
 
-def _demo_config():
-  spec = importlib.util.spec_from_file_location('demo', os.path.join(REPO, 'configs', 'demo.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_one_tiny_scaling_point_measures_time_and_memory(tff_context, tmp_path):
   del tff_context
-  config = _demo_config()
+  config = load_config('demo')
   cache = scaling.make_image_cache(24, config, str(tmp_path))
   assert cache['num_images'] == 24 and cache['generate_seconds'] > 0
   point = scaling.ScalingPoint(total_clients=20, clients_per_round=10, timed_rounds=2,
@@ -119,7 +112,7 @@ def test_one_tiny_scaling_point_measures_time_and_memory(tff_context, tmp_path):
 
 
 def test_image_cache_prefix_is_the_generated_images(tmp_path):
-  config = _demo_config()
+  config = load_config('demo')
   scaling.make_image_cache(12, config, str(tmp_path))
   images, labels = scaling._load_images(str(tmp_path), 7)  # pylint: disable=protected-access
   full = (tmp_path / scaling.IMAGES_FILE, tmp_path / scaling.LABELS_FILE)

@@ -42,6 +42,8 @@ from tff_medical.privacy import accounting  # pylint: disable=g-import-not-at-to
 from tff_medical.privacy import calibration
 from tff_medical.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
+from helpers import reference_epsilon  # pylint: disable=g-bad-import-order,g-import-not-at-top
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -350,13 +352,6 @@ def _phantom_sites(n=3, per_category=10):
   return [phantoms.generate(per_category, seed=100 + i) for i in range(n)]
 
 
-def _independent_epsilon(z_rounds, delta):
-  acc = dp_accounting.rdp.RdpAccountant()
-  for z in z_rounds:
-    acc.compose(dp_accounting.GaussianDpEvent(z))
-  return acc.get_epsilon(delta)
-
-
 @pytest.fixture(scope='module')
 def in_process_run(tmp_path_factory):
   """Coordinator math + SecAgg+ in-process: 3 sites, site 3 sends NaN, 2 rounds, then resume."""
@@ -395,7 +390,7 @@ def test_in_process_run_writes_the_run_directory_and_an_exact_ledger(in_process_
   delta = result.policy.delta
   for c in categories.CATEGORY_IDS:
     z = plan['noise_multipliers'][c]
-    want = _independent_epsilon([z, z], delta)
+    want = reference_epsilon([(1.0, z, 2)], delta)
     assert result.ledger.epsilon_spent(c) == pytest.approx(want, rel=1e-4)
   from tff_medical.monitoring import audit  # pylint: disable=g-import-not-at-top
   assert audit.verify_run_dir(run_dir).ok
@@ -421,7 +416,7 @@ def test_in_process_run_resumes_without_restarting_the_budget(in_process_run):
   for c in categories.CATEGORY_IDS:  # The run kept its calibration and its spend.
     z = plan['noise_multipliers'][c]
     assert result.ledger.epsilon_spent(c) == pytest.approx(
-        _independent_epsilon([z] * 2, result.policy.delta), rel=1e-4)
+        reference_epsilon([(1.0, z, 2)], result.policy.delta), rel=1e-4)
     assert result.ledger.epsilon_spent(c) <= result.policy.budget(c).epsilon
   with open(os.path.join(in_process_run['run_dir'], 'audit_log.jsonl')) as f:
     assert [json.loads(line)['round'] for line in f] == [1, 2]
@@ -1044,7 +1039,7 @@ def test_coordinator_and_three_sites_on_loopback(pki_dir, tmp_path):
   plan = json.loads((run_dir / 'config.json').read_text())['plan']
   delta = ledger_json['delta']
   for c in categories.CATEGORY_IDS:
-    want = _independent_epsilon([plan['noise_multipliers'][c]] * 4, delta)
+    want = reference_epsilon([(1.0, plan['noise_multipliers'][c], 4)], delta)
     assert ledger_json['categories'][c]['epsilon_spent'] == pytest.approx(want, rel=1e-4)
   # The model improves on the coordinator's own evaluation set. Per-category sub-updates on a
   # few dozen images learn slowly and unstably (as in the simulation): in 4 rounds the eval loss

@@ -5,7 +5,6 @@ import math
 import os
 
 import dp_accounting
-from dp_accounting import rdp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,7 +20,8 @@ from tff_medical.training import config as config_lib
 from tff_medical.training import dp_sgd
 from tff_medical.training import program
 
-from test_program import smoke_config  # pylint: disable=g-bad-import-order
+from helpers import reference_epsilon  # pylint: disable=g-bad-import-order
+from helpers import smoke_config  # pylint: disable=g-bad-import-order
 
 IDS = categories.CATEGORY_IDS
 LOCAL_STEPS = 6
@@ -38,14 +38,6 @@ def _data(counts, seed=0):
   y = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
   x = rng.random((len(y), 64, 64, 1)).astype(np.float32)
   return x, y
-
-
-def _independent_epsilon(rate, z, steps, delta):
-  """dp_accounting directly: `steps` Poisson-sampled Gaussian steps."""
-  accountant = rdp.RdpAccountant()
-  accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z)),
-                     steps)
-  return accountant.get_epsilon(delta)
 
 
 @pytest.fixture(scope='module')
@@ -100,8 +92,8 @@ class TestAccounting:
     worst = {}
     for site, plan in plans.items():
       for c in IDS:
-        expected = _independent_epsilon(plan.rate, plan.noise_multipliers[c], 2 * LOCAL_STEPS,
-                                        POLICY.delta)
+        expected = reference_epsilon([(plan.rate, plan.noise_multipliers[c], 2 * LOCAL_STEPS)],
+                                     POLICY.delta)
         # The applied multiplier is the float32 ratio the step used: ~1e-7 off the plan.
         assert ledger.site_epsilon(site, c) == pytest.approx(expected, rel=1e-5), (site, c)
         target = POLICY.budget(c).epsilon
@@ -331,8 +323,9 @@ def test_program_run_writes_an_example_ledger(tmp_path, stack):
   for site in published['sites'].values():
     for c in IDS:
       entry = site['categories'][c]
-      expected = _independent_epsilon(site['sampling']['rate'], entry['noise_multiplier'],
-                                      entry['steps_released'], published['delta'])
+      expected = reference_epsilon(
+          [(site['sampling']['rate'], entry['noise_multiplier'], entry['steps_released'])],
+          published['delta'])
       assert entry['epsilon_spent'] == pytest.approx(expected, rel=1e-9)
       assert entry['steps_released'] == 6
   client_path = os.path.join(run_dir, example_ledger.CLIENT_LEDGER_FILENAME)

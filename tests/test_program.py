@@ -1,7 +1,6 @@
 """The training program: resume, refusal of incompatible resumes, budget exhaustion, outputs."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -17,30 +16,8 @@ from tff_medical.privacy import sampling as sampling_lib
 from tff_medical.training import config as config_lib
 from tff_medical.training import program
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location('smoke', os.path.join(REPO, 'configs',
-                                                                      'smoke.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.num_per_category = 40
-  config.num_clients = 100
-  config.clients_per_round = 10
-  config.total_rounds = 4
-  config.eval_every = 4
-  config.model.conv_filters = (4,)
-  config.clip.max_count_noise_fraction = 1.0
-  config.export = False
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+from helpers import REPO  # pylint: disable=g-bad-import-order
+from helpers import smoke_config  # pylint: disable=g-bad-import-order
 
 
 def _metric_rounds(run_dir):

@@ -327,7 +327,7 @@ class TestCli:
 def test_the_bundle_of_a_real_run_holds_no_client_id_or_timing(tmp_path, tff_context):
   """End to end: a small DP training run, exported and released."""
   del tff_context
-  from test_program import smoke_config  # pylint: disable=g-import-not-at-top
+  from helpers import smoke_config  # pylint: disable=g-import-not-at-top
   from tff_medical.training import program  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / 'runs' / 'smoke')

@@ -1,14 +1,12 @@
 """The shared-noise ("Scale") class-aware aggregator: calibration, types, clips, noise, ledger."""
 
 import collections
-import importlib.util
 import json
 import math
 import os
 import re
 
 import dp_accounting
-from dp_accounting import rdp
 import numpy as np
 import pytest
 from scipy import stats
@@ -27,8 +25,10 @@ from tff_medical.privacy import shared_noise_calibration as calibration
 from tff_medical.privacy.sampling import SamplingSpec
 from tff_medical.training import config as config_lib
 
+from helpers import reference_epsilon  # pylint: disable=g-bad-import-order
+from helpers import smoke_config  # pylint: disable=g-bad-import-order
+
 CATS = categories.CATEGORY_IDS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seed-policy-like multipliers (eps 0.5 / 1 / 2 at q = 0.1, 100 rounds; privacy-design.md).
 SEED_Z = dict(zip(CATS, [7.87, 7.87, 4.28, 4.28, 2.42, 2.42]))
 WEIGHTS = dict(zip(CATS, [0.5, 1.0, 2.0, 1.0, 1.5, 3.0]))
@@ -350,14 +350,6 @@ class TestExecution:
 # --- Ledger -------------------------------------------------------------------------------------
 
 
-def _reference_epsilon(rate, z, rounds, delta):
-  accountant = rdp.RdpAccountant()
-  event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
-  for _ in range(rounds):
-    accountant.compose(event)
-  return accountant.get_epsilon(delta)
-
-
 class TestLedger:
   POLICY = policy_lib.default_policy()
   SAMPLING = SamplingSpec('poisson', 1000, 100)
@@ -374,10 +366,10 @@ class TestLedger:
     delta = self.POLICY.delta
     for c in CATS:
       assert ledger.epsilon_spent(c) == pytest.approx(
-          _reference_epsilon(0.1, SEED_Z[c], rounds, delta), rel=1e-9)
+          reference_epsilon([(0.1, SEED_Z[c], rounds)], delta), rel=1e-9)
     client_z = 1 / sum(1 / z for z in SEED_Z.values())
     assert ledger.client_level_epsilon == pytest.approx(
-        _reference_epsilon(0.1, client_z, rounds, delta), rel=1e-9)
+        reference_epsilon([(0.1, client_z, rounds)], delta), rel=1e-9)
     # The same rounds under per-category noise compose as independent Gaussians: smaller.
     default = ledger_lib.PrivacyLedger(self.POLICY, SEED_Z, self.SAMPLING)
     for _ in range(rounds):
@@ -443,24 +435,6 @@ class TestLedger:
 # --- Configuration and the training program -----------------------------------------------------
 
 
-def _tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('smoke', os.path.join(REPO, 'configs',
-                                                                      'smoke.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.num_per_category = 40
-  config.num_clients = 100
-  config.clients_per_round = 10
-  config.total_rounds = 3
-  config.eval_every = 3
-  config.model.conv_filters = (4,)
-  config.clip.max_count_noise_fraction = 1.0
-  config.export = False
-  config.update(overrides)
-  return config
-
-
 def test_config_refuses_an_unknown_mechanism():
   config = config_lib.base_config()
   assert config.dp_mechanism == 'per_category_noise'
@@ -475,7 +449,8 @@ def test_program_runs_shared_noise_and_writes_a_valid_ledger(tmp_path):
   from tff_medical.training import program  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / 'shared')
-  result = program.run(_tiny_config(dp_mechanism='shared_noise'), run_dir)
+  result = program.run(
+      smoke_config(total_rounds=3, eval_every=3, dp_mechanism='shared_noise'), run_dir)
   assert result.rounds_completed == 3
   with open(os.path.join(run_dir, 'privacy_ledger.json')) as f:
     published = json.load(f)
@@ -486,10 +461,10 @@ def test_program_runs_shared_noise_and_writes_a_valid_ledger(tmp_path):
   for c in CATS:
     assert published['categories'][c]['rounds_released'] == 3
     assert published['categories'][c]['epsilon_spent'] == pytest.approx(
-        _reference_epsilon(rate, zs[c], 3, published['delta']), rel=1e-6)
+        reference_epsilon([(rate, zs[c], 3)], published['delta']), rel=1e-6)
   client_z = 1 / sum(1 / z for z in zs.values())
   assert published['client_level_epsilon'] == pytest.approx(
-      _reference_epsilon(rate, client_z, 3, published['delta']), rel=1e-6)
+      reference_epsilon([(rate, client_z, 3)], published['delta']), rel=1e-6)
   with open(os.path.join(run_dir, 'config.json')) as f:
     plan = json.load(f)['plan']
   assert len({s['clipped_count_stddev'] for s in plan['splits'].values()}) == 1

@@ -1,0 +1,71 @@
+"""What several test modules need: the repository's configs, and epsilon from dp_accounting alone."""
+
+import importlib.util
+import os
+
+import dp_accounting
+from dp_accounting import rdp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+  """configs/<name>.py's get_config(), as train.py's --config flag loads it."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def smoke_config(**overrides):
+  """configs/smoke.py cut to a few seconds a run: 100 clients, 10 a round, 4 rounds, one filter.
+
+  Args:
+    **overrides: config fields to set; a dotted key ('model.conv_filters') sets a nested field.
+  """
+  config = load_config('smoke')
+  config.num_per_category = 40
+  config.num_clients = 100
+  config.clients_per_round = 10
+  config.total_rounds = 4
+  config.eval_every = 4
+  config.model.conv_filters = (4,)
+  # 10 clients a round need much clipped-count noise at the seed policy's multipliers; the
+  # clip's quality is not what these tests are about, so allow the most the config accepts.
+  config.clip.max_count_noise_fraction = 1.0
+  config.export = False
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def reference_epsilon(groups, delta, fixed_size=None):
+  """Epsilon by a fresh dp_accounting RDP accountant, one compose per round: the independent figure.
+
+  Args:
+    groups: (rate, z, rounds) triples: `rounds` Poisson-sampled Gaussians of multiplier z at
+      sampling rate `rate`; rate 1.0 is every client, a plain Gaussian.
+    delta: the delta of the (epsilon, delta) guarantee.
+    fixed_size: (n, m) for m of n sampled without replacement, under replace-one (a replaced
+      client moves the sum by twice the clip, hence z / 2); rate is then not used.
+  """
+  if fixed_size:
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  else:
+    accountant = rdp.RdpAccountant()
+  for rate, z, rounds in groups:
+    if fixed_size:
+      event = dp_accounting.SampledWithoutReplacementDpEvent(
+          *fixed_size, dp_accounting.GaussianDpEvent(z / 2))
+    elif rate == 1:
+      event = dp_accounting.GaussianDpEvent(z)
+    else:
+      event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z))
+    for _ in range(rounds):
+      accountant.compose(event)
+  return accountant.get_epsilon(delta)
