@@ -289,7 +289,7 @@ def seed_instances(copies: int = 2, token: str = '') -> Seeded:
   return Seeded(files=files, specs=specs, canaries=canaries)
 
 
-# Memory measurement (docs/BENCHMARKS.md, "PACS ingest memory") -------------------------------
+# Memory measurement (docs/PACS.md) ---------------------------------------------------------------
 
 _MEASURE = '''
 import resource, sys, time

@@ -35,7 +35,7 @@ certificate the CA bundle does not trust and an unreachable PACS end the load wi
 (ConfigError or DataError); a query that matches no usable image is a DataError that says so.
 
 Memory: one instance's bytes and one page of query results at a time, plus the 4 KiB decoded
-image of each instance kept (docs/BENCHMARKS.md, "PACS ingest memory").
+image of each instance kept (measured in docs/PACS.md).
 """
 
 import contextlib
