@@ -606,3 +606,62 @@ def test_train_and_site_read_the_pacs_and_leak_nothing(orthanc, tmp_path):
                   f'--pacs_credentials_file={wrong}'], timeout=300)
   assert refused.returncode == 1 and 'Traceback' not in refused.stderr
   assert 'refused the credentials (HTTP 401)' in refused.stderr
+
+
+@pytest.mark.slow  # End-to-end tier: Orthanc, a coordinator and two site processes.
+def test_a_pacs_site_takes_part_in_a_cross_silo_run(orthanc, tmp_path):
+  """site-a trains on phantoms, site-b on the PACS (flags only); 2 rounds with both."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import portpicker  # pylint: disable=g-import-not-at-top
+  from tff_medical.crosssilo import provisioning  # pylint: disable=g-import-not-at-top
+  server, seeded, corrupt, credentials = orthanc
+  pki = tmp_path / 'pki'
+  provisioning.provision(str(pki), ['site-a', 'site-b'])
+  config_path = tmp_path / 'crosssilo_config.py'
+  config_path.write_text(
+      'import pathlib, sys\n'
+      f'sys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+      'def get_config():\n'
+      '  import test_crosssilo\n'
+      f'  return test_crosssilo._config(pathlib.Path({str(tmp_path)!r}), rounds=2)\n')
+  fleet, driver = portpicker.pick_unused_port(), portpicker.pick_unused_port()
+  runs, cache = tmp_path / 'runs', tmp_path / 'site_b_cache'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', FLWR_TELEMETRY_ENABLED='0', PYTHONPATH=REPO)
+  logs, processes = {}, {}
+
+  def spawn(name, args):
+    logs[name] = tmp_path / f'{name}.log'
+    with open(logs[name], 'wb') as log:
+      processes[name] = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+  try:
+    spawn('coordinator', [
+        'experiments/coordinator.py', f'--config={config_path}', f'--pki_dir={pki}',
+        '--num_sites=2', '--threshold=2', f'--fleet_port={fleet}', f'--driver_port={driver}',
+        '--stage_timeout=30', '--train_timeout=240', '--join_timeout=240',
+        '--eval_dataset=phantoms', '--eval_num_per_category=10',
+        f'--root_output_dir={runs}', '--experiment_name=pacs'])
+    address = f'--coordinator=127.0.0.1:{fleet}'
+    spawn('site-a', ['experiments/site.py', f'--site_dir={pki / "sites" / "site-a"}', address,
+                     '--dataset=phantoms', '--num_per_category=10', '--max_wait_seconds=60'])
+    spawn('site-b', ['experiments/site.py', f'--site_dir={pki / "sites" / "site-b"}', address,
+                     '--dataset=pacs', f'--pacs_url={server.dicomweb_url}',
+                     f'--pacs_cache_dir={cache}', f'--pacs_credentials_file={credentials}',
+                     '--max_wait_seconds=60'])
+    returncodes = {name: p.wait(timeout=900) for name, p in processes.items()}
+  finally:
+    for p in processes.values():
+      if p.poll() is None:
+        os.killpg(p.pid, 9)
+        p.wait(timeout=30)
+  text = {name: path.read_text(errors='replace') for name, path in logs.items()}
+  assert returncodes == {'coordinator': 0, 'site-a': 0, 'site-b': 0}, {
+      n: t[-2000:] for n, t in text.items()}
+  counts, _ = _expected_counts(seeded, corrupt)
+  assert f'site: {sum(counts.values())} local images' in text['site-b']
+  with open(runs / 'pacs' / 'metrics.csv') as f:
+    assert [int(r['num_clients']) for r in csv.DictReader(f)] == [2, 2]
+  leaks = _canaries_in([str(runs), str(cache), str(pki / 'sites' / 'site-b')] +
+                       [str(p) for p in logs.values()], seeded.canaries)
+  assert not leaks, leaks[:5]
