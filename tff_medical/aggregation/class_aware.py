@@ -1,19 +1,6 @@
 """Class-aware aggregation: one (DP) sub-aggregator per image category, one combined update.
 
-A client's update arrives as a struct with one sub-update per category (see
-tff_medical.training.client_work). Category c's sub-updates are aggregated by their own inner
-factory: for DP, TFF's DifferentiallyPrivateFactory.gaussian_adaptive with c's noise multiplier,
-so category-c data influences only sub-aggregate c and c's budget governs its noise. TFF's
-noise split and DP event assume the clipped count's sensitivity of a whole client; ours is per
-category (see tff_medical.privacy.accounting), so `dp` and `dp_events` translate both ways. The
-server then adds the released sub-aggregates, weighted, into one model update; that is
-post-processing and costs no privacy.
-
-Freezing: the aggregator state carries a 0/1 `released` flag per category, set by the training
-loop from the privacy ledger before each round (`with_released_categories`). For a frozen
-category the sub-aggregate is multiplied by zero and its inner state (adaptive clip norm, DP
-event) is kept as it was, so nothing computed from that round's category-c data leaves the
-aggregator and the ledger records no event for it.
+How the categories are kept apart, translated for TFF and frozen: docs/PRIVACY.md.
 """
 
 import collections
@@ -221,15 +208,7 @@ def category_query(split: calibration.AdaptiveClipSplit,
 def category_queries(splits: Mapping[str, calibration.AdaptiveClipSplit],
                      clip: AdaptiveClipSettings = AdaptiveClipSettings()) -> dict[str, Any]:
   """`category_query` of every category, after checking the splits fit one client sample."""
-  # Any key order: a plan read back from JSON may have sorted keys.
-  if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
-    found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
-    raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
-                      f'AdaptiveClipSplit. Found {found!r}.')
-  for category_id in categories.CATEGORY_IDS:
-    if not isinstance(splits[category_id], calibration.AdaptiveClipSplit):
-      raise PolicyError(f'splits[{category_id}] must be an AdaptiveClipSplit. '
-                        f'Found {splits[category_id]!r}.')
+  calibration.check_category_splits(splits)
   clients = {c: splits[c].expected_clients_per_round for c in categories.CATEGORY_IDS}
   if len(set(clients.values())) != 1:
     raise PolicyError('splits must all have the same expected_clients_per_round (one client '

@@ -1,29 +1,6 @@
 """Shared-noise ("Scale") class-aware aggregation: per-category clips, ONE noise draw.
 
-The alternative to class_aware.ClassAwareFactory.dp (one Gaussian per category), after IDP-SGD's
-"Scale" (Boenisch et al., NeurIPS 2023); the calibration and its proofs are in
-tff_medical.privacy.shared_noise_calibration. Per round, with base clip C, scale s, ratios
-r_c = C_c / C = s / (w_c z_v,c) and the released mask e_c in {0, 1}:
-
-  result = (sum_k sum_c e_c w_c clip(D[k,c], C_c) + N(0, (s C)**2 I)) / m
-
-* Category c's value multiplier is s C / (w_c C_c) = z_v,c; a frozen category (e_c = 0) has
-  sensitivity 0 and spends nothing, and the others keep their z_v,c (sigma is unchanged).
-* Adaptive clipping (Andrew et al. 2021, TF Privacy's QuantileEstimatorQuery, as in its
-  QuantileAdaptiveClipSumQuery): ONE base clip C tracks the target quantile of the client norm
-  max_{released c} ||D[k,c]|| / r_c, i.e. a client counts as unclipped iff none of its released
-  sub-updates is clipped; the per-category clips stay fixed ratios of C. The noised count
-  (stddev s_n) is accounted in every category's event at sensitivity 1 (removing a client's
-  category-c examples can flip its bit; same argument and caveat as in docs/PRIVACY.md)
-  and at 0.5 for a whole client (the ledger's client-level bound covers it).
-* What a round applied is recorded as the DP event of the TFF DifferentiallyPrivateFactory
-  state: ComposedDpEvent([Gaussian(z_v,c) for the six categories] + [count Gaussian(2 s_n)]),
-  each z_v,c computed from the applied sigma and C_c. `dp_events` turns it into one Gaussian per
-  released category with accounting.category_event, exactly as for per-category noise.
-
-State: {'inner': the DifferentiallyPrivateFactory state, 'released': 0/1 mask}, the same outer
-shape as ClassAwareFactory's, so class_aware.with_released_categories / released_categories work
-unchanged and class_aware.dp_events / clip_norms delegate here for such a state.
+The mechanism and its state: docs/PRIVACY.md; its calibration: privacy/shared_noise_calibration.py.
 """
 
 import collections

@@ -1,25 +1,5 @@
-"""A privacy budget per dataset, not per run: every run that released something computed from a
-data set's images, with what each category spent, in one owner-only file per data set.
-
-The privacy policy bounds what may ever be learnt about the people in a data set, so a budget
-must not restart with each new experiment name or run directory. The registry is keyed by
-`dataset_fingerprint`, a hash of the decoded images and labels (never file names: DICOM exports
-are often named after patients), and holds, per run, the spend of each category under both
-neighbouring relations of the promise, as (effective noise multiplier, rounds) groups. A new run
-composes the earlier runs' spend with its own (`prior_events`, `spent`); a non-private run on the
-same data makes every budget infinite.
-
-Spend is never rolled back: `record` refuses an update with fewer rounds, with spend groups that
-do not extend the recorded ones, or that makes a non-private run private, and a registry file
-that cannot be read is an error, never an empty registry (that would restart every budget).
-
-What is stored may be shown to an auditor: no run directory, no client id, no file name.
-
-Files: <dir>/<fingerprint>.json (0600, replaced atomically with the file and directory synced)
-and <dir>/<fingerprint>.lock (0600, the fcntl.flock lock that serializes updates, so that two
-runs on the same data do not lose each other's record). The directory is 0700 when created here,
-and refused if another user owns it or may write in it (whoever can delete the file resets the
-budget).
+"""A privacy budget per data set, not per run: what every run on a data set's images spent, per
+category, in one owner-only file per data set (docs/PRIVACY.md).
 """
 
 import contextlib

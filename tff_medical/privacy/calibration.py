@@ -338,6 +338,18 @@ def choose_clipped_count_stddev(noise_multiplier: float,
   return adaptive_clip_split(z, m, stddev)
 
 
+def check_category_splits(splits: Any) -> None:
+  """PolicyError unless `splits` maps each category (any key order) to an AdaptiveClipSplit."""
+  # Any key order: a plan read back from JSON may have sorted keys.
+  if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
+    found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
+    raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
+                      f'AdaptiveClipSplit. Found {found!r}.')
+  for c in categories.CATEGORY_IDS:
+    if not isinstance(splits[c], AdaptiveClipSplit):
+      raise PolicyError(f'splits[{c}] must be an AdaptiveClipSplit. Found {splits[c]!r}.')
+
+
 def category_splits(noise_multipliers: Mapping[str, float],
                     expected_clients_per_round: float,
                     max_value_noise_inflation: float = 1.05,

@@ -1,16 +1,4 @@
-"""Client sampling for each round, matched to how the round is accounted.
-
-Poisson sampling (each client independently with probability q = m / N) is what the
-add-or-remove-one accountants assume; a fixed-size sample of m clients drawn without replacement
-is accounted as sampling without replacement under the replace-one relation. The sampler in use
-and the sampling in the ledger must be the same `SamplingSpec`.
-
-A round's sample is a pure function of (seed, round_num), so a resumed run draws exactly the
-samples it would have drawn, and the checkpointed state is four numbers, not a generator state.
-Sampling amplification holds only while the sample is secret: the training program seeds the
-sampler with `new_secret()` (OS entropy), never the public config seed, and keeps it only in its
-owner-only checkpoints.
-"""
+"""Client sampling for each round, matched to how the round is accounted (docs/PRIVACY.md)."""
 
 import dataclasses
 import enum

@@ -142,13 +142,7 @@ def calibrate_shared_noise(splits: Mapping[str, calibration.AdaptiveClipSplit],
   Returns:
     The SharedNoiseCalibration.
   """
-  if not isinstance(splits, Mapping) or set(splits) != set(categories.CATEGORY_IDS):
-    found = sorted(map(str, splits)) if isinstance(splits, Mapping) else splits
-    raise PolicyError(f'splits must map each of {list(categories.CATEGORY_IDS)} to an '
-                      f'AdaptiveClipSplit. Found {found!r}.')
-  for c in categories.CATEGORY_IDS:
-    if not isinstance(splits[c], calibration.AdaptiveClipSplit):
-      raise PolicyError(f'splits[{c}] must be an AdaptiveClipSplit. Found {splits[c]!r}.')
+  calibration.check_category_splits(splits)
   stddevs = {c: splits[c].clipped_count_stddev for c in categories.CATEGORY_IDS}
   if len(set(stddevs.values())) != 1:
     raise PolicyError('splits must all have the same clipped_count_stddev for shared noise (one '
