@@ -62,9 +62,14 @@ def _free_port() -> int:
 class OrthancServer:
   """One Orthanc process; `start()`, `stop()`, or use as a context manager."""
 
-  def __init__(self, root: str = ''):
+  def __init__(self, root: str = '', tls: bool = False):
     self._own_root = not root
+    # Debian's Orthanc 1.10.1 crashes (SIGSEGV) on its first TLS handshake with OpenSSL 3, so
+    # TLS is served by a front on loopback (`TlsFront`), as hospitals often do with a proxy.
+    self.tls = tls
+    self._front = None
     self.root = root or tempfile.mkdtemp(prefix='orthanc-')
+    os.makedirs(self.root, mode=0o700, exist_ok=True)
     os.chmod(self.root, 0o700)
     self.password = base64.urlsafe_b64encode(os.urandom(18)).decode()
     self.port = 0
@@ -73,7 +78,14 @@ class OrthancServer:
 
   @property
   def url(self) -> str:
+    if self.tls:
+      return f'https://127.0.0.1:{self._front.port}'
     return f'http://127.0.0.1:{self.port}'
+
+  @property
+  def ca_path(self) -> str:
+    """With tls: the PEM of the test CA that signed the server's certificate."""
+    return os.path.join(self.root, 'ca.pem')
 
   @property
   def dicomweb_url(self) -> str:
@@ -112,6 +124,8 @@ class OrthancServer:
     self.process = subprocess.Popen([ORTHANC, '--verbose', config_path], stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
+    if self.tls:
+      self._front = TlsFront(self.port, self._write_certificates())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       if self.process.poll() is not None:
@@ -126,6 +140,9 @@ class OrthancServer:
     raise RuntimeError(f'Orthanc not ready after {timeout}s: {self.log_text()[-2000:]}')
 
   def stop(self) -> None:
+    if self._front is not None:
+      self._front.close()
+      self._front = None
     if self.process is not None and self.process.poll() is None:
       os.killpg(self.process.pid, signal.SIGTERM)
       try:
@@ -160,12 +177,58 @@ class OrthancServer:
     request = urllib.request.Request(self.url + path, data=body or None, method=method,
                                      headers={'Authorization': f'Basic {token}',
                                               'Content-Type': content_type})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    context = None
+    if self.tls:
+      import ssl  # pylint: disable=g-import-not-at-top
+      context = ssl.create_default_context(cafile=self.ca_path)
+    with urllib.request.urlopen(request, timeout=30, context=context) as response:
       data = response.read()
     try:
       return json.loads(data)
     except ValueError:
       return data
+
+  def _write_certificates(self) -> str:
+    """A test CA (ca.pem) and a server certificate for 127.0.0.1 signed by it; returns the path
+    of the server's PEM (private key + certificate, owner-only)."""
+    # pylint: disable=g-import-not-at-top
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    # pylint: enable=g-import-not-at-top
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, ca):
+      builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                 .public_key(public_key).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - datetime.timedelta(minutes=5))
+                 .not_valid_after(now + datetime.timedelta(days=1))
+                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+      if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]), critical=False)
+      return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'tff-medical test CA')])
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, '127.0.0.1')]),
+                         ca_name, key.public_key(), ca_key, False)
+    with open(self.ca_path, 'wb') as f:
+      f.write(ca.public_bytes(serialization.Encoding.PEM))
+    path = os.path.join(self.root, 'server.pem')
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption()))
+      f.write(server.public_bytes(serialization.Encoding.PEM))
+    return path
 
   def upload(self, dataset_bytes: bytes) -> str:
     """Stores one DICOM file (REST /instances); returns Orthanc's instance id."""
@@ -193,6 +256,70 @@ class OrthancServer:
     return sum(1 for line in self.log_text().splitlines()
                if 'GET /dicom-web/studies/' in line and '/instances/' in line
                and '/metadata' not in line)
+
+
+class TlsFront:
+  """TLS on 127.0.0.1 in front of a plain loopback port: each connection is decrypted and
+  relayed both ways. Loopback only, and it stops with `close()`."""
+
+  def __init__(self, target_port: int, pem_path: str):
+    # pylint: disable=g-import-not-at-top
+    import socket
+    import ssl
+    import threading
+    # pylint: enable=g-import-not-at-top
+    self._target = target_port
+    self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    self._context.load_cert_chain(pem_path)
+    self._listener = socket.create_server(('127.0.0.1', 0))
+    self.port = self._listener.getsockname()[1]
+    self._closed = False
+    self._threading = threading
+    threading.Thread(target=self._serve, daemon=True).start()
+
+  def _serve(self):
+    import socket  # pylint: disable=g-import-not-at-top
+    import ssl  # pylint: disable=g-import-not-at-top
+    while not self._closed:
+      try:
+        client, _ = self._listener.accept()
+      except OSError:
+        return
+      try:
+        client.settimeout(30)
+        secure = self._context.wrap_socket(client, server_side=True)
+      except (OSError, ssl.SSLError):
+        client.close()  # A client that does not trust the certificate ends here.
+        continue
+      try:
+        upstream = socket.create_connection(('127.0.0.1', self._target))
+      except OSError:
+        secure.close()  # Orthanc not listening yet (the readiness probe retries).
+        continue
+      for source_socket, sink in ((secure, upstream), (upstream, secure)):
+        self._threading.Thread(target=self._pipe, args=(source_socket, sink),
+                               daemon=True).start()
+
+  @staticmethod
+  def _pipe(source_socket, sink):
+    try:
+      while True:
+        data = source_socket.recv(65536)
+        if not data:
+          break
+        sink.sendall(data)
+    except OSError:
+      pass
+    finally:
+      for s in (source_socket, sink):
+        try:
+          s.close()
+        except OSError:
+          pass
+
+  def close(self):
+    self._closed = True
+    self._listener.close()
 
 
 # Seeded studies -----------------------------------------------------------------------------

@@ -545,6 +545,24 @@ def test_orthanc_wrong_credentials_and_empty_query_are_one_message(orthanc, tmp_
                                      study_date='19000101-19000102'))
 
 
+@pytest.mark.slow  # End-to-end tier: a real Orthanc server, over TLS.
+def test_tls_is_verified_against_the_ca_bundle(orthanc, tmp_path):
+  import orthanc_fixture  # pylint: disable=g-import-not-at-top
+  _, seeded, _, _ = orthanc  # Installed and seeded once; this server is a second one, on TLS.
+  with orthanc_fixture.OrthancServer(str(tmp_path / 'tls_orthanc'), tls=True) as server:
+    assert server.url.startswith('https://')
+    head = next(i for i, s in enumerate(seeded.specs) if s.expected == 'HeadCT')
+    server.upload(seeded.files[head])
+    credentials = _private_file(tmp_path / 'credentials',
+                                f'{orthanc_fixture.USER}:{server.password}\n')
+    settings = dict(url=server.dicomweb_url, credentials_file=credentials, max_attempts=1)
+    with pytest.raises(ConfigError, match='TLS certificate of the PACS .* is not trusted'):
+      pacs.load_pacs(pacs.PacsSettings(cache_dir=str(tmp_path / 'c1'), **settings))
+    loaded = pacs.load_pacs(pacs.PacsSettings(cache_dir=str(tmp_path / 'c2'),
+                                              ca_bundle=server.ca_path, **settings))
+    assert loaded.category_counts()['HeadCT'] == 1 and len(loaded) == 1
+
+
 def _run(args, env=None, timeout=600):
   return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
                         timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
