@@ -1,7 +1,9 @@
 """What several test modules need: the repository's configs, and epsilon from dp_accounting alone."""
 
 import importlib.util
+import json
 import os
+import re
 
 import dp_accounting
 from dp_accounting import rdp
@@ -69,3 +71,26 @@ def reference_epsilon(groups, delta, fixed_size=None):
     for _ in range(rounds):
       accountant.compose(event)
   return accountant.get_epsilon(delta)
+
+
+def page_data(path):
+  """A built dashboard page's text, and the run data embedded in it as JSON."""
+  with open(path, encoding='utf-8') as f:
+    page = f.read()
+  match = re.search(r'<script type="application/json" id="dashboard-data">(.*?)</script>', page,
+                    re.S)
+  return page, json.loads(match.group(1))
+
+
+def random_weights_cnn():
+  """cnn.build_cnn((4, 8)) with random, not initial, weights (biases too: a variable lost in an
+  export would show), the same draw every time."""
+  from tff_medical.models import cnn  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  keras_model = cnn.build_cnn(conv_filters=(4, 8), seed=3)
+  rng = np.random.default_rng(1)
+  keras_model.set_weights([
+      rng.normal(scale=1.0 if w.ndim > 1 else 0.2, size=w.shape).astype(np.float32)
+      for w in keras_model.get_weights()])
+  return keras_model

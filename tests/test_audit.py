@@ -716,6 +716,7 @@ class TestWeightsHash:
       assert audit.model_weights_sha256(variant) != reference, name
 
 
+@pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
 class TestScript:
 
   def _run(self, run_dir, *flags):

@@ -30,6 +30,7 @@ def results(tff_context):
   return round_time.run_benchmark([TINY], timed_rounds=1)
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_every_contender_trained_the_same_examples(results):
   (setting,) = results['settings']
   contenders = setting['contenders']
@@ -38,6 +39,7 @@ def test_every_contender_trained_the_same_examples(results):
     assert entry['examples_per_round'] == [TINY.num_examples], name
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_results_structure(results):
   (setting,) = results['settings']
   assert setting['setting']['num_clients'] == 2
@@ -69,6 +71,7 @@ def test_local_steps_count_per_category_batches():
       len(set(y.tolist())) for y in labels)
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_markdown_names_machine_command_settings_and_targets(results):
   text = report.render_markdown(results, 'python experiments/bench.py --quick')
   for expected in ('## Machine', 'python experiments/bench.py --quick', '## tiny',
@@ -84,6 +87,7 @@ def test_setting_refuses_bad_values():
     round_time.Setting('bad', num_clients=2, examples_per_client=4, noise_multiplier=0.0)
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_one_tiny_scaling_point_measures_time_and_memory(tff_context, tmp_path):
   del tff_context
   config = load_config('demo')
@@ -180,6 +184,7 @@ def _scaling_results(large_n_seconds):
   }
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_markdown_renders_the_scaling_tables(results):
   page = report.render_markdown(dict(results, scaling=_scaling_results([1.0, 1.05, 1.1]),
                                      flags={'mode': 'full'}),
@@ -203,6 +208,7 @@ def test_markdown_renders_the_scaling_tables(results):
     assert expected in page, expected
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_scaling_reading_says_when_cost_grows_with_idle_clients(results):
   # 2x slower at 59x the clients, with rounds within 10% of each other: beyond the noise.
   page = report.render_markdown(dict(results, scaling=_scaling_results([1.95, 2.0, 2.05])),
@@ -228,6 +234,7 @@ def test_scaling_svg_has_a_marker_per_point_and_panel():
   assert 'Round time, N = 1,000 clients' in texts and '59k' in texts
 
 
+@pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
 def test_bench_script_refuses_a_bad_mode_without_traceback():
   done = subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'bench.py'),
                          '--mode=bad'],
@@ -254,6 +261,7 @@ def _example_level_figures(client_level):
   }
 
 
+@pytest.mark.slow  # End-to-end tier: runs the benchmark itself.
 def test_markdown_shows_example_level_accuracy_per_category(results):
   refused = {'status': 'refused', 'message': 'Use at least 1948 clients per round.'}
   page = report.render_markdown(results, 'cmd', None, _example_level_figures(refused))

@@ -29,6 +29,7 @@ from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
 
 from browser import Browser  # pylint: disable=g-bad-import-order
+from helpers import page_data  # pylint: disable=g-bad-import-order
 from helpers import smoke_config  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -386,20 +387,12 @@ class TestIdentifierScan:
     assert dashboard.scan_for_identifiers(synthetic) == []
 
 
-def _page_data(path):
-  with open(path, encoding='utf-8') as f:
-    page = f.read()
-  match = re.search(r'<script type="application/json" id="dashboard-data">(.*?)</script>', page,
-                    re.S)
-  return page, json.loads(match.group(1))
-
-
 class TestBuild:
 
   def test_page_is_self_contained_with_the_data_embedded(self, synthetic, tmp_path):
     output = str(tmp_path / 'out' / 'page.html')
     assert dashboard.build_dashboard([synthetic], output) == output
-    page, data = _page_data(output)
+    page, data = page_data(output)
     assert "default-src 'none'" in page  # The page may not fetch anything, even by mistake.
     assert not re.search(r'(?:src|href)\s*=|@import|url\(|<link', page, re.I)
     assert 'uPlot' in page and data['live'] is False
@@ -417,7 +410,7 @@ class TestBuild:
     config['config']['note'] = '</script><script>alert(1)</script> @@UPLOT_JS@@'
     with open(os.path.join(synthetic, dashboard.CONFIG_FILE), 'w') as f:
       json.dump(config, f)
-    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
+    page, data = page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
     assert '<script>alert(1)' not in page
     assert ['config.note', json.dumps(config['config']['note'])] in data['runs'][0]['config']
 
@@ -425,13 +418,13 @@ class TestBuild:
     run_dir = tmp_path / 'fresh'
     run_dir.mkdir()
     (run_dir / 'config.json').write_text(json.dumps({'config': {'dp': True, 'policy': ''}}))
-    _, data = _page_data(dashboard.build_dashboard([str(run_dir)], str(run_dir / 'd.html'),
+    _, data = page_data(dashboard.build_dashboard([str(run_dir)], str(run_dir / 'd.html'),
                                                    live=True))
     assert data['live'] is True and data['runs'][0]['rounds'] == []
 
   def test_the_custodians_page_says_it_is_confidential_and_how_to_publish(self, synthetic,
                                                                            tmp_path):
-    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
+    page, data = page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html')))
     notice = page[page.index(f'id="{dashboard.NOTICE_ID}"'):page.index('<div id="app">')]
     assert 'CONFIDENTIAL: participants.' in notice and 'experiments/release.py' in notice
     assert page.index(dashboard.NOTICE_ID) < page.index('<script')  # Shown without scripts.
@@ -444,7 +437,7 @@ class TestBuild:
   def test_public_page_shows_no_client_id_audit_record_config_or_timing(self, synthetic,
                                                                          tmp_path):
     # Built from a full run directory: public mode must not read its confidential files.
-    page, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
+    page, data = page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
                                                       public=True, names=['demo']))
     assert data['public'] is True and 'Public dashboard.' in page and 'CONFIDENTIAL' not in page
     audit = audit_lib.AuditLog(os.path.join(synthetic, audit_lib.AUDIT_LOG_FILENAME))
@@ -479,7 +472,7 @@ class TestBuild:
     bundle.mkdir()
     for name in (ledger_lib.LEDGER_FILENAME, dashboard.METRICS_FILE):
       shutil.copy(os.path.join(synthetic, name), bundle / name)
-    _, data = _page_data(dashboard.build_dashboard([str(bundle)], str(bundle / 'p.html'),
+    _, data = page_data(dashboard.build_dashboard([str(bundle)], str(bundle / 'p.html'),
                                                    public=True))
     [run] = data['runs']
     assert run['problems'] == [] and run['rounds'] == [1, 2, 3]
@@ -501,11 +494,11 @@ class TestBuild:
       writer = csv.DictWriter(f, list(rows[0]))
       writer.writeheader()
       writer.writerows(rows)
-    _, data = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
+    _, data = page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'p.html'),
                                                    public=True))
     series = data['runs'][0]['series']
     assert 'train/accuracy' not in series and 'round_seconds' not in series
-    _, custodian = _page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'c.html')))
+    _, custodian = page_data(dashboard.build_dashboard([synthetic], str(tmp_path / 'c.html')))
     assert 'train/accuracy' in custodian['runs'][0]['series']
 
   def test_names_must_match_the_run_dirs(self, synthetic, tmp_path):
@@ -535,6 +528,7 @@ def test_page_files_are_package_data():
   assert [p for p in shipped if not any(fnmatch.fnmatch(p, g) for g in globs)] == []
 
 
+@pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
 class TestCli:
 
   def _run(self, *args, cwd=REPO):
@@ -552,7 +546,7 @@ class TestCli:
     done = self._run(f'--run_dirs={synthetic},{other}', cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == 'dashboard.html'
-    _, data = _page_data(str(tmp_path / 'dashboard.html'))
+    _, data = page_data(str(tmp_path / 'dashboard.html'))
     assert [r['name'] for r in data['runs']] == ['run', 'other']
     missing = self._run(f'--run_dirs={tmp_path / "missing"}')
     assert missing.returncode == 1 and 'error: run_dir must be a folder' in missing.stderr
@@ -591,7 +585,7 @@ def real_run(tmp_path_factory, tff_context):
 
   def on_round(record):
     dashboard.build_dashboard([run_dir], output, live=True)
-    _, data = _page_data(output)
+    _, data = page_data(output)
     seen.append((record['round'], data['live'], data['runs'][0]['rounds']))
 
   program.run(smoke_config(total_rounds=3, eval_every=2), run_dir, on_round=on_round)

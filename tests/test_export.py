@@ -25,6 +25,8 @@ from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling
 
+from helpers import random_weights_cnn  # pylint: disable=g-bad-import-order
+
 _ACCURACY = {'HeadCT': 0.91, 'BreastMRI': 0.88, 'AbdomenCT': 0.8, 'ChestCT': 0.75, 'CXR': 0.97}
 
 
@@ -50,14 +52,8 @@ def ledger_json(policy):
 
 @pytest.fixture(scope='module')
 def model():
-  keras_model = cnn.build_cnn(conv_filters=(4, 8), seed=3)
-  # Random, not initial, weights (biases too, so that a variable lost in export would show),
-  # drawn so that the images below win four different categories.
-  rng = np.random.default_rng(1)
-  keras_model.set_weights([
-      rng.normal(scale=1.0 if w.ndim > 1 else 0.2, size=w.shape).astype(np.float32)
-      for w in keras_model.get_weights()])
-  return keras_model
+  # Drawn so that the images below win four different categories.
+  return random_weights_cnn()
 
 
 @pytest.fixture(scope='module')

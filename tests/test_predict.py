@@ -22,8 +22,9 @@ from tff_medical.data import limits
 from tff_medical.data import mednist
 from tff_medical.export import predict
 from tff_medical.export import saved_model
-from tff_medical.models import cnn
 from tff_medical.privacy import policy as policy_lib
+
+from helpers import random_weights_cnn  # pylint: disable=g-bad-import-order
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_REPO, 'experiments', 'predict.py')
@@ -34,12 +35,7 @@ _JPEG_LS = get_testdata_file('JPEGLSNearLossless_08.dcm')  # Needs a plugin not 
 
 @pytest.fixture(scope='module')
 def model():
-  keras_model = cnn.build_cnn(conv_filters=(4, 8), seed=3)
-  rng = np.random.default_rng(1)
-  keras_model.set_weights([
-      rng.normal(scale=1.0 if w.ndim > 1 else 0.2, size=w.shape).astype(np.float32)
-      for w in keras_model.get_weights()])
-  return keras_model
+  return random_weights_cnn()
 
 
 @pytest.fixture(scope='module')
@@ -190,6 +186,7 @@ class TestPredictFiles:
       predict.load_model(tmp_path)
 
 
+@pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
 class TestScript:
 
   def _run(self, *args, cwd):
@@ -286,6 +283,7 @@ class TestTrainingDataWarning:
     (copy / saved_model.MODEL_CARD_FILENAME).write_text('{not json')
     assert 'no readable model_card.json' in predict.training_data_warning(copy)
 
+  @pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
   def test_script_warns_once_on_stderr(self, synthetic_dir, files):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
     done = subprocess.run([sys.executable, _SCRIPT, f'--model_dir={synthetic_dir}', 'ct.dcm',

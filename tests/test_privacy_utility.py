@@ -19,6 +19,7 @@ def tiny_study():
   return privacy_utility.run_study(TINY, log=lambda message: None)
 
 
+@pytest.mark.slow  # End-to-end tier: trains the study's four runs.
 def test_tiny_study_has_every_run_and_a_consistent_summary(tiny_study):
   result = tiny_study['partitions']['iid']
   assert result['clients'] == 60 and result['test_examples'] == 18

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from helpers import page_data  # pylint: disable=g-bad-import-order
 from test_dashboard import write_synthetic_run  # pylint: disable=g-bad-import-order
 from tff_medical import run_files
 from tff_medical.export import release
@@ -75,14 +76,6 @@ def bundle(run_template, tmp_path_factory):
 def _all_files(folder):
   return sorted(os.path.relpath(os.path.join(root, name), folder)
                 for root, _, files in os.walk(folder) for name in files)
-
-
-def _page_data(path):
-  with open(path, encoding='utf-8') as f:
-    page = f.read()
-  match = re.search(r'<script type="application/json" id="dashboard-data">(.*?)</script>', page,
-                    re.S)
-  return page, json.loads(match.group(1))
 
 
 class TestBundle:
@@ -161,7 +154,7 @@ class TestBundle:
                 if n != os.path.basename(bundle.output)]  # No staging folder left.
 
   def test_public_dashboard_is_rendered_without_ids_audit_or_config(self, bundle, run_template):
-    page, data = _page_data(os.path.join(bundle.output, run_files.PUBLIC_DASHBOARD_FILE))
+    page, data = page_data(os.path.join(bundle.output, run_files.PUBLIC_DASHBOARD_FILE))
     assert data['public'] is True and 'Public dashboard.' in page
     [run] = data['runs']
     assert run['audit_latest'] == [] and run['config'] == [] and run['participation'] is None
@@ -293,6 +286,7 @@ class TestScan:
     _refused(run, str(tmp_path / 'out'), 'Cannot check the bundle for client ids')
 
 
+@pytest.mark.slow  # End-to-end tier: the entry point in a fresh interpreter.
 class TestCli:
 
   def _run(self, *args):

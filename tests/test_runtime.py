@@ -228,6 +228,7 @@ def test_worker_that_died_keeps_its_log(own_worker):
     shutil.rmtree(os.path.dirname(log_path))
 
 
+@pytest.mark.slow  # End-to-end tier: a fresh interpreter with its own worker, ended this way.
 @pytest.mark.parametrize('mode', ['exit', 'error'])
 def test_no_worker_left_after_normal_end_or_error(mode):
   child, pid, socket_path = _start_child(mode)
@@ -238,6 +239,7 @@ def test_no_worker_left_after_normal_end_or_error(mode):
   assert not os.path.exists(os.path.dirname(socket_path)), 'the log and socket stay behind'
 
 
+@pytest.mark.slow  # End-to-end tier: a fresh interpreter with its own worker, ended this way.
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_no_worker_left_after_kill(sig):
   child, pid, socket_path = _start_child('wait')
@@ -253,6 +255,7 @@ def test_no_worker_left_after_kill(sig):
     shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
 
 
+@pytest.mark.slow  # End-to-end tier: a fresh interpreter with its own worker, ended this way.
 def test_worker_output_never_reaches_our_stdout():
   """A pipe reader sees EOF when Python ends, though the worker writes logs."""
   result = subprocess.run([sys.executable, '-c', _CHILD, 'exit'], cwd=REPO, capture_output=True,
@@ -272,6 +275,7 @@ def test_computations_run_in_the_installed_context(tff_context):
   assert tff_context.running()
 
 
+@pytest.mark.slow  # End-to-end tier: a fresh interpreter with its own worker, ended this way.
 def test_after_shutdown_computations_refuse_instead_of_starting_tffs_own_worker():
   code = textwrap.dedent("""
       import numpy as np
