@@ -19,6 +19,7 @@ SAVED_MODEL_DIR = 'saved_model'
 MODEL_CARD_FILE = 'model_card.json'
 DASHBOARD_FILE = 'dashboard.html'  # The custodian's page: audit records, participants.
 EMPIRICAL_AUDIT_FILE = 'empirical_audit.json'
+AUDIT_CANARIES_FILE = 'audit_canaries.npz'  # An audit run's canary statistics, for resume.
 
 # May leave the custodian: the model, its card, the ledgers and the evaluation metrics.
 # metrics.csv holds no per-round timing and no client ids (training/program.py writes only
@@ -37,6 +38,7 @@ CONFIDENTIAL = frozenset({
     CHECKPOINT_DIR,  # the sampler's secret, full training state
     TENSORBOARD_DIR,  # round timing
     DASHBOARD_FILE,  # audit records and participation by client
+    AUDIT_CANARIES_FILE,  # per-canary statistics of an audit run (its sampling, like a checkpoint)
 })
 
 
@@ -55,6 +57,8 @@ CONFIDENTIAL_REASONS = {
     TENSORBOARD_DIR: 'it holds per-round timing, which depends on the sampled clients\' data',
     DASHBOARD_FILE: ('it shows audit records and participation by client; the release command '
                      'renders a public dashboard instead'),
+    AUDIT_CANARIES_FILE: ('it holds each canary\'s statistics round by round, working state of '
+                          'an audit run like a checkpoint; empirical_audit.json is the result'),
 }
 
 # What the release command adds to a bundle (never present in a run directory).

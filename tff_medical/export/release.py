@@ -310,6 +310,13 @@ def assemble(run_dir: str, output: str, include: Sequence[str] = ()) -> Release:
     include = [include]
   wanted = _check_includes(include)
   real_run, real_out = _check_paths(run_dir, output)
+  ledger_path = os.path.join(real_run, run_files.LEDGER_FILE)
+  if os.path.isfile(ledger_path) and (_read_json_file(ledger_path, run_files.LEDGER_FILE) or {}
+                                      ).get('audit_run') is True:
+    # Its model carries canary clients (tff_medical/training/canaries.py): never published.
+    raise ReleaseError(f'{run_dir} is an audit run (canary clients were inserted; see '
+                       'docs/PRIVACY_AUDIT.md): it is never released as a model. Found audit_run '
+                       f'true in {run_files.LEDGER_FILE}.')
   missing = [n for n in REQUIRED + tuple(w for w in wanted if w not in REQUIRED)
              if not os.path.lexists(os.path.join(real_run, n))]
   if missing:

@@ -70,6 +70,8 @@ def _log_delta_two_gaussians(mu1: float, std1: float, mu2: float, std2: float,
           [_norm_logcdf(i_right, mu1, std1), _norm_logcdf(i_left, mu1, std1)], b=[1, -1])
       pr_z2 = scipy.special.logsumexp(
           [_norm_logcdf(i_right, mu2, std2), _norm_logcdf(i_left, mu2, std2)], b=[1, -1])
+  if pr_z1 == -math.inf:
+    return -math.inf  # The event has no mass under P: no delta.
   factor = eps + pr_z2 - pr_z1
   if factor >= 0:
     return -math.inf

@@ -38,7 +38,7 @@ from tff_medical.aggregation import class_aware
 from tff_medical.errors import ConfigError
 from tff_medical.privacy import empirical_audit
 
-STATE_FILE = 'audit_canaries.npz'  # Confidential (checkpoint-like): the run's canary statistics.
+STATE_FILE = run_files.AUDIT_CANARIES_FILE  # Confidential (run_files): canary statistics.
 MEASUREMENT = 'audit_sub_aggregate'
 # Stream tags apart from the sampler's (seed, round) streams.
 _DIRECTIONS_TAG = 0xCA7A
@@ -375,3 +375,10 @@ def model_card_section(run_dir: str) -> dict[str, Any]:
             'passed': e.get('passed')}
         for c, e in report.get('categories', {}).items()}
   return section
+
+
+def write_audit_model_card(run_dir: str, card: Mapping[str, Any]) -> None:
+  """Rewrites model_card.json with the audit section (the card write_model_card produced)."""
+  card = dict(card, empirical_audit=model_card_section(run_dir))
+  fileio.write_atomic(os.path.join(run_dir, run_files.MODEL_CARD_FILE),
+                      json.dumps(card, indent=2, allow_nan=False) + '\n')
