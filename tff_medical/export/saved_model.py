@@ -25,6 +25,7 @@ from tff_medical.errors import TffMedicalError
 from tff_medical.monitoring import audit
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy.policy import PrivacyPolicy
+from tff_medical.privacy.sampling import SamplingMethod
 
 SIGNATURE_KEY = 'serving_default'
 INPUT_KEY = 'images'
@@ -212,12 +213,7 @@ SYNTHETIC_SERVING_WARNING = (
     'this model was trained on synthetic phantoms only and has never seen a real medical image; '
     f'its predictions on real images are meaningless ({_SAMPLE_MISREAD}).')
 # Ledger schema 1 has no texts of its own; schema 2 states them in neighboring_relations.
-_DEFAULT_RELATION_TEXTS = {
-    'remove_category_examples':
-        'adding or removing all of one client\'s category-c examples; the client stays',
-    'remove_whole_client': 'adding or removing one whole client whose only examples are category c',
-    'client_level': 'adding or removing one whole client, whatever its categories',
-}
+_DEFAULT_RELATION_TEXTS = ledger_lib.RELATION_STATEMENTS[SamplingMethod.POISSON]
 _RELATIONS = ('remove_category_examples', 'remove_whole_client')
 
 

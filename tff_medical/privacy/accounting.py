@@ -20,19 +20,12 @@ from tff_medical.errors import PolicyError
 from tff_medical.privacy.sampling import SamplingMethod
 from tff_medical.privacy.sampling import SamplingSpec
 
+
 class Relation(enum.Enum):
   """The neighbouring relations each category's budget holds under (docs/PRIVACY.md)."""
 
   REMOVE_CATEGORY_EXAMPLES = 'remove_category_examples'
   REMOVE_WHOLE_CLIENT = 'remove_whole_client'
-
-
-RELATION_STATEMENTS = {
-    Relation.REMOVE_CATEGORY_EXAMPLES:
-        'adding or removing all of one client\'s category-c examples while the client stays',
-    Relation.REMOVE_WHOLE_CLIENT:
-        'adding or removing one whole client whose only examples are category c',
-}
 
 
 class Accountant(enum.Enum):
