@@ -249,3 +249,196 @@ def test_tap_reports_each_sub_aggregate_and_changes_nothing_else():
 
 def tapped_state_type(factory):
   return factory.create(_value_type(2)).initialize.type_signature.result
+
+
+# --- Audit runs of the real program (TFF) -------------------------------------------------------
+
+
+def _audit_config(**overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'smoke.py')
+  spec = importlib.util.spec_from_file_location('smoke', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.num_per_category = 40
+  config.num_clients = 100
+  config.clients_per_round = 10
+  config.total_rounds = 3
+  config.eval_every = 3
+  config.model.conv_filters = (4,)
+  config.clip.max_count_noise_fraction = 1.0
+  config.export = False
+  config.audit.enabled = True
+  config.audit.canaries_per_category = 20
+  config.audit.bootstrap = 50
+  for key, value in overrides.items():
+    node = config
+    *path_, leaf = key.split('.')
+    for part in path_:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _read_json(path):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.usefixtures('tff_context')
+def test_small_audit_run_reports_marks_and_is_not_deployable(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from tff_medical import run_files  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+  run_dir = str(tmp_path / 'audit')
+  result = program.run(_audit_config(total_rounds=2), run_dir)
+  report = _read_json(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  assert list(report['categories']) == list(categories.CATEGORY_IDS)
+  assert report['rounds'] == 2 and report['canaries_per_category'] == 20
+  for c, entry in report['categories'].items():
+    assert entry['claimed_epsilon'] == pytest.approx(result.ledger.epsilon_this_run(c))
+    assert entry['mechanism']['rounds'] == 2
+    for view in ('mechanism', 'released_model'):
+      estimate = entry[view]['all_iterates']
+      assert estimate['null_source'] == 'unseen_canaries'
+      assert 0 <= estimate['interval'][0] <= (estimate['interval'][1] or math.inf)
+      assert entry[view]['final_model']['null_source'] == 'closed_form'
+  assert sum(e['mechanism']['insertions'] for e in report['categories'].values()) > 0
+  # Marked as an audit run where the guarantee is shown.
+  assert _read_json(os.path.join(run_dir, run_files.CONFIG_FILE))['audit_run'] is True
+  assert _read_json(os.path.join(run_dir, run_files.LEDGER_FILE))['audit_run'] is True
+  state_file = os.path.join(run_dir, canaries.STATE_FILE)
+  assert os.stat(state_file).st_mode & 0o077 == 0
+  assert not run_files.is_publishable(canaries.STATE_FILE)
+  # Never a deployable model: no SavedModel, a card that says why.
+  assert program.export(result) is None
+  assert not os.path.exists(os.path.join(run_dir, run_files.SAVED_MODEL_DIR))
+  card = _read_json(os.path.join(run_dir, run_files.MODEL_CARD_FILE))
+  assert card['empirical_audit']['audit_run'] is True
+  assert card['empirical_audit']['deployable'] is False
+  assert set(card['empirical_audit']['categories']) == set(categories.CATEGORY_IDS)
+  from tff_medical.export import release  # pylint: disable=g-import-not-at-top
+  with pytest.raises(release.ReleaseError, match='is an audit run'):
+    release.assemble(run_dir, str(tmp_path / 'bundle'))
+  assert not os.path.exists(tmp_path / 'bundle')
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('tff_context')
+def test_audit_run_resumes_with_its_canary_statistics(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from tff_medical import run_files  # pylint: disable=g-import-not-at-top
+  from tff_medical.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+  whole_dir, resumed_dir = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  program.run(_audit_config(), whole_dir)
+  assert program.run(_audit_config(), resumed_dir, stop_after_rounds=2).rounds_completed == 2
+  assert not os.path.exists(os.path.join(resumed_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  program.run(_audit_config(), resumed_dir)
+  report = _read_json(os.path.join(resumed_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  assert all(e['mechanism']['rounds'] == 3 for e in report['categories'].values())
+  # A lost canary state cannot be resumed into a report that misses rounds.
+  os.remove(os.path.join(resumed_dir, canaries.STATE_FILE))
+  with pytest.raises(ConfigError, match='canary statistics'):
+    program.run(_audit_config(total_rounds=4), resumed_dir)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'dp': False}, 'audit.enabled needs dp true'),
+    ({'sampling': 'fixed_size'}, 'audit.enabled needs sampling'),
+    ({'audit.canaries_per_category': 5}, 'at least 10'),
+    ({'audit.canary_norm_multiple': 1.0}, 'must be above 1'),
+    ({'dp_mechanism': 'shared_noise'}, 'per_category_noise'),
+])
+def test_audit_config_refused(overrides, message):
+  from tff_medical.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(_audit_config(**overrides))
+
+
+# Test-only broken mechanisms, injected into one category's TF Privacy query: what the ledger
+# reads (the DP event) still claims the calibrated noise.
+
+
+def _broken_queries(monkeypatch, target, kind):
+  import copy  # pylint: disable=g-import-not-at-top
+  import tensorflow_privacy as tfp  # pylint: disable=g-import-not-at-top
+  from tff_medical.aggregation import class_aware  # pylint: disable=g-import-not-at-top
+
+  class NoiseOverTen(tfp.QuantileAdaptiveClipSumQuery):
+
+    def get_noised_result(self, sample_state, global_state):
+      _, _, claimed = super().get_noised_result(sample_state, global_state)
+      weak = global_state._replace(sum_state=global_state.sum_state._replace(
+          stddev=global_state.sum_state.stddev / 10))
+      result, new_state, _ = super().get_noised_result(sample_state, weak)
+      return result, new_state, claimed
+
+  class ClipIgnored(tfp.QuantileAdaptiveClipSumQuery):
+
+    def preprocess_record(self, params, record):
+      # The norm still feeds the clip's quantile estimate; the record goes through unclipped.
+      _, norm = self._sum_query.preprocess_record_impl(params.sum_params, record)
+      return self._SampleState(record, self._quantile_estimator_query.preprocess_record(
+          params.quantile_estimator_params, norm))
+
+  original = class_aware.category_queries
+
+  def broken(splits, clip=class_aware.AdaptiveClipSettings()):
+    queries = dict(original(splits, clip))
+    honest = queries[target]
+    numerator = copy.copy(honest._numerator)  # pylint: disable=protected-access
+    numerator.__class__ = NoiseOverTen if kind == 'noise_over_10' else ClipIgnored
+    queries[target] = tfp.NormalizedQuery(numerator,
+                                          denominator=honest._denominator)  # pylint: disable=protected-access
+    return queries
+
+  monkeypatch.setattr(class_aware, 'category_queries', broken)
+
+
+def _policy_file(tmp_path, epsilon):
+  import json  # pylint: disable=g-import-not-at-top
+  from tff_medical.privacy import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  raw = _read_json(policy_lib.DEFAULT_POLICY_PATH)
+  for entry in raw['categories']:
+    entry['epsilon'] = epsilon
+  path = tmp_path / 'policy.json'
+  path.write_text(json.dumps(raw))
+  return str(path)
+
+
+def _broken_run(tmp_path, monkeypatch, broken):
+  import os  # pylint: disable=g-import-not-at-top
+  from tff_medical import run_files  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+  if broken is not None:
+    _broken_queries(monkeypatch, *broken)
+  # Claims of 4 leave room above this estimator's noise floor at 150 canaries; q T = 2, so most
+  # canaries are inserted at least once; a canary at 10 x the clip shows an ignored clip. The
+  # model must have many more weights (1,350) than canaries a round, or the other canaries and
+  # clients, not the noise, hide each canary.
+  config = _audit_config(policy=_policy_file(tmp_path, 4.0), clients_per_round=20,
+                         total_rounds=10, eval_every=10, **{
+                             'model.conv_filters': (8, 16),
+                             'audit.canaries_per_category': 150, 'audit.bootstrap': 100,
+                             'audit.canary_norm_multiple': 10.0})
+  run_dir = str(tmp_path / 'run')
+  program.run(config, run_dir)
+  return _read_json(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('tff_context')
+@pytest.mark.parametrize('broken', [None, ('CXR', 'noise_over_10'), ('ChestCT', 'clip_ignored')],
+                         ids=['honest', 'noise_over_10', 'clip_ignored'])
+def test_program_audit_fails_only_the_broken_category(tmp_path, monkeypatch, broken):
+  report = _broken_run(tmp_path, monkeypatch, broken)
+  failing = empirical_audit.failing_categories(report)
+  summary = {c: (e['claimed_epsilon'], e['mechanism']['all_iterates']['interval'])
+             for c, e in report['categories'].items()}
+  assert failing == ([] if broken is None else [broken[0]]), summary

@@ -33,6 +33,7 @@ from tff_medical.privacy import calibration
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.training import canaries
 from tff_medical.training import config as config_lib
 from tff_medical.training import dp_sgd
 from tff_medical.training import example_level
@@ -124,6 +125,8 @@ class _ClientUnit(privacy_unit.ClientLevel):
                  else class_aware.ClassAwareFactory.dp)
       factory = make_dp({c: calibration.AdaptiveClipSplit.from_json_dict(s)
                          for c, s in self.plan.splits.items()}, _clip_settings(self._config))
+      if canaries.enabled(self._config):
+        factory = canaries.tapped_factory(factory)  # Sub-aggregates measured for the audit.
     self.process = _learning_process(self._config, factory)
 
   def aggregated(self, released) -> tuple[str, ...]:
@@ -302,8 +305,11 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
   record.write_config({
       'config': json.loads(config.to_json_best_effort()), 'plan': unit.plan_record(),
       'data_report': data.images.report.summary(), 'num_clients': data.partition.num_clients,
-      'sampling': spec.to_json_dict(), 'run_id': run_id})
+      'sampling': spec.to_json_dict(), 'run_id': run_id,
+      'audit_run': canaries.enabled(config)})
   record.start(unit.ledger, last_record)
+  canary_audit = canaries.ProgramAudit.maybe(config, run_dir, sampler,
+                                             state.global_model_weights.trainable, round_num)
   keras_model = build_keras_model(config)
   stop_reason, rounds_this_call = run_record.COMPLETED, 0
   bar = _progress_bar(config.total_rounds, round_num) if progress else None
@@ -318,9 +324,11 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
         break
       round_num += 1
       state, round_record = _train_round(config, unit, data, state, sampler.sample(round_num),
-                                         round_num, released, keras_model)
+                                         round_num, released, keras_model, canary_audit)
       record.commit(program_state(round_num, round_record, record.audit.head()), round_record,
                     unit.ledger)
+      if canary_audit is not None:
+        canary_audit.committed()
       rounds_this_call += 1
       if bar is not None:
         bar.set_postfix(round_s=f'{round_record["audit"]["round_seconds"]:.1f}')
@@ -329,6 +337,8 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
     if bar is not None:
       bar.close()
   state.global_model_weights.assign_weights_to(keras_model)
+  if canary_audit is not None and stop_reason != run_record.STOPPED:
+    canary_audit.finish(state.global_model_weights.trainable, unit.ledger, policy)
   return RunResult(run_dir=run_dir, rounds_completed=round_num,
                    stop_reason=run_record.final_stop_reason(stop_reason, unit.ledger),
                    evaluation=run_record.final_evaluation(keras_model, data.test),
@@ -341,7 +351,7 @@ def _progress_bar(total_rounds: int, initial: int):
 
 
 def _train_round(config, unit, data: _Data, state, sampled, round_num: int, released,
-                 keras_model) -> tuple[Any, dict[str, Any]]:
+                 keras_model, canary_audit=None) -> tuple[Any, dict[str, Any]]:
   """One round: the sampled clients train, the aggregator releases; (new state, its record)."""
   started = time.monotonic()
   state = state._replace(aggregator=class_aware.with_released_categories(
@@ -349,8 +359,14 @@ def _train_round(config, unit, data: _Data, state, sampled, round_num: int, rele
   before = state.global_model_weights
   initial = [np.asarray(w) for w in before.trainable]
   outputs = unit.train(data, sampled, initial, round_num)
-  state = unit.process.next(state, [process_lib.as_sub_update_structs(o.sub_updates)
-                                    for o in outputs.values()]).state
+  inputs = [process_lib.as_sub_update_structs(o.sub_updates) for o in outputs.values()]
+  if canary_audit is not None:  # Audit run: the round's sampled canary clients join them.
+    inputs += canary_audit.client_inputs(round_num, state.aggregator)
+  output = unit.process.next(state, inputs)
+  state = output.state
+  if canary_audit is not None:
+    canary_audit.record(round_num, released, output.metrics, before.trainable,
+                        state.global_model_weights.trainable)
   unit.record(state.aggregator, outputs)
   after = state.global_model_weights
   norm = run_record.update_norm(before.trainable, after.trainable)
@@ -386,6 +402,7 @@ def _export(result: RunResult) -> str:
   from tff_medical.export import saved_model
   # pylint: enable=g-import-not-at-top
   export_dir = os.path.join(result.run_dir, SAVED_MODEL_DIR)
+  audit_run = canaries.is_audit_run(result.run_dir)
   ledger_json = result.ledger.to_json_dict() if result.ledger is not None else None
   with open(os.path.join(result.run_dir, CONFIG_FILE)) as f:
     run_config = json.load(f)
@@ -410,11 +427,16 @@ def _export(result: RunResult) -> str:
               **saved_model.describe_model(result.keras_model))
   if os.path.exists(export_dir):
     shutil.rmtree(export_dir)
-  saved_model.export_saved_model(result.keras_model, export_dir, result.policy, ledger_json,
-                                 model_card_extra=card)
-  saved_model.write_model_card(
+  if not audit_run:
+    saved_model.export_saved_model(result.keras_model, export_dir, result.policy, ledger_json,
+                                   model_card_extra=card)
+  written = saved_model.write_model_card(
       os.path.join(result.run_dir, MODEL_CARD_FILE), result.policy, ledger_json,
       model_sha256=audit_lib.model_weights_sha256(result.keras_model.get_weights()), **card)
+  if audit_run:
+    # Its model carries the canaries: a card that says so, and no SavedModel to deploy.
+    canaries.write_audit_model_card(result.run_dir, written)
+    return None
   return export_dir
 
 
