@@ -603,8 +603,9 @@ def test_train_and_site_read_the_pacs_and_leak_nothing(orthanc, tmp_path):
   assert f'{sum(counts.values())} images loaded' in run_config
   # The site reads the same PACS through its flags: from the cache, retrieving nothing. With
   # no coordinator it gives up after --max_wait_seconds (exit 2).
-  site_dir = tmp_path / 'site'
-  site_dir.mkdir()
+  from tff_medical.crosssilo import provisioning  # pylint: disable=g-import-not-at-top
+  provisioning.provision(str(tmp_path / 'pki'), ['site-a'])
+  site_dir = tmp_path / 'pki' / 'sites' / 'site-a'
   site = _run(['experiments/site.py', f'--site_dir={site_dir}', '--coordinator=127.0.0.1:9',
                '--dataset=pacs', f'--pacs_url={server.dicomweb_url}',
                f'--pacs_cache_dir={cache}', f'--pacs_credentials_file={credentials}',
