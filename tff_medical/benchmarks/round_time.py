@@ -24,7 +24,7 @@ from tff_medical.data import phantoms
 from tff_medical.models import cnn
 from tff_medical.privacy import accounting
 from tff_medical.privacy import calibration
-from tff_medical.training import local_training
+from tff_medical.training import cohort
 from tff_medical.training import process as process_lib
 
 # The issue's targets, as ratios of median round times.
@@ -46,8 +46,8 @@ DESCRIPTIONS = {
     Contender.KERAS_FIT: 'plain Keras model.fit over the same union',
     Contender.TFF_FEDAVG: 'TFF build_unweighted_fed_avg, default aggregation',
     Contender.TFF_DP: 'TFF build_unweighted_fed_avg + tff.learning.dp_aggregator',
-    Contender.CLASS_AWARE_DP: 'ours: LocalTrainer per client + class-aware DP process',
-    Contender.CLASS_AWARE: 'ours: LocalTrainer per client + class-aware process, DP off',
+    Contender.CLASS_AWARE_DP: 'ours: CohortTrainer for the cohort + class-aware DP process',
+    Contender.CLASS_AWARE: 'ours: CohortTrainer for the cohort + class-aware process, DP off',
 }
 
 
@@ -224,12 +224,12 @@ def class_aware_factory(dp: bool, noise_multiplier: float, clients_per_round: fl
   return class_aware.ClassAwareFactory.dp(splits, clip or class_aware.AdaptiveClipSettings())
 
 
-def class_aware_round(learning_process, trainer: local_training.LocalTrainer, state,
+def class_aware_round(learning_process, trainer: cohort.CohortTrainer, state,
                       clients: Iterable[tuple[int, np.ndarray, np.ndarray]], seed: int,
                       round_num: int) -> tuple[Any, int, dict[str, float]]:
   """One round as tff_medical.training.program runs it, less its bookkeeping.
 
-  Every category released, `LocalTrainer.train` for each client, then `process.next`.
+  Every category released, `CohortTrainer.train` for the clients, then `process.next`.
   `clients` yields (position in the population, float images, labels); it is consumed inside
   the local-training phase, so a lazy one is timed with the training, as in the program.
 
@@ -240,8 +240,9 @@ def class_aware_round(learning_process, trainer: local_training.LocalTrainer, st
       state.aggregator, categories.CATEGORY_IDS))
   initial = [np.asarray(w) for w in state.global_model_weights.trainable]
   start = time.perf_counter()
-  outputs = [trainer.train(initial, x, y, shuffle_seed=(seed, round_num, int(position)))
-             for position, x, y in clients]
+  clients = list(clients)
+  outputs = trainer.train(initial, [(x, y) for _, x, y in clients],
+                          [(seed, round_num, int(position)) for position, _, _ in clients])
   trained = time.perf_counter()
   output = learning_process.next(
       state, [process_lib.as_sub_update_structs(o.sub_updates) for o in outputs])
@@ -257,8 +258,8 @@ def _class_aware_round(setting: Setting, clients: list[ClientArrays], dp: bool) 
                                 setting.max_count_noise_fraction)
   learning_process = process_lib.build_class_aware_process(
       build, factory, tff.learning.optimizers.build_sgdm(1.0))
-  trainer = local_training.LocalTrainer(build, setting.client_learning_rate, setting.batch_size,
-                                        setting.local_epochs)
+  trainer = cohort.CohortTrainer(build, setting.client_learning_rate, setting.batch_size,
+                                 setting.local_epochs)
   state = learning_process.initialize()
   round_num = 0
 

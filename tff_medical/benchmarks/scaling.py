@@ -171,7 +171,7 @@ def measure_point(point: ScalingPoint, config, image_dir: str,
   from tff_medical.data import partition as partition_lib
   from tff_medical.privacy import sampling as sampling_lib
   from tff_medical.runtime import worker as worker_lib
-  from tff_medical.training import local_training
+  from tff_medical.training import cohort
   from tff_medical.training import process as process_lib
   from tff_medical.training import program
   # pylint: enable=g-import-not-at-top
@@ -196,8 +196,8 @@ def measure_point(point: ScalingPoint, config, image_dir: str,
                                            point.max_count_noise_fraction, clip)
   learning_process = process_lib.build_class_aware_process(build, factory,
                                                            program.server_optimizer(config))
-  trainer = local_training.LocalTrainer(build, config.client.learning_rate,
-                                        config.client.batch_size, config.client.local_epochs)
+  trainer = cohort.CohortTrainer(build, config.client.learning_rate,
+                                 config.client.batch_size, config.client.local_epochs)
   state = learning_process.initialize()
   setup['build_process'] = time.perf_counter() - start
   rss_setup = _status_kib('self', 'VmRSS')

@@ -33,6 +33,7 @@ from tff_medical.privacy import calibration
 from tff_medical.privacy import ledger as ledger_lib
 from tff_medical.privacy import policy as policy_lib
 from tff_medical.privacy import sampling as sampling_lib
+from tff_medical.training import cohort
 from tff_medical.training import canaries
 from tff_medical.training import config as config_lib
 from tff_medical.training import dp_sgd
@@ -110,7 +111,8 @@ class _ClientUnit(privacy_unit.ClientLevel):
   def __init__(self, config, policy, sampling_spec, data: _Data, earlier=None):
     super().__init__(config, policy, sampling_spec, earlier)
     del data  # Client-level calibration needs only the sampling.
-    self.trainer = local_training.LocalTrainer(
+    # The sampled clients trained together: LocalTrainer's result, in a few compiled calls.
+    self.trainer = cohort.CohortTrainer(
         lambda: build_keras_model(config), config.client.learning_rate,
         config.client.batch_size, config.client.local_epochs)
     self.plan_restored()
@@ -134,13 +136,11 @@ class _ClientUnit(privacy_unit.ClientLevel):
 
   def train(self, data: _Data, sampled, initial, round_num: int) -> dict[str, Any]:
     """{client id: output} of the round's sampled clients, in sampled order."""
-    outputs = {}
-    for position in sampled:
-      client_id = data.partition.client_ids[position]
-      outputs[client_id] = self.trainer.train(
-          initial, *data.client(client_id), shuffle_seed=(self._config.seed, round_num,
-                                                          int(position)))
-    return outputs
+    client_ids = [data.partition.client_ids[position] for position in sampled]
+    trained = self.trainer.train(
+        initial, [data.client(client_id) for client_id in client_ids],
+        [(self._config.seed, round_num, int(position)) for position in sampled])
+    return dict(zip(client_ids, trained))
 
   def record(self, aggregator_state, outputs: dict[str, Any]) -> None:
     if self.ledger is None:
