@@ -321,6 +321,15 @@ def test_small_audit_run_reports_marks_and_is_not_deployable(tmp_path):
   assert card['empirical_audit']['audit_run'] is True
   assert card['empirical_audit']['deployable'] is False
   assert set(card['empirical_audit']['categories']) == set(categories.CATEGORY_IDS)
+  # The dashboard shows claimed against empirical epsilon for the run.
+  from tff_medical.monitoring import dashboard  # pylint: disable=g-import-not-at-top
+  shown = dashboard.run_data(run_dir, 'audit')['empirical_audit']
+  assert shown['categories']['Hand']['claimed_epsilon'] == report['categories']['Hand'][
+      'claimed_epsilon']
+  page = str(tmp_path / 'dashboard.html')
+  dashboard.build_dashboard([run_dir], page)
+  with open(page, encoding='utf-8') as f:
+    assert '"empirical_audit":{"method"' in f.read()
   from tff_medical.export import release  # pylint: disable=g-import-not-at-top
   with pytest.raises(release.ReleaseError, match='is an audit run'):
     release.assemble(run_dir, str(tmp_path / 'bundle'))
@@ -418,14 +427,14 @@ def _broken_run(tmp_path, monkeypatch, broken):
   from tff_medical.training import program  # pylint: disable=g-import-not-at-top
   if broken is not None:
     _broken_queries(monkeypatch, *broken)
-  # Claims of 4 leave room above this estimator's noise floor at 150 canaries; q T = 2, so most
+  # Claims of 4 leave room above this estimator's noise floor at 300 canaries; q T = 2, so most
   # canaries are inserted at least once; a canary at 10 x the clip shows an ignored clip. The
   # model must have many more weights (1,350) than canaries a round, or the other canaries and
   # clients, not the noise, hide each canary.
   config = _audit_config(policy=_policy_file(tmp_path, 4.0), clients_per_round=20,
                          total_rounds=10, eval_every=10, **{
                              'model.conv_filters': (8, 16),
-                             'audit.canaries_per_category': 150, 'audit.bootstrap': 100,
+                             'audit.canaries_per_category': 300, 'audit.bootstrap': 100,
                              'audit.canary_norm_multiple': 10.0})
   run_dir = str(tmp_path / 'run')
   program.run(config, run_dir)

@@ -1,25 +1,7 @@
-"""Empirical privacy estimate from canary statistics (one-shot, per category).
+"""Empirical epsilon from canary statistics, per category (Andrew et al., ICLR 2024, one-shot).
 
-Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar, "One-shot Empirical Privacy Estimation for
-Federated Learning" (ICLR 2024, arXiv 2302.03098). Canary clients carry a fixed random unit
-direction each; after training, the cosine of each canary with what the mechanism released is its
-statistic. Inserted canaries shift their cosines; never-inserted canaries give the null. Fit a
-Gaussian to each; the empirical epsilon is the epsilon at `delta` of the pair of fitted Gaussians
-(the privacy of distinguishing one canary's presence from its absence, if the statistics were
-exactly Gaussian). Two variants, as in the paper:
-- final model: the cosine with the total released delta; the null is the closed form N(0, 1/d)
-  (cosine of a random unit vector with any fixed vector in d dimensions);
-- all iterates: the maximum over released rounds of the cosine with that round's delta, with
-  both Gaussians fitted (the maximum has no simple closed form, so the null comes from the
-  never-inserted canaries).
-
-The interval is a bootstrap over canaries (the Gaussian fit is an estimate, not a bound). The
-epsilon of two Gaussians is the exact computation of the paper's code (Steinke, "Composition of
-Differential Privacy & Privacy Amplification by Subsampling", arXiv 2210.00597), ported from
-google-research/federated one_shot_epe/empirical_privacy_estimation_lib.py (Apache-2.0): neither
-the installed TF Privacy 0.9.0 (its privacy_tests are not in the pip package) nor dp_accounting
-has it for unequal variances; for equal variances it matches dp_accounting's Gaussian mechanism
-(checked in tests/test_empirical_audit.py).
+Method, choices and measured noise floor: docs/PRIVACY_AUDIT.md. `epsilon_two_gaussians` is ported
+from google-research/federated one_shot_epe/empirical_privacy_estimation_lib.py (Apache-2.0).
 """
 
 import dataclasses

@@ -85,6 +85,16 @@ After training, each canary's cosine with what category c's mechanism released i
 as many canaries that were never inserted give the null. Both are fitted by Gaussians and the
 empirical epsilon is that of the two fitted Gaussians at the run's delta.
 
+Where the statistic is taken. The ledger's epsilon for category c is a claim about the sequence
+of c's released sub-aggregates (its noised, clipped mean each round): the other five
+sub-aggregates do not depend on a client whose only data is category c, so the published model
+is a post-processing of c's sequence and of data-independent parts. The audit therefore reads c's
+sub-aggregate itself (a pass-through tap on the aggregator whose state, DP events and clip norms
+are the real mechanism's; the tap's values stay in the run's confidential statistics) and, in
+addition, the published model's round deltas and total delta, where the other categories' noise
+also covers the canary. A broken noise or clip in one category shows in its sub-aggregate even
+when the combined model hides it.
+
 The fit shares one (pooled) standard deviation between the two Gaussians: a canary adds a fixed
 vector to a Gaussian mechanism's output, which moves its statistic's mean, not its spread. The
 epsilon is then that of a Gaussian mechanism with the fitted shift as sensitivity

@@ -1,24 +1,8 @@
-"""Canary clients for the empirical privacy audit (config.audit; privacy/empirical_audit.py).
+"""Canary clients of the empirical privacy audit (config.audit): insertion and statistics.
 
-Per category c, `canaries_per_category` canary clients are added to the population. Canary i of
-c holds one fixed random unit direction u_i (isotropic in the space of the trainable weights) and
-sends, whenever it is sampled, u_i scaled to `canary_norm_multiple` times c's current clip norm as
-its category-c sub-update and zeros as every other sub-update: a client whose only data is
-category c, always clipped to exactly the clip norm by a working mechanism. Canaries are sampled
-like any client under Poisson sampling: each independently with the run's rate q, from a stream
-of the sampler's own secret (so a resumed run draws the same canaries and nobody outside the run
-can tell which were sampled). As many never-inserted canary directions give the null.
-
-The statistics (the paper's cosines) are taken on two things:
-- the mechanism: category c's sub-aggregate (its noised, clipped mean), tapped from the
-  aggregator by `tapped_factory` (its state is the inner one, untouched). The ledger's epsilon
-  for c is a claim about exactly this sequence; the other five categories' sub-aggregates are
-  independent of a category-c-only client, so the released model is a post-processing of it;
-- the released model: each round's model delta and the total delta (what anyone who holds the
-  published models sees; weaker, as other categories' noise adds to it). The model moves against
-  the aggregated update (server optimizer), so its cosines are taken with the negated delta.
-
-An audit run's model carries its canaries: it is never exported as deployable (program.export).
+Per category, canary clients whose only sub-update is a fixed random direction above the clip,
+sampled like clients; their cosines with each category's released sub-aggregate and with the
+model's deltas. Method and choices: docs/PRIVACY_AUDIT.md.
 """
 
 import collections
