@@ -6,7 +6,8 @@
 --dataset: mednist (a folder with one subfolder per category, or MedNIST.tar.gz), dicom (a
 folder of DICOM files), pacs (the hospital's PACS over DICOMweb: --pacs_url, --pacs_cache_dir
 and credentials, see README "Reading from a PACS") or phantoms (synthetic, for trials). The
-images never leave this process. The site exits when the coordinator has been unreachable for --max_wait_seconds.
+images never leave this process. The site exits when the coordinator has been unreachable for
+--max_wait_seconds.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Images pulled from a hospital's PACS over DICOMweb, labelled and decoded as the folder loader does.
+"""Images pulled from a hospital's PACS over DICOMweb, labelled and decoded as the folder loader.
 
 What is asked of the PACS (dicomweb-client):
   * QIDO-RS, series level, one query per modality (the query filter's, or every modality the
@@ -574,8 +574,8 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
     client: a PacsClient to use instead of one built from `settings` (tests).
 
   Returns:
-    The images (N, 64, 64) uint8 in pseudonym order (stable across runs), their labels, and the report (retrieved and
-    cached counts in its source line, skips as 'instance #n').
+    The images (N, 64, 64) uint8 in pseudonym order (stable across runs), their labels, and
+    the report (retrieved and cached counts in its source line, skips as 'instance #n').
 
   Raises:
     ConfigError: bad settings, refused credentials, untrusted certificate.
