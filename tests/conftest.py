@@ -1,6 +1,7 @@
 """Test-suite wiring: every TFF computation runs on the confined worker, which ends with pytest."""
 
 import os
+import shutil
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -40,6 +41,26 @@ def tff_context():
   worker = runtime.install_execution_context()
   yield worker
   runtime.shutdown()
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory, tff_context):
+  """helpers.smoke_config()'s 4 rounds, trained once a session for the modules that inspect it.
+
+  Returns (result, pristine): the RunResult, whose run_dir test_program inspects and resumes in
+  place (its audit anchor belongs to that path), and a copy taken before any test touched it,
+  for tests that copy a finished run and damage their copy.
+  """
+  del tff_context
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+
+  from helpers import smoke_config  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp('smoke_run')
+  result = program.run(smoke_config(), str(root / 'finished'))
+  pristine = str(root / 'pristine')
+  shutil.copytree(result.run_dir, pristine)
+  return result, pristine
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -31,10 +31,8 @@ def _ledger_json(run_dir):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, tff_context):
-  del tff_context
-  run_dir = str(tmp_path_factory.mktemp('runs') / 'whole')
-  return program.run(smoke_config(), run_dir)
+def uninterrupted(smoke_run):
+  return smoke_run[0]
 
 
 @pytest.mark.usefixtures('tff_context')
@@ -100,6 +98,7 @@ class TestProgram:
     assert [r['participants'] for r in whole_log.records()] != [
         r['participants'] for r in resumed_log.records()]
 
+  @pytest.mark.slow  # End-to-end tier: a crash-and-resume sequence of three runs.
   def test_resume_replays_the_secret_sample_and_the_secret_stays_in_checkpoints(
       self, tmp_path, monkeypatch):
     secret = 0x5EC12E7_0F_5A3F1E_5EED_D0E5_0123456789ABCDEF
@@ -151,6 +150,7 @@ class TestProgram:
         modes[os.path.relpath(path, uninterrupted.run_dir)] = os.stat(path).st_mode & 0o077
     assert modes and not any(modes.values()), {p: oct(m) for p, m in modes.items() if m}
 
+  @pytest.mark.slow  # End-to-end tier: a crash-and-resume sequence of three runs.
   def test_lost_release_after_checkpoint_is_redone_once(self, tmp_path):
     """A kill between the checkpoint and the audit append: resume writes the record once."""
     run_dir = str(tmp_path / 'lost')

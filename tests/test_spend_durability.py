@@ -38,12 +38,10 @@ def _tree_digest(run_dir):
 
 
 @pytest.fixture(scope='module')
-def finished_and_interrupted(tmp_path_factory):
-  root = tmp_path_factory.mktemp('durability')
-  finished = str(root / 'finished')
-  result = program.run(smoke_config(), finished)
+def finished_and_interrupted(tmp_path_factory, smoke_run):
+  result, finished = smoke_run  # The session's 4-round run, as it was before any test resumed it.
   assert result.rounds_completed == 4
-  interrupted = str(root / 'interrupted')
+  interrupted = str(tmp_path_factory.mktemp('durability') / 'interrupted')
   assert program.run(smoke_config(), interrupted, stop_after_rounds=3).rounds_completed == 3
   return {'finished': finished, 'interrupted': interrupted}
 
@@ -110,6 +108,7 @@ def _ledger(run_dir):
     return json.load(f)
 
 
+@pytest.mark.slow  # End-to-end tier: three runs on real images, about 70 s.
 def test_second_run_on_the_same_data_gets_what_is_left_and_a_third_is_refused(tmp_path):
   data_dir = _write_mednist(tmp_path / 'MedNIST', 40)
   first = str(tmp_path / 'first')
