@@ -25,10 +25,12 @@ $(STAMP): requirements/lock.txt setup.py tff_medical/runtime/loopback_bind.c
 	$(PY) -c 'import tensorflow_federated, tff_medical.runtime as r; r.worker.loopback_shim_path(); r.shutdown()'
 	touch $(STAMP)
 
-# Unit and integration tests; test-e2e is the end-to-end tier (entry-point subprocesses, kill -9
-# and resume, SuperLink processes, bombs under a memory cap). Both show their slowest tests.
+# Unit and integration tests, a test file per process on TEST_WORKERS processes (each ends its
+# own TFF worker); test-e2e is the end-to-end tier, one process (entry-point subprocesses, kill -9
+# and resume, SuperLink processes, Chromium, the accuracy run). Both show their slowest tests.
+TEST_WORKERS ?= 2
 test: install
-	$(PYTEST) -m "not slow" --durations=15 tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=15 tests
 
 test-e2e: install
 	$(PYTEST) -m slow --durations=15 tests
