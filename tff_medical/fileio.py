@@ -52,12 +52,17 @@ def write_atomic(path: Union[str, 'os.PathLike[str]'], data: Union[str, bytes],
     if os.path.exists(tmp_path):
       os.unlink(tmp_path)
     raise
-  try:  # Makes the rename itself durable; some file systems cannot open directories.
+  fsync_dir(directory)
+  return path
+
+
+def fsync_dir(directory: str) -> None:
+  """Makes a rename into `directory` durable; some file systems cannot open directories."""
+  try:
     dir_fd = os.open(directory, os.O_RDONLY)
   except OSError:
-    return path
+    return
   try:
     os.fsync(dir_fd)
   finally:
     os.close(dir_fd)
-  return path
