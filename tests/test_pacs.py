@@ -98,6 +98,37 @@ def test_config_has_the_pacs_fields_and_validates_them():
     pacs.PacsSettings.from_config(dict(config.pacs.to_dict(), password='x'))
 
 
+def test_a_resumed_run_must_ask_the_same_pacs_the_same_query():
+  from tff_medical.privacy import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  from tff_medical.privacy import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+
+  class Partition:
+    def fingerprint(self):
+      return {'clients': 2}
+
+  class Unit:
+    def fingerprint_privacy(self):
+      return {'dp': True}
+
+  def dataset_section(**pacs_fields):
+    config = config_lib.base_config()
+    config.dataset = 'pacs'
+    config.pacs.update({'url': 'https://pacs.example.org/dicom-web',
+                        'credentials_file': '/secret/a', **pacs_fields})
+    # pylint: disable-next=protected-access
+    return program._fingerprint(config, policy_lib.load_policy(policy_lib.DEFAULT_POLICY_PATH),
+                                sampling_lib.SamplingSpec('poisson', 2, 1), Partition(),
+                                Unit())['dataset']
+
+  base = dataset_section()
+  assert dataset_section(credentials_file='/secret/b') == base  # Credentials are not data.
+  assert dataset_section(url='https://other.example.org/dicom-web') != base
+  assert dataset_section(modalities='CT') != base
+  assert dataset_section(study_date='20200101-20201231') != base
+  assert 'secret' not in repr(base)
+
+
 def test_registry_entry_reads_the_pacs_settings(monkeypatch):
   source = sources.get('pacs')
   assert source.remote and not source.generated and not source.needs_data_dir
