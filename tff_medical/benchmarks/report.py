@@ -197,6 +197,8 @@ def render_markdown(results: dict, command: str, plot_link: Optional[str] = None
       '[EXAMPLE_LEVEL.md](EXAMPLE_LEVEL.md) (example-level DP-SGD with 5 sites against '
       'non-private training; client-level DP is refused at 5 sites; its per-category table is '
       'repeated at the end of this page).', '',
+      'Memory while a site ingests from a PACS (500 to 3,000 instances from a real Orthanc): '
+      '[PACS.md](PACS.md), with its command.', '',
   ]
   lines += _machine(results) + _method(results)
   for result in results['settings']:
