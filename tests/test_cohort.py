@@ -51,12 +51,14 @@ def _assert_same(got, want, rtol=2e-4, atol=2e-6):
 
 
 def _compare(model_kwargs, clients, seeds, batch_size, local_epochs, learning_rate=0.2,
-             weight_seed=0, **cohort_kwargs):
+             weight_seed=0, stacked=True):
   build = lambda: cnn.build_cnn(seed=3, **model_kwargs)
   reference = local_training.LocalTrainer(build, learning_rate, batch_size, local_epochs)
+  # None: stacked weights for any model; 0: the compiled loop (and LocalTrainer for large
+  # clients), as the default model gets by default.
   trainer = cohort.CohortTrainer(build, learning_rate, batch_size, local_epochs,
-                                 **cohort_kwargs)
-  assert trainer.vectorized
+                                 stacked_max_patch_floats=None if stacked else 0)
+  assert trainer.vectorized and trainer.stacked == stacked
   weights = _random_weights(reference.keras_model, np.random.default_rng(weight_seed))
   want = [reference.train(weights, x, y, shuffle_seed=s) for (x, y), s in zip(clients, seeds)]
   got = trainer.train(weights, clients, seeds)
@@ -64,19 +66,21 @@ def _compare(model_kwargs, clients, seeds, batch_size, local_epochs, learning_ra
   return got
 
 
-@pytest.mark.parametrize('model', MODELS)
-def test_one_image_clients_equal_local_trainer(model):
+@pytest.mark.parametrize('model, stacked', [('small_dense', True), ('demo', True),
+                                            ('default', True), ('default', False)])
+def test_one_image_clients_equal_local_trainer(model, stacked):
   # The demo's shape: one image a client, so five of six sub-updates of each client are zeros.
   rng = np.random.default_rng(1)
   clients = _clients(rng, [1] * 12)
   got = _compare(MODELS[model], clients, [(0, 1, p) for p in range(12)], batch_size=16,
-                 local_epochs=1)
+                 local_epochs=1, stacked=stacked)
   assert sum(int(o.num_examples.sum()) for o in got) == 12
   assert all(np.abs(u).max() > 0 for o in got for c in range(6) if o.num_examples[c]
              for u in o.sub_updates[c][::2])
 
 
-def test_multi_step_skewed_clients_equal_local_trainer():
+@pytest.mark.parametrize('stacked', [True, False])
+def test_multi_step_skewed_clients_equal_local_trainer(stacked):
   # size_skew-like sizes (1 to 200), clients lacking categories, 2 epochs of batches of 8: tasks
   # of 1 to 11 batches with partial last batches, trained in the shuffled order LocalTrainer uses.
   rng = np.random.default_rng(2)
@@ -84,7 +88,8 @@ def test_multi_step_skewed_clients_equal_local_trainer():
   label_sets = [None, None, [4], [0, 5], [1, 2, 3], [2, 2, 2, 3]]
   clients = _clients(rng, sizes, [s or range(6) for s in label_sets])
   seeds = [(7, 2, p) for p in range(len(sizes))]
-  got = _compare(MODELS['demo'], clients, seeds, batch_size=8, local_epochs=2, learning_rate=0.1)
+  got = _compare(MODELS['demo'], clients, seeds, batch_size=8, local_epochs=2, learning_rate=0.1,
+                 stacked=stacked)
   np.testing.assert_array_equal(got[2].num_examples, [0, 0, 0, 0, 6, 0])
   assert all(np.all(u == 0) for c in (0, 1, 2, 3, 5) for u in got[2].sub_updates[c])
 
@@ -110,6 +115,7 @@ def test_nan_client_is_zeroed_alone():
   y[:] = [0, 0, 3, 3, 3]
   x[0, 5, 5, 0] = np.nan  # poisons client 1's category 0 only
   got = _compare(MODELS['demo'], clients, [0, 1, 2], batch_size=2, local_epochs=1)
+  _compare(MODELS['demo'], clients, [0, 1, 2], batch_size=2, local_epochs=1, stacked=False)
   np.testing.assert_array_equal(got[1].nonfinite, [1, 0, 0, 0, 0, 0])
   assert all(np.all(u == 0) for u in got[1].sub_updates[0])
   assert all(o.nonfinite.sum() == 0 for o in (got[0], got[2]))
@@ -127,6 +133,11 @@ def test_memory_budget_splits_calls_without_changing_results():
   assert len(tiny._groups(np.array([1, 1, 1]))) == 3  # pylint: disable=protected-access
   _assert_same(tiny.train(weights, clients, seeds), whole.train(weights, clients, seeds),
                rtol=1e-5, atol=1e-7)
+
+
+def test_default_model_is_looped_and_demo_model_stacked():
+  assert not cohort.CohortTrainer(lambda: cnn.build_cnn(**MODELS['default']), 0.1, 16).stacked
+  assert cohort.CohortTrainer(lambda: cnn.build_cnn(**MODELS['demo']), 0.1, 16).stacked
 
 
 def test_model_without_stacked_form_falls_back_to_local_trainer():

@@ -34,6 +34,13 @@ ClientOutput = local_training.ClientOutput
 # otherwise need gigabytes in one step).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
+# Per-example im2col floats up to which the stacked form is used (see CohortTrainer.__init__):
+# the demo model's is 2,304, the default model's 184,320.
+DEFAULT_STACKED_MAX_PATCH_FLOATS = 16384
+
+# Without the stacked form, clients of at least this many batches train with LocalTrainer.
+LARGE_CLIENT_BATCHES = 3
+
 _POOLS = (tf.keras.layers.AveragePooling2D, tf.keras.layers.MaxPool2D)
 _SHAPE_ONLY = (tf.keras.layers.Flatten, tf.keras.layers.GlobalAveragePooling2D)
 
@@ -98,12 +105,23 @@ def _same_patches(a, kh: int, kw: int):
                    axis=-1)
 
 
+def _conv_patch_floats(model: tf.keras.Model) -> int:
+  """Floats of the im2col patches of one example, summed over the Conv2D layers."""
+  shape, total = list(model.input_shape[1:]), 0
+  for layer in model.layers:
+    if isinstance(layer, tf.keras.layers.Conv2D):
+      total += math.prod(shape[:2]) * math.prod(layer.kernel_size) * shape[2]
+    shape = list(layer.compute_output_shape([1] + shape)[1:])
+  return total
+
+
 class CohortTrainer:
   """LocalTrainer's per-category local update, computed for a cohort of clients at once."""
 
   def __init__(self, build_keras_model: Callable[[], tf.keras.Model], learning_rate: float,
                batch_size: int, local_epochs: int = 1,
-               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET):
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+               stacked_max_patch_floats: Optional[int] = DEFAULT_STACKED_MAX_PATCH_FLOATS):
     self._model = build_keras_model()
     self._learning_rate = float(learning_rate)
     self._batch_size = int(batch_size)
@@ -118,16 +136,32 @@ class CohortTrainer:
     self._task_bytes = 4 * 4 * sum(math.prod(s) for s in self._shapes)  # w, grad, new w, slack.
     self._memory_budget = int(memory_budget_bytes)
     image_shape = list(self._model.input_shape[1:])
-    self._train_group = tf.function(self._group, input_signature=[
+    signature = [
         [tf.TensorSpec(s, tf.float32) for s in self._shapes],
         tf.TensorSpec([None] + image_shape, tf.float32),  # the cohort's examples + a zero row
         tf.TensorSpec([None], tf.int32),
         tf.TensorSpec([None, None, None], tf.int32),  # [task, batch, slot] -> example, -1 pad
-    ])
+    ]
+    self._train_group = tf.function(self._group, input_signature=signature)
+    self._train_looped = tf.function(self._group_looped, input_signature=signature)
+    # Stacked weights apply a Conv2D as patches times each task's kernel: that wins where the
+    # convolutions are small (pooled input, few filters: the demo, one image a client); where
+    # they are large (64x64, 16 and 32 filters: the default model) TF's own Conv2D wins, and
+    # the tasks run one after another inside one compiled call instead (no per-client Python).
+    self._stacked = (_conv_patch_floats(self._model) <= stacked_max_patch_floats
+                     if stacked_max_patch_floats is not None else True)
+    if not self._stacked:
+      self._per_client = local_training.LocalTrainer(build_keras_model, learning_rate,
+                                                     batch_size, local_epochs)
 
   @property
   def keras_model(self) -> tf.keras.Model:
     return self._model
+
+  @property
+  def stacked(self) -> bool:
+    """Whether tasks train with stacked weights (else one after another in a compiled loop)."""
+    return self._fallback is None and self._stacked
 
   @property
   def vectorized(self) -> bool:
@@ -165,6 +199,59 @@ class CohortTrainer:
       else:  # Flatten: row-major, as Keras's channels_last Flatten.
         a = tf.reshape(a, [tasks * width, -1])
     raise AssertionError('the last layer is a Dense (checked by _stackable)')
+
+  def _forward_one(self, weights, x):
+    """Logits of x (batch, ...) under one task's weights, with TF's own ops (as Keras runs)."""
+    a, position = x, 0
+    for layer in self._model.layers:
+      if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
+        kernel, bias = weights[position], weights[position + 1]
+        position += 2
+        if isinstance(layer, tf.keras.layers.Conv2D):
+          z = tf.nn.bias_add(tf.nn.conv2d(a, kernel, 1, 'SAME'), bias)
+        else:
+          z = tf.nn.bias_add(tf.matmul(a, kernel), bias)
+        if layer is self._model.layers[-1]:
+          return z
+        a = layer.activation(z)
+      elif isinstance(layer, tf.keras.layers.AveragePooling2D):
+        a = tf.nn.avg_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
+      elif isinstance(layer, tf.keras.layers.MaxPool2D):
+        a = tf.nn.max_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
+      elif isinstance(layer, tf.keras.layers.GlobalAveragePooling2D):
+        a = tf.reduce_mean(a, axis=[1, 2])
+      else:
+        a = tf.reshape(a, [tf.shape(a)[0], -1])
+    raise AssertionError('the last layer is a Dense (checked by _stackable)')
+
+  def _group_looped(self, initial, examples, labels, index):
+    """_group's result, one task after another in a while loop (TF's Conv2D, no padding)."""
+
+    def one_task(task_index):
+      weights = list(initial)
+      loss_sum, correct = tf.constant(0.0), tf.constant(0)
+      for _ in range(self._local_epochs):
+        for b in tf.range(tf.shape(task_index)[0]):
+          rows = tf.boolean_mask(task_index[b], task_index[b] >= 0)
+          x, y = tf.gather(examples, rows), tf.gather(labels, rows)
+          with tf.GradientTape() as tape:
+            tape.watch(weights)
+            logits = self._forward_one(weights, x)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+            loss = tf.reduce_mean(losses)
+          gradients = tape.gradient(loss, weights)
+          weights = [w - self._learning_rate * g for w, g in zip(weights, gradients)]
+          loss_sum += tf.reduce_sum(losses)
+          predicted = tf.argmax(tf.nn.softmax(logits), axis=-1, output_type=tf.int32)
+          correct += tf.reduce_sum(tf.cast(tf.equal(predicted, y), tf.int32))
+      update = [w0 - w for w0, w in zip(initial, weights)]
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
+      update = [tf.where(finite, u, tf.zeros_like(u)) for u in update]
+      return update, loss_sum, correct, tf.cast(tf.logical_not(finite), tf.int32)
+
+    return tf.map_fn(one_task, index, fn_output_signature=(
+        [tf.TensorSpec(s, tf.float32) for s in self._shapes], tf.float32, tf.int32, tf.int32),
+                     parallel_iterations=1)
 
   def _group(self, initial, examples, labels, index):
     """Trains a group of tasks with the same batch count; returns LocalTrainer's statistics."""
@@ -240,6 +327,26 @@ class CohortTrainer:
     if self._fallback is not None:
       return [self._fallback.train(initial, x, y, shuffle_seed=seed)
               for (x, y), seed in zip(clients, shuffle_seeds)]
+    if self._stacked:
+      return self._train_tasks(initial, clients, shuffle_seeds)
+    # Large convolutions: a client with several batches a category has little per-call
+    # overhead to save, and LocalTrainer runs its six categories side by side; the many small
+    # clients are what one call a cohort saves.
+    outputs = [None] * len(clients)
+    small = []
+    for k, ((x, y), seed) in enumerate(zip(clients, shuffle_seeds)):
+      if len(y) >= LARGE_CLIENT_BATCHES * self._batch_size:
+        outputs[k] = self._per_client.train(initial, x, y, shuffle_seed=seed)
+      else:
+        small.append(k)
+    trained = self._train_tasks(initial, [clients[k] for k in small],
+                                [shuffle_seeds[k] for k in small])
+    for k, output in zip(small, trained):
+      outputs[k] = output
+    return outputs
+
+  def _train_tasks(self, initial, clients, shuffle_seeds) -> list[ClientOutput]:
+    """train() in the compiled group calls."""
     # Tasks: (client, category, example rows in the client's shuffled order), as LocalTrainer
     # shuffles the client's examples once and then takes each category's in that order.
     offsets = np.cumsum([0] + [len(y) for _, y in clients])
@@ -273,7 +380,8 @@ class CohortTrainer:
         index = np.full((len(members), num_batches * width), -1, np.int32)
         for i, t in enumerate(members):
           index[i, :sizes[t]] = task_rows[t]
-        updates, losses, right, bad = self._train_group(
+        updates, losses, right, bad = (self._train_group if self._stacked else
+                                       self._train_looped)(
             initial, examples, labels, index.reshape(len(members), num_batches, width))
         updates = [u.numpy() for u in updates]
         losses, right, bad = losses.numpy(), right.numpy(), bad.numpy()
