@@ -412,20 +412,41 @@ def scan_for_identifiers(run_dir: str, skip: Iterable[str] = ()) -> list[Finding
           name.startswith(skip_prefixes) or os.path.islink(path)):
         continue
       try:
-        with open(path, 'rb') as f:
-          data = f.read(_SCAN_BYTES)
+        st = os.stat(path)
       except OSError:
         continue
-      if data[128:132] == b'DICM':
-        findings.append(Finding(rel, None, 'a DICOM file (DICM preamble)'))
-      is_text = b'\0' not in data[:8192]
-      patterns = _BINARY_PATTERNS + (((_PERSON_NAME, _PERSON_NAME_LABEL),) if is_text else ())
-      for pattern, label in patterns:
-        match = pattern.search(data)
-        if match:
-          line = data.count(b'\n', 0, match.start()) + 1 if is_text else None
-          findings.append(Finding(rel, line, label))
+      # The live page rescans after every round: a file unchanged since the last scan (same
+      # inode, size and modification time) keeps its findings instead of being read again.
+      key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+      if key not in _scanned:
+        try:
+          with open(path, 'rb') as f:
+            data = f.read(_SCAN_BYTES)
+        except OSError:
+          continue
+        if len(_scanned) >= _SCANNED_LIMIT:
+          _scanned.clear()
+        _scanned[key] = _scan_bytes(data)
+      findings.extend(Finding(rel, line, label) for line, label in _scanned[key])
   return findings
+
+
+_scanned: dict[tuple, list[tuple[Optional[int], str]]] = {}
+_SCANNED_LIMIT = 4096
+
+
+def _scan_bytes(data: bytes) -> list[tuple[Optional[int], str]]:
+  """(line or None, kind) of each identifier-like pattern in one file's bytes."""
+  found = []
+  if data[128:132] == b'DICM':
+    found.append((None, 'a DICOM file (DICM preamble)'))
+  is_text = b'\0' not in data[:8192]
+  patterns = _BINARY_PATTERNS + (((_PERSON_NAME, _PERSON_NAME_LABEL),) if is_text else ())
+  for pattern, label in patterns:
+    match = pattern.search(data)
+    if match:
+      found.append((data.count(b'\n', 0, match.start()) + 1 if is_text else None, label))
+  return found
 
 
 def check_identifiers(run_dir: str, skip: Iterable[str] = (),
