@@ -75,6 +75,7 @@ class TestProgram:
       assert all(p.startswith('client_') for p in record['participants'])
       assert set(record['epsilon_spent']) == set(categories.CATEGORY_IDS)
 
+  @pytest.mark.slow  # End-to-end tier: a run stopped, resumed and compared with the whole one.
   def test_resume_continues_the_ledger_exactly(self, uninterrupted, tmp_path):
     run_dir = str(tmp_path / 'resumed')
     first = program.run(smoke_config(), run_dir, stop_after_rounds=2)
