@@ -451,3 +451,30 @@ def test_program_audit_fails_only_the_broken_category(tmp_path, monkeypatch, bro
   summary = {c: (e['claimed_epsilon'], e['mechanism']['all_iterates']['interval'])
              for c, e in report['categories'].items()}
   assert failing == ([] if broken is None else [broken[0]]), summary
+
+
+@pytest.mark.slow
+def test_audit_script_writes_the_page_and_exits_by_the_verdict(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  page = tmp_path / 'PRIVACY_AUDIT.md'
+  args = [sys.executable, os.path.join(repo, 'experiments', 'audit.py'),
+          '--config=configs/smoke.py', '--config.num_per_category=40',
+          '--config.num_clients=100', '--config.clients_per_round=10',
+          '--config.total_rounds=2', '--config.model.conv_filters=(4,)',
+          '--config.clip.max_count_noise_fraction=1.0', '--config.audit.canaries_per_category=20',
+          '--config.audit.bootstrap=50', f'--root_output_dir={tmp_path}', '--experiment_name=a',
+          f'--doc={page}']
+  done = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=900)
+  report = _read_json(tmp_path / 'a' / 'empirical_audit.json')
+  assert done.returncode == (0 if report['passed'] else 1), done.stderr[-2000:]
+  text = page.read_text()
+  assert '- Command: `python ' in text and '- Machine: ' in text and '| Hand |' in text
+  # A bad setting is one line, not a traceback, and nothing is written.
+  bad = subprocess.run(args[:-2] + ['--experiment_name=b', '--config.sampling=fixed_size'],
+                       cwd=repo, capture_output=True, text=True, timeout=900)
+  assert bad.returncode != 0 and 'audit.enabled needs sampling' in bad.stderr
+  assert 'Traceback' not in bad.stderr
+  assert not os.path.exists(tmp_path / 'b' / 'empirical_audit.json')
