@@ -64,6 +64,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from tff_medical import runtime
   from tff_medical.benchmarks import modes
+  from tff_medical.benchmarks import overhead
   from tff_medical.benchmarks import plot
   from tff_medical.benchmarks import privacy_utility
   from tff_medical.benchmarks import report
@@ -85,6 +86,7 @@ def main(argv):
     runtime.shutdown()
   results['scaling'] = scaling.run_scaling(spec.scaling_plan, _SCALING_CONFIG.value, log=log)
   results['privacy_utility'] = privacy_utility.run_study(spec.study_plan, log=log)
+  results['overhead'] = overhead.run_overhead(_SCALING_CONFIG.value, spec.overhead_rounds, log=log)
   results['load_average_end'] = round_time.load_average()
   results['wall_seconds'] = time.perf_counter() - started
   results['date_utc'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())

@@ -18,9 +18,10 @@ class ModeSpec:
   comparison_timed_rounds: int  # Timed rounds per contender of the round comparison.
   scaling_plan: scaling.ScalingPlan
   study_plan: privacy_utility.StudyPlan
+  overhead_rounds: int  # Timed rounds of the demo-shaped per-round overhead measurement.
 
 
 MODES = {
-    Mode.QUICK: ModeSpec(2, scaling.QUICK_PLAN, privacy_utility.QUICK_PLAN),
-    Mode.FULL: ModeSpec(5, scaling.FULL_PLAN, privacy_utility.FULL_PLAN),
+    Mode.QUICK: ModeSpec(2, scaling.QUICK_PLAN, privacy_utility.QUICK_PLAN, 6),
+    Mode.FULL: ModeSpec(5, scaling.FULL_PLAN, privacy_utility.FULL_PLAN, 20),
 }

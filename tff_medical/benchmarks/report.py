@@ -3,6 +3,7 @@
 from typing import Optional
 
 from tff_medical import categories
+from tff_medical.benchmarks import overhead
 from tff_medical.benchmarks import privacy_utility
 from tff_medical.benchmarks import round_time
 from tff_medical.privacy import policy as policy_lib
@@ -208,9 +209,22 @@ def render_markdown(results: dict, command: str, plot_link: Optional[str] = None
     lines += _scaling(results['scaling'], plot_link)
   if 'privacy_utility' in results:
     lines += _privacy_utility(results['privacy_utility'], study_plot_link)
+  lines += overhead.render(results.get('overhead'),
+                          results.get('flags', {}).get('scaling_config', 'configs/demo.py'))
+  lines += _gpu(results)
   if example_level is not None:
     lines += _example_level(example_level)
   return '\n'.join(lines)
+
+
+def _gpu(results: dict) -> list[str]:
+  gpus = results.get('machine', {}).get('gpus') or []
+  if gpus:
+    return []
+  return ['## GPU', '',
+          'Unmeasured: no GPU was available to this project when this page was written (the '
+          'machine above has none). The class-aware round runs on one GPU when TensorFlow sees '
+          'one (client training in TensorFlow; TFF\'s C++ worker stays on the CPU).', '']
 
 
 def _percent(value: float) -> str:

@@ -346,7 +346,8 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
   return RunResult(run_dir=run_dir, rounds_completed=round_num,
                    stop_reason=run_record.final_stop_reason(stop_reason, unit.ledger),
                    evaluation=run_record.final_evaluation(keras_model, data.test),
-                   ledger=unit.ledger, keras_model=keras_model, policy=policy)
+                   ledger=unit.ledger, keras_model=keras_model, policy=policy,
+                   commit_seconds=dict(record.seconds))
 
 
 def _progress_bar(total_rounds: int, initial: int):

@@ -54,6 +54,8 @@ class RunResult:
   keras_model: tf.keras.Model
   policy: policy_lib.PrivacyPolicy
   saved_model_dir: Optional[str] = None
+  # Seconds this invocation spent committing rounds, by step (RunRecord.seconds).
+  commit_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -340,6 +342,8 @@ class RunRecord:
     """`fingerprint`: {section: settings} a resumed run must share with the run it continues."""
     self.run_dir = run_dir
     self._fingerprint = json.loads(to_json(fingerprint))
+    # Seconds spent committing rounds, by step (the benchmark's per-round overhead split).
+    self.seconds: collections.Counter = collections.Counter()
     os.makedirs(run_dir, exist_ok=True)
     self._store = CheckpointStore(os.path.join(run_dir, run_files.CHECKPOINT_DIR),
                                   checkpoints_to_keep)
@@ -415,13 +419,16 @@ class RunRecord:
       self._spend.record(ledger, 0)
     if last_record:
       self.release(last_record, ledger)
+    self.seconds.clear()  # Counts the rounds this invocation commits, not a repeated release.
 
   def release(self, record: dict[str, Any], ledger) -> None:
     """Publishes a checkpointed round: the spend first (registry, audit log), then the files."""
+    started = time.perf_counter()
     if self._spend is not None:
       self._spend.record(ledger, record['round'])
     if record.get('audit') and (self.audit.last_round() or 0) < record['round']:
       self.audit.append(record['audit'])
+    spent = time.perf_counter()
     if ledger is not None:
       ledger.save(self.run_dir)
     metrics = record['metrics']
@@ -430,10 +437,16 @@ class RunRecord:
       asyncio.run(self._tensorboard.release(
           {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)},
           key=record['round']))
+    published = time.perf_counter()
+    self.seconds['spend'] += spent - started
+    self.seconds['publish'] += published - spent
     if self._on_round is not None:
       self._on_round(record)
+      self.seconds['on_round'] += time.perf_counter() - published
 
   def commit(self, program_state, record: dict[str, Any], ledger) -> None:
     """Checkpoints a finished round, then releases it."""
+    started = time.perf_counter()
     self._store.save(program_state, record['round'])
+    self.seconds['checkpoint'] += time.perf_counter() - started
     self.release(record, ledger)
