@@ -149,28 +149,28 @@ def test_credentials_file_must_be_owner_only_and_is_never_quoted(tmp_path):
   os.chmod(path, 0o644)
   settings = _settings(tmp_path, credentials_file=str(path))
   with pytest.raises(ConfigError, match='readable by other users .*chmod 600'):
-    pacs.PacsClient(settings)
+    pacs.DicomWebClient(settings)
   os.chmod(path, 0o600)
   path.write_text('no-colon-here')
   with pytest.raises(ConfigError, match="must hold one line 'user:password'") as error:
-    pacs.PacsClient(settings)
+    pacs.DicomWebClient(settings)
   assert 'no-colon-here' not in str(error.value)
   with pytest.raises(ConfigError, match='Cannot read pacs.credentials_file'):
-    pacs.PacsClient(_settings(tmp_path, credentials_file=str(tmp_path / 'missing')))
+    pacs.DicomWebClient(_settings(tmp_path, credentials_file=str(tmp_path / 'missing')))
 
 
 def test_credentials_from_environment_basic_and_bearer(tmp_path, monkeypatch):
   monkeypatch.delenv('TFF_TEST_PACS', raising=False)
   settings = _settings(tmp_path, credentials_file='', credentials_env='TFF_TEST_PACS')
   with pytest.raises(ConfigError, match='TFF_TEST_PACS .* is not set'):
-    pacs.PacsClient(settings)
+    pacs.DicomWebClient(settings)
   monkeypatch.setenv('TFF_TEST_PACS', SECRET)
-  client = pacs.PacsClient(settings)
+  client = pacs.DicomWebClient(settings)
   # pylint: disable=protected-access
   assert client._client._session.auth == tuple(SECRET.split(':', 1))
   assert client._client._session.trust_env is False
   monkeypatch.setenv('TFF_TEST_PACS', 'token-abc')
-  bearer = pacs.PacsClient(_settings(tmp_path, credentials_file='', auth='bearer',
+  bearer = pacs.DicomWebClient(_settings(tmp_path, credentials_file='', auth='bearer',
                                      credentials_env='TFF_TEST_PACS'))
   assert bearer._client._session.headers['Authorization'] == 'Bearer token-abc'
   assert bearer._client._session.auth is None
@@ -332,7 +332,7 @@ def _pacs(n_head=3):
 def _load(tmp_path, fake, **overrides):
   settings = _settings(tmp_path, **overrides)
   sleeps = []
-  client = pacs.PacsClient(settings, web_client=fake, sleep=sleeps.append)
+  client = pacs.DicomWebClient(settings, web_client=fake, sleep=sleeps.append)
   return pacs.load_pacs(settings, client=client), sleeps
 
 

@@ -78,7 +78,10 @@ _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _UID = re.compile(r'[0-9]+(\.[0-9]+)*')
 _DATE_RANGE = re.compile(r'(\d{8})?(-(\d{8})?)?')
 _MODALITY = re.compile(r'[A-Z0-9]{1,16}')
-_QUIET_LOGGERS = ('dicomweb_client', 'urllib3', 'requests', 'pydicom')
+_QUIET_LOGGERS = ('dicomweb_client', 'urllib3', 'requests', 'pydicom', 'pynetdicom')
+PROTOCOLS = ('dicomweb', 'dimse')
+# An AE title: 1 to 16 characters of the default repertoire, no backslash, not only spaces.
+_AE_TITLE = re.compile(r'(?=.*[^ ])[\x20-\x5b\x5d-\x7e]{1,16}')
 
 # DICOM JSON tags read from query results, and nothing else.
 _TAG_MODALITY = '00080060'
@@ -105,9 +108,15 @@ class PacsSettings:
   """Where the PACS is, how to reach it, what to ask it for and where to cache; validated.
 
   Attributes:
-    url: the DICOMweb root, e.g. https://pacs.example.org/dicom-web (Orthanc: <orthanc>/dicom-web).
+    url: the DICOMweb root, e.g. https://pacs.example.org/dicom-web (Orthanc: <orthanc>/dicom-web);
+      with protocol 'dimse', dicom://HOST:PORT of the PACS's DICOM port.
+    protocol: 'dicomweb' (QIDO-RS/WADO-RS) or 'dimse' (C-FIND/C-GET, for a PACS without
+      DICOMweb).
+    called_ae: dimse: the PACS's AE title.
+    calling_ae: dimse: this site's AE title, as the PACS lists it among its allowed modalities.
     cache_dir: this site's cache folder (created 0700; an existing one must be owner-only).
-    auth: 'basic', 'bearer' or 'none'.
+    auth: 'basic', 'bearer' or 'none' (dicomweb; DIMSE has no credentials: access is by AE
+      title and host).
     credentials_file: a file (owner-only) holding 'user:password' (basic) or a token (bearer).
     credentials_env: or the name of an environment variable holding the same.
     ca_bundle: PEM file of the CA(s) that sign the PACS's certificate ('' : the system's).
@@ -122,6 +131,9 @@ class PacsSettings:
 
   url: str
   cache_dir: str
+  protocol: str = 'dicomweb'
+  called_ae: str = ''
+  calling_ae: str = 'TFF-SITE'
   auth: Auth = Auth.BASIC
   credentials_file: str = ''
   credentials_env: str = ''
@@ -136,8 +148,40 @@ class PacsSettings:
 
   def __post_init__(self):
     object.__setattr__(self, 'auth', _parse_auth(self.auth))
+    if self.protocol not in PROTOCOLS:
+      raise ConfigError(f'pacs.protocol must be one of {", ".join(PROTOCOLS)}. '
+                        f'Found {self.protocol!r}.')
     if not isinstance(self.url, str) or not self.url:
       raise ConfigError(f'pacs.url must be set for dataset \'pacs\'. Found {self.url!r}.')
+    if self.protocol == 'dimse':
+      self._check_dimse()
+    else:
+      self._check_dicomweb()
+    self._check_query()
+
+  def _check_dimse(self):
+    try:
+      parsed = urllib.parse.urlsplit(self.url)
+      port = parsed.port
+    except ValueError:  # A port that is not a number, a broken IPv6 address.
+      parsed, port = None, None
+    if (not port or parsed.scheme != 'dicom' or not parsed.hostname or parsed.username or
+        parsed.password or parsed.path not in ('', '/') or parsed.query or parsed.fragment):
+      raise ConfigError("pacs.url must be dicom://HOST:PORT (the PACS's DICOM port) for "
+                        f"pacs.protocol 'dimse'. Found {self.url!r}.")
+    for name in ('called_ae', 'calling_ae'):
+      value = getattr(self, name)
+      if not isinstance(value, str) or not _AE_TITLE.fullmatch(value):
+        raise ConfigError(f"pacs.{name} must be an AE title (1 to 16 characters, no backslash) "
+                          f"for pacs.protocol 'dimse'. Found {value!r}.")
+    if self.credentials_file or self.credentials_env or self.ca_bundle:
+      raise ConfigError("pacs.credentials_file, pacs.credentials_env and pacs.ca_bundle are "
+                        "for pacs.protocol 'dicomweb': DIMSE access is by AE title and host "
+                        '(pacs.calling_ae), and DICOM TLS is not supported here.')
+    # No credentials go over DIMSE, whatever pacs.auth says (its default is 'basic').
+    object.__setattr__(self, 'auth', Auth.NONE)
+
+  def _check_dicomweb(self):
     parsed = urllib.parse.urlsplit(self.url)
     if parsed.scheme not in ('http', 'https') or not parsed.hostname:
       raise ConfigError('pacs.url must be an http(s) URL of the DICOMweb root, e.g. '
@@ -150,15 +194,17 @@ class PacsSettings:
         parsed.hostname):
       raise ConfigError(f'pacs.url must use https to send credentials to {parsed.hostname} '
                         '(http would send them in clear). Found an http URL.')
-    if not isinstance(self.cache_dir, str) or not self.cache_dir:
-      raise ConfigError('pacs.cache_dir must be set: the site\'s own folder for decoded '
-                        f'images. Found {self.cache_dir!r}.')
     if self.auth is not Auth.NONE and bool(self.credentials_file) == bool(self.credentials_env):
       raise ConfigError(f'pacs auth {self.auth.value!r} needs exactly one of '
                         'pacs.credentials_file and pacs.credentials_env.')
     if self.auth is Auth.NONE and (self.credentials_file or self.credentials_env):
       raise ConfigError("pacs.credentials_file and pacs.credentials_env need pacs.auth "
                         "'basic' or 'bearer'. Found auth 'none'.")
+
+  def _check_query(self):
+    if not isinstance(self.cache_dir, str) or not self.cache_dir:
+      raise ConfigError('pacs.cache_dir must be set: the site\'s own folder for decoded '
+                        f'images. Found {self.cache_dir!r}.')
     modalities = self.modalities
     if isinstance(modalities, str):
       modalities = tuple(m for m in modalities.replace(' ', '').split(',') if m)
@@ -219,7 +265,8 @@ def _is_loopback(host: str) -> bool:
 
 def default_config_fields() -> dict[str, Any]:
   """The `config.pacs` fields and their defaults (training/config.py)."""
-  return {'url': '', 'cache_dir': '', 'auth': 'basic', 'credentials_file': '',
+  return {'url': '', 'cache_dir': '', 'protocol': 'dicomweb', 'called_ae': '',
+          'calling_ae': 'TFF-SITE', 'auth': 'basic', 'credentials_file': '',
           'credentials_env': '', 'ca_bundle': '', 'modalities': '', 'study_date': '',
           'study_list_file': '', 'page_size': 100, 'max_attempts': 4, 'backoff_seconds': 0.5,
           'timeout_seconds': 30.0}
@@ -388,13 +435,22 @@ _CACHEABLE_REASONS = frozenset({
 class _Failed(Exception):
   """A request failed (after its retries, where a retry could help); `reason` is fixed text.
 
-  `refused`: the PACS answered with an HTTP error no retry fixes (a 4xx other than 401/403/404).
+  `refused`: the PACS answered with an error no retry fixes (an HTTP 4xx other than 401/403/404,
+  a DIMSE failure status).
   """
 
   def __init__(self, reason: str, refused: bool = False):
     super().__init__(reason)
     self.reason = reason
     self.refused = refused
+
+
+class _Transient(Exception):
+  """One try failed in a way a retry may fix (no connection, timeout, busy); fixed text."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
 
 
 class _NotFound(Exception):
@@ -421,15 +477,81 @@ def _quiet_libraries():
       logger.setLevel(level)
 
 
-class PacsClient:
-  """The few DICOMweb calls the loader makes, with retries, and errors that quote nothing."""
+@dataclasses.dataclass(frozen=True)
+class SeriesInfo:
+  """What a series query gives the loader: the mapping's attributes and the UIDs to retrieve."""
+
+  study: str
+  series: str
+  modality: str
+  body_part: str
+  descriptions: tuple[str, ...]
+  count: Optional[int]  # the PACS's instance count, when it gives one
+
+
+class _Client:
+  """What the loader asks of a PACS, whatever the protocol: series of a modality, instances of
+  a series, one instance decoded; with retries and backoff, and errors that quote nothing."""
+
+  # Completes "The PACS at <url> refused the query (<reason>): ...".
+  refused_hint = ''
+
+  def __init__(self, settings: PacsSettings, sleep: Callable[[float], None],
+               max_instance_bytes: int):
+    self.settings = settings
+    self._sleep = sleep
+    self._max_bytes = max_instance_bytes
+
+  def series(self, modality: str, study: Optional[str]) -> Iterator[SeriesInfo]:
+    raise NotImplementedError
+
+  def instances(self, study: str, series: str) -> Iterator[str]:
+    raise NotImplementedError
+
+  def retrieve(self, study: str, series: str, instance: str, limits: limits_lib.InputLimits
+               ) -> np.ndarray:
+    """One instance decoded to the 64x64 model image; raises _Failed, _NotFound or _Skip."""
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+  def _attempt(self, function: Callable[[], Any]) -> Any:
+    """function() once; the protocol's failures as ConfigError, _Failed, _NotFound, _Transient."""
+    return function()
+
+  def _reset(self) -> None:
+    """Drops what a failed try may have left broken (a DIMSE association)."""
+
+  def _call(self, function: Callable[[], Any]) -> Any:
+    """function() with retries and backoff; raises ConfigError, _Failed or _NotFound."""
+    attempts = self.settings.max_attempts
+    for attempt in range(attempts):
+      try:
+        return self._attempt(function)
+      except _Transient as e:
+        failure = e.reason
+        self._reset()
+      if attempt + 1 < attempts:
+        self._sleep(self.settings.backoff_seconds * 2**attempt)
+    raise _Failed(f'{failure} after {attempts} attempt{"s" if attempts > 1 else ""}')
+
+  @staticmethod
+  def _decode(buffer: io.BytesIO, limits: limits_lib.InputLimits) -> np.ndarray:
+    # The folder loader's reader reads only its own tags and applies the input limits.
+    buffer.seek(0)
+    return dicom.read_dicom_image(buffer, limits=limits)
+
+
+class DicomWebClient(_Client):
+  """The few DICOMweb calls the loader makes (dicomweb-client)."""
+
+  refused_hint = 'is pacs.url its DICOMweb root?'
 
   def __init__(self, settings: PacsSettings, *, web_client=None,
                sleep: Callable[[float], None] = time.sleep,
                max_instance_bytes: int = limits_lib.DEFAULT_LIMITS.max_file_bytes):
-    self.settings = settings
-    self._sleep = sleep
-    self._max_bytes = max_instance_bytes
+    super().__init__(settings, sleep, max_instance_bytes)
     self._client = web_client if web_client is not None else self._build()
 
   def _build(self):
@@ -467,35 +589,30 @@ class PacsClient:
       raise _TooLarge()
     return response
 
-  def _call(self, function: Callable[[], Any]) -> Any:
-    """function() with retries and backoff; raises ConfigError, _Failed or _NotFound."""
+  def _attempt(self, function: Callable[[], Any]) -> Any:
     import requests  # pylint: disable=g-import-not-at-top
     url = self.settings.url
-    attempts = self.settings.max_attempts
-    for attempt in range(attempts):
-      try:
-        return function()
-      except requests.exceptions.SSLError:
-        raise ConfigError(f'The TLS certificate of the PACS at {url} is not trusted: set '
-                          "pacs.ca_bundle to the hospital's CA bundle (PEM).") from None
-      except requests.exceptions.HTTPError as e:
-        status = e.response.status_code if e.response is not None else 0
-        if status in (401, 403):
-          raise ConfigError(f'The PACS at {url} refused the credentials (HTTP {status}): check '
-                            'pacs.auth and pacs.credentials_file / pacs.credentials_env.'
-                            ) from None
-        if status == 404:
-          raise _NotFound() from None
-        if status not in _RETRYABLE_STATUS:
-          raise _Failed(f'HTTP {status}', refused=True) from None
-        failure = f'HTTP {status}'
-      except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-        failure = 'timeout' if isinstance(e, requests.exceptions.Timeout) else 'no connection'
-      except requests.exceptions.RequestException as e:
-        failure = type(e).__name__
-      if attempt + 1 < attempts:
-        self._sleep(self.settings.backoff_seconds * 2**attempt)
-    raise _Failed(f'{failure} after {attempts} attempt{"s" if attempts > 1 else ""}')
+    try:
+      return function()
+    except requests.exceptions.SSLError:
+      raise ConfigError(f'The TLS certificate of the PACS at {url} is not trusted: set '
+                        "pacs.ca_bundle to the hospital's CA bundle (PEM).") from None
+    except requests.exceptions.HTTPError as e:
+      status = e.response.status_code if e.response is not None else 0
+      if status in (401, 403):
+        raise ConfigError(f'The PACS at {url} refused the credentials (HTTP {status}): check '
+                          'pacs.auth and pacs.credentials_file / pacs.credentials_env.'
+                          ) from None
+      if status == 404:
+        raise _NotFound() from None
+      if status not in _RETRYABLE_STATUS:
+        raise _Failed(f'HTTP {status}', refused=True) from None
+      raise _Transient(f'HTTP {status}') from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+      raise _Transient('timeout' if isinstance(e, requests.exceptions.Timeout)
+                       else 'no connection') from None
+    except requests.exceptions.RequestException as e:
+      raise _Transient(type(e).__name__) from None
 
   def _pages(self, search: Callable[..., list]) -> Iterator[dict]:
     offset, size = 0, self.settings.page_size
@@ -506,21 +623,29 @@ class PacsClient:
         return
       offset += len(page)
 
-  def series(self, modality: str, study: Optional[str]) -> Iterator[dict]:
+  def series(self, modality: str, study: Optional[str]) -> Iterator[SeriesInfo]:
     filters = {'Modality': modality}
     if self.settings.study_date:
       filters['StudyDate'] = self.settings.study_date
-    return self._pages(lambda **page: self._client.search_for_series(
-        study_instance_uid=study, fields=list(_SERIES_FIELDS), search_filters=filters, **page))
+    for item in self._pages(lambda **page: self._client.search_for_series(
+        study_instance_uid=study, fields=list(_SERIES_FIELDS), search_filters=filters,
+        **page)):
+      count = _value(item, _TAG_NUM_INSTANCES)
+      yield SeriesInfo(
+          study=_value(item, _TAG_STUDY_UID), series=_value(item, _TAG_SERIES_UID),
+          modality=_value(item, _TAG_MODALITY), body_part=_value(item, _TAG_BODY_PART),
+          descriptions=(_value(item, _TAG_STUDY_DESCRIPTION),
+                        _value(item, _TAG_SERIES_DESCRIPTION)),
+          count=int(count) if count.isdigit() else None)
 
-  def instances(self, study: str, series: str) -> Iterator[dict]:
-    return self._pages(lambda **page: self._client.search_for_instances(
+  def instances(self, study: str, series: str) -> Iterator[str]:
+    for item in self._pages(lambda **page: self._client.search_for_instances(
         study_instance_uid=study, series_instance_uid=series, fields=['SOPInstanceUID'],
-        **page))
+        **page)):
+      yield _value(item, _TAG_SOP_UID)
 
   def retrieve(self, study: str, series: str, instance: str, limits: limits_lib.InputLimits
                ) -> np.ndarray:
-    """One instance decoded to the 64x64 model image; raises _Failed, _NotFound or _Skip."""
     def fetch():
       try:
         ds = self._client.retrieve_instance(study, series, instance,
@@ -535,16 +660,205 @@ class PacsClient:
         raise dicom.UnusableDicomError(dicom.REASON_UNREADABLE) from None
       return ds
     ds = self._call(fetch)
-    # Back to bytes for the folder loader's reader, which reads only its own tags and applies
-    # the input limits; the full dataset is dropped here.
+    # Back to bytes for the folder loader's reader; the full dataset is dropped here.
     buffer = io.BytesIO()
     try:
       ds.save_as(buffer, enforce_file_format=True)
     except Exception:  # pylint: disable=broad-except
       raise dicom.UnusableDicomError(dicom.REASON_UNREADABLE) from None
     del ds
-    buffer.seek(0)
-    return dicom.read_dicom_image(buffer, limits=limits)
+    return self._decode(buffer, limits)
+
+
+# DIMSE status codes (PS3.4 C.4): pending, success, and C-GET's "some sub-operations failed".
+_PENDING = frozenset({0xFF00, 0xFF01})
+_SUCCESS = 0x0000
+_SUBOPERATIONS_FAILED = 0xB000
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 2 is transient; source 1 (service user) diagnostics.
+_REJECTED_TRANSIENT = 2
+_CALLING_AE_NOT_RECOGNIZED = 3
+_CALLED_AE_NOT_RECOGNIZED = 7
+
+
+class DimseClient(_Client):
+  """C-FIND and C-GET (pynetdicom) on one association this process opens to the PACS.
+
+  C-GET brings the instances back on the same association, so nothing here listens for a
+  connection (C-MOVE would need a port the PACS connects to).
+  """
+
+  refused_hint = 'does the PACS allow C-FIND and C-GET for pacs.calling_ae?'
+
+  def __init__(self, settings: PacsSettings, *, connect=None,
+               sleep: Callable[[float], None] = time.sleep,
+               max_instance_bytes: int = limits_lib.DEFAULT_LIMITS.max_file_bytes):
+    """`connect(handlers)` returns an association (tests pass a fake); default: the PACS's."""
+    super().__init__(settings, sleep, max_instance_bytes)
+    self._connect = connect or self._associate
+    self._association = None
+    self._received: list = []  # The instance (bytes) of the running C-GET, or _TooLarge.
+
+  def _associate(self, handlers):
+    # pylint: disable=g-import-not-at-top
+    import pynetdicom
+    from pynetdicom import sop_class
+    from pydicom import uid as pydicom_uid
+    # pylint: enable=g-import-not-at-top
+    settings = self.settings
+    parsed = urllib.parse.urlsplit(settings.url)
+    ae = pynetdicom.AE(ae_title=settings.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.timeout_seconds
+    ae.connection_timeout = settings.timeout_seconds
+    ae.add_requested_context(sop_class.StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(sop_class.StudyRootQueryRetrieveInformationModelGet)
+    # C-GET's instances come as C-STORE requests to us: every image storage class, in any
+    # transfer syntax (the stored one, as over DICOMweb), with us in the SCP role for it.
+    roles = []
+    for context in pynetdicom.StoragePresentationContexts:
+      if 'Image' in pydicom_uid.UID(context.abstract_syntax).name:
+        ae.add_requested_context(context.abstract_syntax, pynetdicom.ALL_TRANSFER_SYNTAXES)
+        roles.append(pynetdicom.build_role(context.abstract_syntax, scp_role=True))
+    return ae.associate(parsed.hostname, parsed.port, ae_title=settings.called_ae,
+                        ext_neg=roles, evt_handlers=handlers)
+
+  def _open(self):
+    if self._association is not None and self._association.is_established:
+      return self._association
+    self._association = None
+    from pynetdicom import evt  # pylint: disable=g-import-not-at-top
+    association = self._connect([(evt.EVT_C_STORE, self._on_store)])
+    if association.is_established:
+      self._association = association
+      return association
+    if association.is_rejected:
+      rejection = getattr(association.acceptor, 'primitive', None)
+      result = getattr(rejection, 'result', None)
+      diagnostic = getattr(rejection, 'diagnostic', None)
+      if result == _REJECTED_TRANSIENT:
+        raise _Transient('association rejected for now (busy)')
+      settings = self.settings
+      if diagnostic == _CALLING_AE_NOT_RECOGNIZED:
+        why = (f'it does not allow calling AE title {settings.calling_ae!r} (pacs.calling_ae) '
+               "from this host: ask its administrator to register this site's AE title")
+      elif diagnostic == _CALLED_AE_NOT_RECOGNIZED:
+        why = f'its AE title is not {settings.called_ae!r}: check pacs.called_ae'
+      else:
+        why = ('check pacs.called_ae, and that it allows calling AE title '
+               f'{settings.calling_ae!r} (pacs.calling_ae)')
+      raise ConfigError(f'The PACS at {settings.url} rejected the association: {why}.')
+    raise _Transient('no connection')
+
+  def _reset(self) -> None:
+    if self._association is not None:
+      self._association.abort()
+    self._association = None
+
+  def close(self) -> None:
+    if self._association is not None and self._association.is_established:
+      self._association.release()
+    self._association = None
+
+  def _on_store(self, event) -> int:
+    """A C-STORE of the running C-GET: the encoded instance is kept in memory, undecoded."""
+    data = event.encoded_dataset(include_meta=True)
+    if len(data) > self._max_bytes:
+      self._received.append(_TooLarge())
+      return 0xA700  # Out of resources: the PACS counts it as a failed sub-operation.
+    self._received.append(data)
+    return _SUCCESS
+
+  def _find(self, level: str, keys: Mapping[str, str], read: Callable[[Any], Any]) -> list:
+    """C-FIND; `read` keeps what is needed of each match. All matches are read before the
+    association is used again (DIMSE answers one request at a time)."""
+    # pylint: disable-next=g-import-not-at-top
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    query = _dataset(QueryRetrieveLevel=level, **keys)
+
+    def find():
+      matches = []
+      for status, identifier in self._open().send_c_find(
+          query, StudyRootQueryRetrieveInformationModelFind):
+        code = status.get('Status') if status else None
+        if code is None:  # No answer in time, or the association went down.
+          raise _Transient('no answer')
+        if code in _PENDING:
+          matches.append(read(identifier))
+        elif code != _SUCCESS:
+          raise _Failed(f'C-FIND status 0x{code:04X}', refused=True)
+      return matches
+    return self._call(find)
+
+  def series(self, modality: str, study: Optional[str]) -> Iterator[SeriesInfo]:
+    keys = {'StudyInstanceUID': study or '', 'SeriesInstanceUID': '', 'Modality': modality,
+            'BodyPartExamined': '', 'StudyDescription': '', 'SeriesDescription': '',
+            'NumberOfSeriesRelatedInstances': ''}
+    if self.settings.study_date:
+      keys['StudyDate'] = self.settings.study_date
+    def read(identifier):
+      count = _text(identifier, 'NumberOfSeriesRelatedInstances')
+      return SeriesInfo(
+          study=_text(identifier, 'StudyInstanceUID'),
+          series=_text(identifier, 'SeriesInstanceUID'),
+          modality=_text(identifier, 'Modality'),
+          body_part=_text(identifier, 'BodyPartExamined'),
+          descriptions=(_text(identifier, 'StudyDescription'),
+                        _text(identifier, 'SeriesDescription')),
+          count=int(count) if count.isdigit() else None)
+    return iter(self._find('SERIES', keys, read))
+
+  def instances(self, study: str, series: str) -> Iterator[str]:
+    keys = {'StudyInstanceUID': study, 'SeriesInstanceUID': series, 'SOPInstanceUID': ''}
+    return iter(self._find('IMAGE', keys, lambda i: _text(i, 'SOPInstanceUID')))
+
+  def retrieve(self, study: str, series: str, instance: str, limits: limits_lib.InputLimits
+               ) -> np.ndarray:
+    # pylint: disable-next=g-import-not-at-top
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+    query = _dataset(QueryRetrieveLevel='IMAGE', StudyInstanceUID=study,
+                     SeriesInstanceUID=series, SOPInstanceUID=instance)
+
+    def get():
+      self._received = []
+      final = None
+      for status, _ in self._open().send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+        final = status.get('Status') if status else None
+        if final is None:
+          raise _Transient('no answer')
+      received, self._received = self._received, []
+      if received and isinstance(received[0], _TooLarge):
+        raise dicom.UnusableDicomError(limits_lib.REASON_FILE_TOO_LARGE)
+      if received:
+        return received[0]
+      if final in (_SUCCESS, _SUBOPERATIONS_FAILED) or final in _PENDING:
+        raise _NotFound()
+      raise _Failed(f'C-GET status 0x{final:04X}', refused=True)
+    return self._decode(io.BytesIO(self._call(get)), limits)
+
+
+def _dataset(**keys):
+  from pydicom import dataset as pydicom_dataset  # pylint: disable=g-import-not-at-top
+  query = pydicom_dataset.Dataset()
+  for keyword, value in keys.items():
+    setattr(query, keyword, value)
+  return query
+
+
+def _text(identifier, keyword: str) -> str:
+  """One attribute of a C-FIND match as text ('' when absent)."""
+  value = identifier.get(keyword) if identifier is not None else None
+  if value is None:
+    return ''
+  from pydicom import multival  # pylint: disable=g-import-not-at-top
+  if isinstance(value, (list, tuple, multival.MultiValue)):
+    return ' '.join(str(v) for v in value)
+  return str(value)
+
+
+def make_client(settings: PacsSettings, max_instance_bytes: int) -> _Client:
+  """The client of `settings.protocol`."""
+  if settings.protocol == 'dimse':
+    return DimseClient(settings, max_instance_bytes=max_instance_bytes)
+  return DicomWebClient(settings, max_instance_bytes=max_instance_bytes)
 
 
 # --- The loader ------------------------------------------------------------------------------
@@ -564,21 +878,22 @@ def _progress(total=None):
 
 def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
               limits: limits_lib.InputLimits = limits_lib.DEFAULT_LIMITS,
-              client: Optional[PacsClient] = None) -> source.LabeledImages:
+              client: Optional[_Client] = None) -> source.LabeledImages:
   """Queries the PACS, retrieves (or reads from the cache) and decodes every mapped instance.
 
   Args:
     settings: a PacsSettings, or `config.pacs`.
     mapping: the categorization rules; None: the folder loader's default (dicom_mapping.json).
     limits: the input limits (data/limits.py) applied to each retrieved instance.
-    client: a PacsClient to use instead of one built from `settings` (tests).
+    client: a DicomWebClient or DimseClient to use instead of one built from `settings`
+      (tests).
 
   Returns:
     The images (N, 64, 64) uint8 in pseudonym order (stable across runs), their labels, and
     the report (retrieved and cached counts in its source line, skips as 'instance #n').
 
   Raises:
-    ConfigError: bad settings, refused credentials, untrusted certificate.
+    ConfigError: bad settings, refused credentials or association, untrusted certificate.
     DataError: the PACS is unreachable, refuses the query, or no usable image matched it.
   """
   settings = PacsSettings.from_config(settings)
@@ -587,7 +902,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
   studies = _study_list(settings)
   cache = InstanceCache(settings.cache_dir)
   if client is None:
-    client = PacsClient(settings, max_instance_bytes=limits.max_file_bytes)
+    client = make_client(settings, limits.max_file_bytes)
   modalities = settings.modalities or tuple(sorted({m for r in rules.rules for m in r.modalities}))
   report = source.LoadReport(source='PACS')
   images, labels, names = [], [], []
@@ -595,7 +910,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
   index = 0  # 'instance #n' in the report: the position in this run's query results.
   seen = set()  # Pseudonyms loaded in this run (32 bytes each).
   answered = False  # Whether any query got an answer: else the PACS is unreachable.
-  with _quiet_libraries(), _progress() as bar:
+  with _quiet_libraries(), _progress() as bar, contextlib.closing(client):
     for modality in modalities:
       for study in (studies or [None]):
         try:
@@ -607,7 +922,7 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
         except _Failed as failure:
           if not answered and failure.refused:
             raise DataError(f'The PACS at {settings.url} refused the query ({failure.reason}): '
-                            'is pacs.url its DICOMweb root?') from None
+                            f'{client.refused_hint}') from None
           if not answered:
             raise DataError(f'The PACS at {settings.url} is unreachable ({failure.reason}): '
                             'check pacs.url and the network.') from None
@@ -640,18 +955,15 @@ def load_pacs(settings: Any, mapping: Optional[dicom.DicomMapping] = None, *,
                               report=report)
 
 
-def _load_series(client, cache, rules, limits, item, index, report, images, labels, names,
-                 counts, bar, seen: set[str]) -> int:
+def _load_series(client, cache, rules, limits, item: SeriesInfo, index, report, images, labels,
+                 names, counts, bar, seen: set[str]) -> int:
   """Loads one series of a query result; returns the next instance index."""
-  study, series = _value(item, _TAG_STUDY_UID), _value(item, _TAG_SERIES_UID)
-  category, reason = rules.category_for(
-      _value(item, _TAG_MODALITY), _value(item, _TAG_BODY_PART),
-      (_value(item, _TAG_STUDY_DESCRIPTION), _value(item, _TAG_SERIES_DESCRIPTION)))
+  study, series = item.study, item.series
+  category, reason = rules.category_for(item.modality, item.body_part, item.descriptions)
   if category is None or not study or not series:
     # Not retrieved: counted by the PACS's own instance count, else by listing the series.
-    count = _value(item, _TAG_NUM_INSTANCES)
-    if count.isdigit():
-      number = int(count)
+    if item.count is not None:
+      number = item.count
     else:
       try:
         number = sum(1 for _ in client.instances(study, series)) if study and series else 1
@@ -663,8 +975,7 @@ def _load_series(client, cache, rules, limits, item, index, report, images, labe
     return index
   label = categories.LABEL_OF[category]
   try:
-    for instance_item in client.instances(study, series):
-      instance = _value(instance_item, _TAG_SOP_UID)
+    for instance in client.instances(study, series):
       name = f'instance #{index}'
       index += 1
       bar.update(1)
