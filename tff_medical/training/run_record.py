@@ -155,8 +155,8 @@ class CheckpointStore:
   """A run's round checkpoints: one owner-only .npz a round, written whole or not at all.
 
   Own code rather than tff.program.FileProgramStateManager, which writes a SavedModel a round:
-  3.6 s a round at the demo's shape against 13 ms for the same 135 leaves in one .npz (2 loaded
-  cores; docs/BENCHMARKS.md). The layout stays TFF's (round_N folders, the newest `keep_total`
+  3.6 s a round at the demo's shape against 13 ms for the same 135 leaves in one .npz (measured
+  once on 2 loaded cores; make bench shows the checkpoint step's time a round). The layout stays TFF's (round_N folders, the newest `keep_total`
   kept), and folders TFF wrote (no state.npz) are still read through TFF.
   """
 
