@@ -5,7 +5,8 @@
 
 --dataset: mednist (a folder with one subfolder per category, or MedNIST.tar.gz), dicom (a
 folder of DICOM files), pacs (the hospital's PACS over DICOMweb: --pacs_url, --pacs_cache_dir
-and credentials, see README "Reading from a PACS") or phantoms (synthetic, for trials). The
+and credentials; or over DIMSE: --pacs_protocol=dimse --pacs_url=dicom://HOST:PORT and the AE
+titles; see README "Reading from a PACS") or phantoms (synthetic, for trials). The
 images never leave this process. The site exits when the coordinator has been unreachable for
 --max_wait_seconds.
 """
@@ -30,7 +31,13 @@ _DATASET = flags.DEFINE_enum('dataset', 'mednist', list(sources.NAMES),
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'Local data folder (mednist, dicom).')
 _NUM_PER_CATEGORY = flags.DEFINE_integer('num_per_category', 20, 'phantoms only.')
 # pacs only (tff_medical.data.pacs.PacsSettings documents each).
-_PACS_URL = flags.DEFINE_string('pacs_url', '', 'pacs: the DICOMweb root URL.')
+_PACS_URL = flags.DEFINE_string('pacs_url', '', 'pacs: the DICOMweb root URL, or '
+                                'dicom://HOST:PORT with --pacs_protocol=dimse.')
+_PACS_PROTOCOL = flags.DEFINE_enum('pacs_protocol', 'dicomweb', ['dicomweb', 'dimse'],
+                                   'pacs: QIDO-RS/WADO-RS, or C-FIND/C-GET.')
+_PACS_CALLED_AE = flags.DEFINE_string('pacs_called_ae', '', "pacs, dimse: the PACS's AE title.")
+_PACS_CALLING_AE = flags.DEFINE_string('pacs_calling_ae', 'TFF-SITE',
+                                       "pacs, dimse: this site's AE title, as the PACS lists it.")
 _PACS_CACHE_DIR = flags.DEFINE_string('pacs_cache_dir', '',
                                       "pacs: this site's owner-only cache of decoded images.")
 _PACS_AUTH = flags.DEFINE_enum('pacs_auth', 'basic', ['basic', 'bearer', 'none'],
@@ -89,7 +96,9 @@ def main(argv):
 
 
 def _pacs_settings() -> dict:
-  return {'url': _PACS_URL.value, 'cache_dir': _PACS_CACHE_DIR.value, 'auth': _PACS_AUTH.value,
+  return {'url': _PACS_URL.value, 'cache_dir': _PACS_CACHE_DIR.value,
+          'protocol': _PACS_PROTOCOL.value, 'called_ae': _PACS_CALLED_AE.value,
+          'calling_ae': _PACS_CALLING_AE.value, 'auth': _PACS_AUTH.value,
           'credentials_file': _PACS_CREDENTIALS_FILE.value,
           'credentials_env': _PACS_CREDENTIALS_ENV.value, 'ca_bundle': _PACS_CA_BUNDLE.value,
           'modalities': tuple(_PACS_MODALITIES.value), 'study_date': _PACS_STUDY_DATE.value,

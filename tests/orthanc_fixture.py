@@ -3,8 +3,13 @@
 `OrthancServer` writes its own JSON configuration into a private temporary folder (0700):
 storage there, HTTP on a free port with RemoteAccessAllowed false (only loopback clients),
 AuthenticationEnabled with one registered user (so another local user cannot read the images
-without the password, which lives in that folder only), the DICOM (DIMSE) server, WebDAV and the
-Explorer off, the DICOMweb plugin on. `install_orthanc()` installs the two Debian packages when
+without the password, which lives in that folder only), WebDAV and the Explorer off, the
+DICOMweb plugin on. The DICOM (DIMSE) server is off unless `dimse=True`: then it listens on a free
+port (Orthanc binds it on every interface) and accepts an association only when the called AE
+title is its own (DicomCheckCalledAet), the calling AE title is the one modality it lists
+(`calling_ae`, random for each server, so it is as secret as the password) and the peer is
+127.0.0.1 (DicomCheckModalityHost); that modality may only C-FIND and C-GET, and no
+DicomAlwaysAllow* lets an unlisted AE in. DIMSE has no other access control. `install_orthanc()` installs the two Debian packages when
 they are missing (as root, as tests/install_browser.sh does for Chromium) and returns the reason
 when it cannot, for the test to skip with.
 
@@ -32,6 +37,7 @@ ORTHANC = '/usr/sbin/Orthanc'
 # Where the Debian package orthanc-dicomweb puts the plugin (dpkg -L orthanc-dicomweb).
 DICOMWEB_PLUGIN = '/usr/share/orthanc/plugins/libOrthancDicomWeb.so'
 USER = 'tff-site'
+CALLED_AE = 'TFF-TEST-PACS'
 
 
 def install_orthanc() -> str:
@@ -62,8 +68,13 @@ def _free_port() -> int:
 class OrthancServer:
   """One Orthanc process; `start()`, `stop()`, or use as a context manager."""
 
-  def __init__(self, root: str = '', tls: bool = False):
+  def __init__(self, root: str = '', tls: bool = False, dimse: bool = False):
     self._own_root = not root
+    self.dimse = dimse
+    # 16 characters an AE title allows (no backslash, no space): unguessable by another user.
+    self.calling_ae = 'S' + ''.join(
+        '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ'[b % 36] for b in os.urandom(15))
+    self.dicom_port = 0
     # Debian's Orthanc 1.10.1 crashes (SIGSEGV) on its first TLS handshake with OpenSSL 3, so
     # TLS is served by a front on loopback (`TlsFront`), as hospitals often do with a proxy.
     self.tls = tls
@@ -91,8 +102,14 @@ class OrthancServer:
   def dicomweb_url(self) -> str:
     return f'{self.url}/dicom-web'
 
+  @property
+  def dicom_url(self) -> str:
+    """With dimse: the DICOM port, as pacs.url for pacs.protocol 'dimse'."""
+    return f'dicom://127.0.0.1:{self.dicom_port}'
+
   def start(self, timeout: float = 60.0) -> 'OrthancServer':
     self.port = _free_port()
+    self.dicom_port = _free_port()
     storage = os.path.join(self.root, 'storage')
     os.makedirs(storage, mode=0o700, exist_ok=True)
     config = {
@@ -106,8 +123,24 @@ class OrthancServer:
         'RemoteAccessAllowed': False,
         'AuthenticationEnabled': True,
         'RegisteredUsers': {USER: self.password},
-        'DicomServerEnabled': False,
-        'DicomPort': _free_port(),
+        'DicomServerEnabled': self.dimse,
+        'DicomPort': self.dicom_port,
+        'DicomAet': CALLED_AE,
+        'DicomCheckCalledAet': True,
+        'DicomCheckModalityHost': True,
+        'DicomAlwaysAllowEcho': False,
+        'DicomAlwaysAllowStore': False,
+        'DicomAlwaysAllowFind': False,
+        'DicomAlwaysAllowFindWorklist': False,
+        'DicomAlwaysAllowGet': False,
+        'DicomAlwaysAllowMove': False,
+        # The site: C-FIND and C-GET only. Its Port is where Orthanc would connect for a C-MOVE
+        # or C-STORE SCU, which it is not allowed: nothing listens there.
+        'DicomModalities': {'site': {
+            'AET': self.calling_ae, 'Host': '127.0.0.1', 'Port': _free_port(),
+            'AllowEcho': False, 'AllowFind': True, 'AllowFindWorklist': False,
+            'AllowGet': True, 'AllowMove': False, 'AllowStore': False,
+            'AllowStorageCommitment': False}},
         'WebDavEnabled': False,
         'OrthancExplorerEnabled': False,
         'HttpCompressionEnabled': False,
@@ -256,6 +289,11 @@ class OrthancServer:
     return sum(1 for line in self.log_text().splitlines()
                if 'GET /dicom-web/studies/' in line and '/instances/' in line
                and '/metadata' not in line)
+
+
+  def dimse_retrievals(self) -> int:
+    """C-GET requests Orthanc has logged so far (the loader sends one per instance)."""
+    return self.log_text().count('C-GET-SCU request received')
 
 
 class TlsFront:

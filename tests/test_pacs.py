@@ -474,6 +474,250 @@ def test_unreachable_real_port_is_one_message(tmp_path):
     pacs.load_pacs(settings)
 
 
+# --- DIMSE (C-FIND, C-GET) with a fake association ---------------------------------------------
+
+
+def _dimse_settings(tmp_path, **overrides):
+  values = dict(url='dicom://127.0.0.1:11112', cache_dir=str(tmp_path / 'cache'),
+                protocol='dimse', called_ae='PACS', calling_ae='TFF-SITE', backoff_seconds=0.0)
+  values.update(overrides)
+  return pacs.PacsSettings(**values)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'protocol': 'dicom'}, 'pacs.protocol must be one of dicomweb, dimse'),
+    ({'url': 'http://127.0.0.1:8042/dicom-web'}, r'pacs.url must be dicom://HOST:PORT'),
+    ({'url': 'dicom://127.0.0.1'}, r'pacs.url must be dicom://HOST:PORT'),
+    ({'url': 'dicom://127.0.0.1:port'}, r'pacs.url must be dicom://HOST:PORT'),
+    ({'url': 'dicom://127.0.0.1:104/studies'}, r'pacs.url must be dicom://HOST:PORT'),
+    ({'called_ae': ''}, r'pacs.called_ae must be an AE title'),
+    ({'calling_ae': 'A' * 17}, r'pacs.calling_ae must be an AE title'),
+    ({'calling_ae': 'SITE\\A'}, r'pacs.calling_ae must be an AE title'),
+    ({'called_ae': '   '}, r'pacs.called_ae must be an AE title'),
+    ({'credentials_env': 'PACS_TOKEN'}, 'DIMSE access is by AE title'),
+    ({'ca_bundle': '/etc/ca.pem'}, 'DICOM TLS is not supported'),
+], ids=['protocol', 'http_url', 'no_port', 'bad_port', 'path', 'no_called_ae', 'long_ae',
+        'backslash_ae', 'blank_ae', 'credentials', 'tls'])
+def test_bad_dimse_settings_are_one_config_error(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    _dimse_settings(tmp_path, **overrides)
+
+
+def test_dimse_settings_need_no_credentials(tmp_path):
+  settings = _dimse_settings(tmp_path)
+  assert settings.auth is pacs.Auth.NONE and settings.protocol == 'dimse'
+  assert isinstance(pacs.make_client(settings, 1 << 20), pacs.DimseClient)
+  assert isinstance(pacs.make_client(_settings(tmp_path), 1 << 20), pacs.DicomWebClient)
+
+
+def _status(code):
+  status = pydicom.Dataset()
+  status.Status = code
+  return status
+
+
+class FakeDimse:
+  """A PACS behind fake pynetdicom associations: C-FIND (SERIES, IMAGE) and C-GET, whose
+  instance comes to the C-STORE handler given at association, as pynetdicom does.
+
+  `series` as FakeDicomWeb's; `connect_failures`: successive results of associating
+  ('unreachable', ('rejected', result, diagnostic)); `get_failures`: {sop uid: number of C-GETs
+  that get no answer}; `find_status`: the final status of every C-FIND.
+  """
+
+  def __init__(self, series, corrupt=(), connect_failures=(), get_failures=None,
+               find_status=0x0000):
+    self.series = series
+    self.corrupt = set(corrupt)
+    self.connect_failures = list(connect_failures)
+    self.get_failures = dict(get_failures or {})
+    self.find_status = find_status
+    self.associations = []
+    self.queries = []
+    self.retrieved = []
+
+  def connect(self, handlers):
+    association = FakeAssociation(self, dict(handlers))
+    self.associations.append(association)
+    failure = self.connect_failures.pop(0) if self.connect_failures else None
+    if failure == 'unreachable':
+      association.is_established, association.is_aborted = False, True
+    elif failure:
+      _, result, diagnostic = failure
+      association.is_established, association.is_rejected = False, True
+      association.acceptor.primitive = type('Rejection', (), {'result': result,
+                                                              'diagnostic': diagnostic})()
+    return association
+
+
+class FakeAssociation:
+
+  def __init__(self, pacs_server, handlers):
+    self.pacs = pacs_server
+    self.handlers = handlers
+    self.is_established, self.is_rejected, self.is_aborted = True, False, False
+    self.acceptor = type('Acceptor', (), {})()
+    self.released = False
+
+  def release(self):
+    self.released, self.is_established = True, False
+
+  def abort(self):
+    self.is_aborted, self.is_established = True, False
+
+  def send_c_find(self, query, model):
+    from pynetdicom import sop_class  # pylint: disable=g-import-not-at-top
+    assert self.is_established and model == sop_class.StudyRootQueryRetrieveInformationModelFind
+    keys = {e.keyword: str(e.value) for e in query}
+    self.pacs.queries.append(keys)
+    for study, series, modality, body_part, description, sops in self.pacs.series:
+      if keys['QueryRetrieveLevel'] == 'SERIES':
+        if modality != keys['Modality'] or keys['StudyInstanceUID'] not in ('', study):
+          continue
+        match = pydicom.Dataset()
+        match.StudyInstanceUID, match.SeriesInstanceUID = study, series
+        match.Modality, match.BodyPartExamined = modality, body_part
+        match.StudyDescription, match.SeriesDescription = description, ''
+        match.PatientName = CANARY  # What a PACS may send unasked: must go no further.
+        yield _status(0xFF00), match
+      elif series == keys['SeriesInstanceUID']:
+        for sop in sops:
+          match = pydicom.Dataset()
+          match.SOPInstanceUID = sop
+          yield _status(0xFF00), match
+    yield _status(self.pacs.find_status), None
+
+  def send_c_get(self, query, model):
+    from pynetdicom import evt  # pylint: disable=g-import-not-at-top
+    from pynetdicom import sop_class  # pylint: disable=g-import-not-at-top
+    assert self.is_established and model == sop_class.StudyRootQueryRetrieveInformationModelGet
+    sop = query.SOPInstanceUID
+    if self.pacs.get_failures.get(sop):
+      self.pacs.get_failures[sop] -= 1
+      self.abort()
+      yield pydicom.Dataset(), None  # pynetdicom's "no response": timeout or abort.
+      return
+    modality = next((m for _, se, m, _, _, sops in self.pacs.series
+                     if se == query.SeriesInstanceUID and sop in sops), None)
+    if modality is None:
+      yield _status(0x0000), None  # Nothing matched: zero sub-operations.
+      return
+    data = _instance_bytes(modality, sop, rows=512 if sop in self.pacs.corrupt else None)
+    event = type('Event', (), {'encoded_dataset': lambda self, include_meta=True: data})()
+    self.pacs.retrieved.append(sop)
+    store_status = self.handlers[evt.EVT_C_STORE](event)
+    yield _status(0xFF00), None
+    yield _status(0x0000 if store_status == 0 else 0xB000), None
+
+
+def _load_dimse(tmp_path, fake, max_instance_bytes=1 << 20, **overrides):
+  settings = _dimse_settings(tmp_path, **overrides)
+  sleeps = []
+  client = pacs.DimseClient(settings, connect=fake.connect, sleep=sleeps.append,
+                            max_instance_bytes=max_instance_bytes)
+  return pacs.load_pacs(settings, client=client), sleeps
+
+
+def test_dimse_categorizes_asks_only_the_mappings_keys_and_caches(tmp_path, caplog):
+  caplog.set_level(std_logging.DEBUG)
+  fake = FakeDimse(_pacs(), corrupt={'1.9.1.1.2'})
+  loaded, _ = _load_dimse(tmp_path, fake)
+  assert loaded.category_counts() == {**{c: 0 for c in categories.CATEGORY_IDS},
+                                      'HeadCT': 2, 'ChestCT': 2, 'Hand': 1}
+  # The unmapped MR series is counted by listing its instances, never retrieved.
+  assert loaded.report.reasons() == {dicom.REASON_NO_CATEGORY: 2, dicom.REASON_BAD_PIXELS: 1}
+  assert sorted(fake.retrieved) == sorted(s for row in _pacs()[:3] for s in row[5])
+  series_queries = [q for q in fake.queries if q['QueryRetrieveLevel'] == 'SERIES']
+  assert {q['Modality'] for q in series_queries} == {'CT', 'MR', 'CR', 'DX'}
+  assert all(set(q) == {'QueryRetrieveLevel', 'StudyInstanceUID', 'SeriesInstanceUID',
+                        'Modality', 'BodyPartExamined', 'StudyDescription',
+                        'SeriesDescription', 'NumberOfSeriesRelatedInstances'}
+             for q in series_queries)
+  assert all(set(q) == {'QueryRetrieveLevel', 'StudyInstanceUID', 'SeriesInstanceUID',
+                        'SOPInstanceUID'} for q in fake.queries if q not in series_queries)
+  # One association for the whole load, released at the end.
+  assert len(fake.associations) == 1 and fake.associations[0].released
+  # The same pixels as the folder loader's, the same pseudonyms and cache as over DICOMweb:
+  # a second load (either protocol) retrieves nothing.
+  expected = dicom.read_dicom_image(io.BytesIO(_instance_bytes('CT', '1.9.1.1.0')))
+  assert any(np.array_equal(image, expected) for image in loaded.images)
+  again_fake = FakeDimse(_pacs(), corrupt={'1.9.1.1.2'})
+  again, _ = _load_dimse(tmp_path, again_fake)
+  assert again_fake.retrieved == [] and '0 retrieved, 6 from cache' in again.report.summary()
+  web = FakeDicomWeb(_pacs(), corrupt={'1.9.1.1.2'})
+  from_web, _ = _load(tmp_path, web)
+  assert web.retrieved == []
+  np.testing.assert_array_equal(from_web.images, loaded.images)
+  text = caplog.text + loaded.report.summary() + repr(loaded.report.skipped)
+  for directory, _, files in os.walk(tmp_path / 'cache'):
+    for f in files:
+      with open(os.path.join(directory, f), 'rb') as handle:
+        text += f + handle.read().decode('latin-1')
+  assert CANARY not in text and '1.9.1.1' not in text
+
+
+def test_dimse_failed_get_is_retried_on_a_new_association_then_skipped(tmp_path):
+  fake = FakeDimse(_pacs(), get_failures={'1.9.1.1.0': 2, '1.9.1.1.1': 4})
+  loaded, sleeps = _load_dimse(tmp_path, fake, backoff_seconds=0.5, max_attempts=4)
+  assert '1.9.1.1.0' in fake.retrieved and '1.9.1.1.1' not in fake.retrieved
+  assert loaded.report.reasons() == {pacs.REASON_RETRIEVE_FAILED: 1,
+                                     dicom.REASON_NO_CATEGORY: 2}
+  assert sorted(sleeps) == sorted([0.5, 1.0, 0.5, 1.0, 2.0])
+  assert len(fake.associations) == 1 + 2 + 4  # Each failed try aborts its association.
+  retry = FakeDimse(_pacs())
+  again, _ = _load_dimse(tmp_path, retry)
+  assert retry.retrieved == ['1.9.1.1.1'] and len(again) == 6
+
+
+def test_dimse_instance_over_the_limit_is_skipped_never_decoded(tmp_path):
+  from tff_medical.data import limits as limits_lib  # pylint: disable=g-import-not-at-top
+  fake = FakeDimse(_pacs())
+  with pytest.raises(DataError, match='gave no usable image') as raised:
+    _load_dimse(tmp_path, fake, max_instance_bytes=1000)
+  assert f'6 {limits_lib.REASON_FILE_TOO_LARGE}' in str(raised.value)
+
+
+@pytest.mark.parametrize('fake, message, error', [
+    (FakeDimse(_pacs(), connect_failures=[('rejected', 1, 3)]),
+     r"rejected the association: it does not allow calling AE title 'TFF-SITE' "
+     r'\(pacs.calling_ae\)', ConfigError),
+    (FakeDimse(_pacs(), connect_failures=[('rejected', 1, 7)]),
+     r"rejected the association: its AE title is not 'PACS': check pacs.called_ae", ConfigError),
+    (FakeDimse(_pacs(), connect_failures=[('rejected', 1, 1)]),
+     r"rejected the association: check pacs.called_ae, and that it allows calling AE title",
+     ConfigError),
+    (FakeDimse(_pacs(), connect_failures=['unreachable'] * 4),
+     r'dicom://127.0.0.1:11112 is unreachable \(no connection after 4 attempts\): check '
+     r'pacs.url', DataError),
+    (FakeDimse(_pacs(), connect_failures=[('rejected', 2, 1)] * 4),
+     r'is unreachable \(association rejected for now \(busy\) after 4 attempts\)', DataError),
+    (FakeDimse(_pacs(), find_status=0xA700),
+     r'refused the query \(C-FIND status 0xA700\): does the PACS allow C-FIND and C-GET for '
+     r'pacs.calling_ae\?', DataError),
+    (FakeDimse([]), r'the query \(modalities CR, CT, DX, MR\) matched no series', DataError),
+], ids=['unknown_calling_ae', 'wrong_called_ae', 'rejected', 'unreachable', 'busy',
+        'find_refused', 'empty_query'])
+def test_each_dimse_failure_is_one_clear_message(tmp_path, fake, message, error):
+  with pytest.raises(error, match=message) as raised:
+    _load_dimse(tmp_path, fake)
+  text = str(raised.value)
+  assert '\n' not in text and CANARY not in text and '1.9.' not in text
+
+
+def test_dimse_busy_pacs_is_retried(tmp_path):
+  fake = FakeDimse(_pacs(), connect_failures=[('rejected', 2, 1), 'unreachable'])
+  loaded, sleeps = _load_dimse(tmp_path, fake, backoff_seconds=1.0)
+  assert len(loaded) == 6 and sleeps == [1.0, 2.0]
+
+
+def test_dimse_unreachable_real_port_is_one_message(tmp_path):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  settings = _dimse_settings(tmp_path, url=f'dicom://127.0.0.1:{portpicker.pick_unused_port()}',
+                             max_attempts=2, backoff_seconds=0.01, timeout_seconds=5)
+  with pytest.raises(DataError, match=r'is unreachable \(no connection after 2 attempts\)'):
+    pacs.load_pacs(settings)
+
+
 # --- End to end: a real Orthanc ----------------------------------------------------------------
 
 
