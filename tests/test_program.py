@@ -118,7 +118,9 @@ class TestProgram:
         os.path.join(d, 'audit_log.jsonl')).records()] for d in (reference, run_dir)]
     assert participants[0] == participants[1] and len(participants[0]) == 3
     # The secret is in the checkpoints (owner-only) and nowhere else in the run directory.
-    forms = [str(secret).encode(), f'{secret:x}'.encode(), f'{secret:X}'.encode()]
+    # As text, and as numpy's UTF-32 string arrays (the checkpoint .npz keeps the sampler's JSON).
+    forms = [text.encode(codec) for text in (str(secret), f'{secret:x}', f'{secret:X}')
+             for codec in ('ascii', 'utf-32-le')]
     found = {}
     for root, _, files in os.walk(run_dir):
       for name in files:
