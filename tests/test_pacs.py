@@ -723,12 +723,13 @@ def test_dimse_unreachable_real_port_is_one_message(tmp_path):
 
 @pytest.fixture(scope='module')
 def orthanc(tmp_path_factory):
-  """Orthanc on loopback, seeded (3 copies of each SEEDS entry), one instance made corrupt."""
+  """Orthanc on loopback (DICOMweb and DIMSE), seeded (3 copies of each SEEDS entry), one
+  instance made corrupt."""
   import orthanc_fixture  # pylint: disable=g-import-not-at-top
   reason = orthanc_fixture.install_orthanc()
   if reason:
     pytest.skip(reason)
-  server = orthanc_fixture.OrthancServer(str(tmp_path_factory.mktemp('orthanc')))
+  server = orthanc_fixture.OrthancServer(str(tmp_path_factory.mktemp('orthanc')), dimse=True)
   server.start()
   try:
     seeded = orthanc_fixture.seed_instances(copies=3)
@@ -836,6 +837,86 @@ def test_tls_is_verified_against_the_ca_bundle(orthanc, tmp_path):
     loaded = pacs.load_pacs(pacs.PacsSettings(cache_dir=str(tmp_path / 'c2'),
                                               ca_bundle=server.ca_path, **settings))
     assert loaded.category_counts()['HeadCT'] == 1 and len(loaded) == 1
+
+
+def _dimse(server, cache, **overrides):
+  import orthanc_fixture  # pylint: disable=g-import-not-at-top
+  values = dict(url=server.dicom_url, cache_dir=str(cache), protocol='dimse',
+                called_ae=orthanc_fixture.CALLED_AE, calling_ae=server.calling_ae,
+                backoff_seconds=0.1)
+  values.update(overrides)
+  return pacs.PacsSettings(**values)
+
+
+@pytest.mark.slow  # End-to-end tier: a real Orthanc server, over DIMSE.
+def test_orthanc_dimse_ingest_categorizes_caches_and_leaks_nothing(orthanc, tmp_path, caplog):
+  server, seeded, corrupt, _ = orthanc
+  for name in ('pynetdicom', 'pydicom'):  # What a load must silence, at its most verbose.
+    std_logging.getLogger(name).setLevel(std_logging.DEBUG)
+  caplog.set_level(std_logging.DEBUG)
+  cache = tmp_path / 'cache'
+  before = server.dimse_retrievals()
+  loaded = pacs.load_pacs(_dimse(server, cache))
+  counts, unknown = _expected_counts(seeded, corrupt)
+  assert loaded.category_counts() == counts
+  assert loaded.report.reasons() == {dicom.REASON_NO_CATEGORY: unknown,
+                                     dicom.REASON_BAD_PIXELS: 1}
+  retrieved = server.dimse_retrievals() - before
+  assert retrieved == sum(counts.values()) + 1  # One C-GET a mapped instance, no more.
+  # The same images and labels as over DICOMweb (same decode); another cache has another key,
+  # so another pseudonymous order.
+  web = pacs.load_pacs(pacs.PacsSettings(url=server.dicomweb_url, cache_dir=str(
+      tmp_path / 'web_cache'), credentials_file=orthanc[3]))
+
+  def contents(images):
+    return sorted((int(label), image.tobytes()) for image, label in zip(images.images,
+                                                                       images.labels))
+  assert contents(web) == contents(loaded)
+  # Second load: from the cache, not one C-GET (Orthanc's own log).
+  again = pacs.load_pacs(_dimse(server, cache))
+  assert server.dimse_retrievals() - before == retrieved
+  assert '0 retrieved' in again.report.summary()
+  np.testing.assert_array_equal(again.images, loaded.images)
+  # The query filter reaches C-FIND: a date range with no study matches nothing.
+  with pytest.raises(DataError, match=r'study_date 19000101-19000102\) matched no series'):
+    pacs.load_pacs(_dimse(server, cache, study_date='19000101-19000102'))
+  # The site through its flags: from the same cache, retrieving nothing, leaking nothing.
+  from tff_medical.crosssilo import provisioning  # pylint: disable=g-import-not-at-top
+  provisioning.provision(str(tmp_path / 'pki'), ['site-a'])
+  site_dir = tmp_path / 'pki' / 'sites' / 'site-a'
+  import orthanc_fixture  # pylint: disable=g-import-not-at-top
+  flags = [f'--site_dir={site_dir}', '--dataset=pacs', '--pacs_protocol=dimse',
+           f'--pacs_url={server.dicom_url}', f'--pacs_cache_dir={cache}',
+           f'--pacs_called_ae={orthanc_fixture.CALLED_AE}']
+  site = _run(['experiments/site.py', '--coordinator=127.0.0.1:9', '--max_wait_seconds=3',
+               f'--pacs_calling_ae={server.calling_ae}'] + flags, timeout=300)
+  assert f'site: {sum(counts.values())} local images' in site.stdout, site.stderr[-3000:]
+  assert site.returncode == 2 and 'Traceback' not in site.stderr, site.stderr[-3000:]
+  assert server.dimse_retrievals() - before == retrieved
+  # An AE title the PACS does not list, through the same flags: one line, no traceback.
+  refused = _run(['experiments/site.py', '--pacs_calling_ae=NOT-LISTED'] + flags, timeout=300)
+  assert refused.returncode == 1 and 'Traceback' not in refused.stderr, refused.stderr[-3000:]
+  assert ("rejected the association: it does not allow calling AE title 'NOT-LISTED'"
+          in refused.stderr)
+  leaks = _canaries_in([str(cache), str(site_dir)], seeded.canaries)
+  assert not leaks, leaks[:5]
+  outputs = caplog.text + site.stdout + site.stderr + refused.stdout + refused.stderr
+  assert not [c for c in seeded.canaries if c in outputs]
+  assert 'C-GET' in server.log_text()  # The check reads a log that holds the requests.
+
+
+@pytest.mark.slow  # End-to-end tier: a real Orthanc server, over DIMSE.
+def test_orthanc_dimse_refusals_are_one_message(orthanc, tmp_path):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  server, _, _, _ = orthanc
+  cache = tmp_path / 'cache'
+  with pytest.raises(ConfigError, match=r'it does not allow calling AE title \'SOMEONE-ELSE\''):
+    pacs.load_pacs(_dimse(server, cache, calling_ae='SOMEONE-ELSE'))
+  with pytest.raises(ConfigError, match=r"its AE title is not 'NOT-THE-PACS'"):
+    pacs.load_pacs(_dimse(server, cache, called_ae='NOT-THE-PACS'))
+  with pytest.raises(DataError, match=r'is unreachable \(no connection after 2 attempts\)'):
+    pacs.load_pacs(_dimse(server, cache, max_attempts=2, timeout_seconds=5,
+                          url=f'dicom://127.0.0.1:{portpicker.pick_unused_port()}'))
 
 
 def _run(args, env=None, timeout=600):
