@@ -407,8 +407,12 @@ def test_failed_retrieval_is_retried_with_backoff_then_reported_and_skipped(tmp_
 ], ids=['wrong_credentials', 'unreachable', 'untrusted_tls', 'refused_query', 'empty_query',
         'nothing_usable'])
 def test_each_failure_is_one_clear_message_quoting_nothing(tmp_path, fake, message, error):
+  _assert_one_clear_message(lambda: _load(tmp_path, fake), error, message)
+
+
+def _assert_one_clear_message(load, error, message):
   with pytest.raises(error, match=message) as raised:
-    _load(tmp_path, fake)
+    load()
   text = str(raised.value)
   assert '\n' not in text and CANARY not in text and '1.9.' not in text
 
@@ -698,10 +702,7 @@ def test_dimse_instance_over_the_limit_is_skipped_never_decoded(tmp_path):
 ], ids=['unknown_calling_ae', 'wrong_called_ae', 'rejected', 'unreachable', 'busy',
         'find_refused', 'empty_query'])
 def test_each_dimse_failure_is_one_clear_message(tmp_path, fake, message, error):
-  with pytest.raises(error, match=message) as raised:
-    _load_dimse(tmp_path, fake)
-  text = str(raised.value)
-  assert '\n' not in text and CANARY not in text and '1.9.' not in text
+  _assert_one_clear_message(lambda: _load_dimse(tmp_path, fake), error, message)
 
 
 def test_dimse_busy_pacs_is_retried(tmp_path):
