@@ -9,9 +9,10 @@ port (Orthanc binds it on every interface) and accepts an association only when 
 title is its own (DicomCheckCalledAet), the calling AE title is the one modality it lists
 (`calling_ae`, random for each server, so it is as secret as the password) and the peer is
 127.0.0.1 (DicomCheckModalityHost); that modality may only C-FIND and C-GET, and no
-DicomAlwaysAllow* lets an unlisted AE in. DIMSE has no other access control. `install_orthanc()` installs the two Debian packages when
-they are missing (as root, as tests/install_browser.sh does for Chromium) and returns the reason
-when it cannot, for the test to skip with.
+DicomAlwaysAllow* lets an unlisted AE in. DIMSE has no other access control.
+`install_orthanc()` installs the two Debian packages when they are missing (as root, as
+tests/install_browser.sh does for Chromium) and returns the reason when it cannot, for the test
+to skip with.
 
 `seed_instances()` builds the uploaded studies from pydicom's bundled test files, rewritten with
 the six categories' Modality/BodyPartExamined and planted canary identifiers.

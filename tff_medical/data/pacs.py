@@ -1,6 +1,10 @@
-"""Images pulled from a hospital's PACS over DICOMweb, labelled and decoded as the folder loader.
+"""Images pulled from a hospital's PACS, labelled and decoded as the folder loader.
 
-What is asked of the PACS (dicomweb-client):
+Two protocols (`protocol`) share everything but the query and the retrieval (`_Client`): the
+categorization, the decode, the cache and its pseudonyms, retries with backoff, the report and
+the messages.
+
+What is asked of the PACS over DICOMweb (dicomweb-client, `DicomWebClient`):
   * QIDO-RS, series level, one query per modality (the query filter's, or every modality the
     mapping knows), optionally restricted to a StudyDate range and to the studies of a study list
     file, asking only for the attributes the mapping needs (includefield BodyPartExamined,
@@ -15,6 +19,13 @@ What is asked of the PACS (dicomweb-client):
     the folder loader's pixel pipeline (`dicom.read_dicom_image`, which reads only its own tags)
     and dropped: no DICOM file is ever written.
 
+Over DIMSE (pynetdicom, `DimseClient`), for a PACS without DICOMweb: the same per modality as a
+C-FIND at SERIES level (Study Root) for the same keys, a C-FIND at IMAGE level for the SOP
+Instance UIDs of a mapped series, and a C-GET per instance, whose C-STORE comes back on the
+association this process opened (nothing listens). The encoded instance is kept as bytes, never
+decoded by pynetdicom, and goes to the same reader. Access control is the PACS's: the called AE
+title, and the calling AE title (and host) it lists; a rejected association is a ConfigError.
+
 What is stored (the site's `cache_dir`, 0700, every file 0600 from creation): the decoded
 64x64 uint8 image of each instance, as .npy, and the fixed skip reason of an instance that could
 not be decoded, each named by a pseudonym: an HMAC-SHA256 of the instance's UIDs under a random
@@ -25,8 +36,9 @@ not stored: each run categorizes from its own query, so a changed mapping takes 
 What is never stored or shown: DICOM headers, UIDs, patient names or IDs, dates, accession
 numbers, institution names. Skipped instances are reported as 'instance #n', n being the position
 in this run's query results; errors quote the PACS URL and a fixed reason, never a response body
-or a request URL (which holds UIDs). The loggers of dicomweb-client, requests/urllib3 and pydicom,
-which log request URLs and header values, are silenced for the duration of a load.
+or a request URL (which holds UIDs). The loggers of dicomweb-client, requests/urllib3, pynetdicom
+and pydicom, which log request URLs, identifiers and header values, are silenced for the duration
+of a load.
 
 Failures: a request that fails (connection error, timeout, HTTP 408/429/5xx) is retried with
 exponential backoff (`max_attempts`, `backoff_seconds`); an instance that still fails is reported
@@ -34,8 +46,9 @@ and skipped ('PACS retrieval failed') and is retried on the next run. Wrong cred
 certificate the CA bundle does not trust and an unreachable PACS end the load with one message
 (ConfigError or DataError); a query that matches no usable image is a DataError that says so.
 
-Memory: one instance's bytes and one page of query results at a time, plus the 4 KiB decoded
-image of each instance kept (measured in docs/PACS.md).
+Memory: one instance's bytes and one page of query results at a time (over DIMSE, the matches
+of one C-FIND: a few short strings a series), plus the 4 KiB decoded image of each instance kept
+(measured in docs/PACS.md).
 """
 
 import contextlib
@@ -123,7 +136,7 @@ class PacsSettings:
     modalities: modalities to query; () : every modality of the mapping.
     study_date: a DICOM date range: 'YYYYMMDD', 'YYYYMMDD-YYYYMMDD', 'YYYYMMDD-', '-YYYYMMDD'.
     study_list_file: a file of Study Instance UIDs, one a line ('#' comments): only these.
-    page_size: query results per request.
+    page_size: query results per request (DICOMweb; a C-FIND has no pages).
     max_attempts, backoff_seconds: a failed request is tried this many times in all, waiting
       backoff_seconds * 2**k before try k + 2.
     timeout_seconds: connect and read timeout of one request.
@@ -510,7 +523,8 @@ class _Client:
 
   def retrieve(self, study: str, series: str, instance: str, limits: limits_lib.InputLimits
                ) -> np.ndarray:
-    """One instance decoded to the 64x64 model image; raises _Failed, _NotFound or _Skip."""
+    """One instance decoded to the 64x64 model image; raises _Failed, _NotFound or
+    dicom.UnusableDicomError."""
     raise NotImplementedError
 
   def close(self) -> None:
