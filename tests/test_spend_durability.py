@@ -26,6 +26,9 @@ from tff_medical.training import run_record
 from helpers import reference_epsilon  # pylint: disable=g-bad-import-order
 from helpers import smoke_config  # pylint: disable=g-bad-import-order
 
+# Every run here on the confined worker that ends with the session (not TFF's own default one).
+pytestmark = pytest.mark.usefixtures('tff_context')
+
 
 def _tree_digest(run_dir):
   """Every published file's bytes (the release surface), to prove a refused rerun wrote nothing."""
