@@ -526,12 +526,14 @@ class FakeDimse:
 
   `series` as FakeDicomWeb's; `connect_failures`: successive results of associating
   ('unreachable', ('rejected', result, diagnostic)); `get_failures`: {sop uid: number of C-GETs
-  that get no answer}; `find_status`: the final status of every C-FIND.
+  that get no answer}; `find_status`: the final status of every C-FIND; `get_status`: {sop uid:
+  the final status of its C-GET, which sends nothing}.
   """
 
   def __init__(self, series, corrupt=(), connect_failures=(), get_failures=None,
-               find_status=0x0000):
+               find_status=0x0000, get_status=None):
     self.series = series
+    self.get_status = dict(get_status or {})
     self.corrupt = set(corrupt)
     self.connect_failures = list(connect_failures)
     self.get_failures = dict(get_failures or {})
@@ -603,8 +605,9 @@ class FakeAssociation:
       return
     modality = next((m for _, se, m, _, _, sops in self.pacs.series
                      if se == query.SeriesInstanceUID and sop in sops), None)
-    if modality is None:
-      yield _status(0x0000), None  # Nothing matched: zero sub-operations.
+    if modality is None or sop in self.pacs.get_status:
+      # Nothing matched (zero sub-operations), or the PACS could not send it.
+      yield _status(self.pacs.get_status.get(sop, 0x0000)), None
       return
     data = _instance_bytes(modality, sop, rows=512 if sop in self.pacs.corrupt else None)
     event = type('Event', (), {'encoded_dataset': lambda self, include_meta=True: data})()
@@ -671,6 +674,18 @@ def test_dimse_failed_get_is_retried_on_a_new_association_then_skipped(tmp_path)
   retry = FakeDimse(_pacs())
   again, _ = _load_dimse(tmp_path, retry)
   assert retry.retrieved == ['1.9.1.1.1'] and len(again) == 6
+
+
+def test_dimse_get_that_sends_nothing_is_reported_and_retried_next_run(tmp_path):
+  fake = FakeDimse(_pacs(), get_status={'1.9.1.1.0': 0x0000, '1.9.1.1.1': 0xB000,
+                                        '1.9.2.1.1': 0xA702})
+  loaded, sleeps = _load_dimse(tmp_path, fake)
+  assert loaded.report.reasons() == {pacs.REASON_NOT_FOUND: 1, pacs.REASON_RETRIEVE_FAILED: 2,
+                                     dicom.REASON_NO_CATEGORY: 2}
+  assert len(loaded) == 3 and sleeps == []  # A PACS's answer is not retried.
+  retry = FakeDimse(_pacs())
+  _load_dimse(tmp_path, retry)
+  assert sorted(retry.retrieved) == ['1.9.1.1.0', '1.9.1.1.1', '1.9.2.1.1']
 
 
 def test_dimse_instance_over_the_limit_is_skipped_never_decoded(tmp_path):

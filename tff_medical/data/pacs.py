@@ -557,6 +557,13 @@ class _Client:
     return dicom.read_dicom_image(buffer, limits=limits)
 
 
+def _value(item: Mapping[str, Any], tag: str) -> str:
+  """One attribute of a DICOM JSON query result as text ('' when absent)."""
+  element = item.get(tag) or {}
+  values = element.get('Value') or []
+  return ' '.join(str(v) for v in values if not isinstance(v, dict))
+
+
 class DicomWebClient(_Client):
   """The few DICOMweb calls the loader makes (dicomweb-client)."""
 
@@ -687,7 +694,6 @@ class DicomWebClient(_Client):
 # DIMSE status codes (PS3.4 C.4): pending, success, and C-GET's "some sub-operations failed".
 _PENDING = frozenset({0xFF00, 0xFF01})
 _SUCCESS = 0x0000
-_SUBOPERATIONS_FAILED = 0xB000
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 2 is transient; source 1 (service user) diagnostics.
 _REJECTED_TRANSIENT = 2
 _CALLING_AE_NOT_RECOGNIZED = 3
@@ -843,8 +849,9 @@ class DimseClient(_Client):
         raise dicom.UnusableDicomError(limits_lib.REASON_FILE_TOO_LARGE)
       if received:
         return received[0]
-      if final in (_SUCCESS, _SUBOPERATIONS_FAILED) or final in _PENDING:
+      if final == _SUCCESS:  # Zero sub-operations: nothing matched.
         raise _NotFound()
+      # 0xB000: the PACS could not send it (e.g. no context for its SOP class); else a failure.
       raise _Failed(f'C-GET status 0x{final:04X}', refused=True)
     return self._decode(io.BytesIO(self._call(get)), limits)
 
@@ -876,12 +883,6 @@ def make_client(settings: PacsSettings, max_instance_bytes: int) -> _Client:
 
 
 # --- The loader ------------------------------------------------------------------------------
-
-
-def _value(item: Mapping[str, Any], tag: str) -> str:
-  element = item.get(tag) or {}
-  values = element.get('Value') or []
-  return ' '.join(str(v) for v in values if not isinstance(v, dict))
 
 
 def _progress(total=None):
