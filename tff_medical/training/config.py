@@ -38,8 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.test_fraction = 0.1
   config.holdout_fraction = 0.1
   config.seed = 0
-  # pacs only: the PACS to query over DICOMweb, its credentials, the query filter and the
-  # site's cache of decoded images (tff_medical.data.pacs.PacsSettings documents each field).
+  # pacs only: the PACS to query (DICOMweb or DIMSE), its credentials or AE titles, the query
+  # filter and the site's cache of decoded images (tff_medical.data.pacs.PacsSettings documents
+  # each field).
   config.pacs = ml_collections.ConfigDict(pacs.default_config_fields())
   # Rounds and sampling.
   config.clients_per_round = 100  # Expected clients per round (Poisson) or exact (fixed_size).
