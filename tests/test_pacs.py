@@ -512,6 +512,15 @@ def test_dimse_settings_need_no_credentials(tmp_path):
   assert settings.auth is pacs.Auth.NONE and settings.protocol == 'dimse'
   assert isinstance(pacs.make_client(settings, 1 << 20), pacs.DimseClient)
   assert isinstance(pacs.make_client(_settings(tmp_path), 1 << 20), pacs.DicomWebClient)
+  # Through the run's config, as train.py reads it.
+  config = config_lib.base_config()
+  config.dataset = 'pacs'
+  config.pacs.update({'protocol': 'dimse', 'url': 'dicom://pacs.hospital.example:104',
+                      'called_ae': 'PACS', 'cache_dir': str(tmp_path / 'c')})
+  config_lib.validate(config)
+  config.pacs.called_ae = ''
+  with pytest.raises(ConfigError, match='pacs.called_ae must be an AE title'):
+    config_lib.validate(config)
 
 
 def _status(code):
