@@ -195,12 +195,8 @@ class CohortTrainer:
         if layer is self._model.layers[-1]:
           return z
         a = tf.reshape(layer.activation(z), [tasks * width, -1])
-      elif isinstance(layer, tf.keras.layers.AveragePooling2D):
-        a = tf.nn.avg_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
-      elif isinstance(layer, tf.keras.layers.MaxPool2D):
-        a = tf.nn.max_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
-      elif isinstance(layer, tf.keras.layers.GlobalAveragePooling2D):
-        a = tf.reduce_mean(a, axis=[1, 2])
+      elif _is_pooling(layer):
+        a = _pool(layer, a)
       else:  # Flatten: row-major, as Keras's channels_last Flatten.
         a = tf.reshape(a, [tasks * width, -1])
     raise AssertionError('the last layer is a Dense (checked by _stackable)')
@@ -219,12 +215,8 @@ class CohortTrainer:
         if layer is self._model.layers[-1]:
           return z
         a = layer.activation(z)
-      elif isinstance(layer, tf.keras.layers.AveragePooling2D):
-        a = tf.nn.avg_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
-      elif isinstance(layer, tf.keras.layers.MaxPool2D):
-        a = tf.nn.max_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
-      elif isinstance(layer, tf.keras.layers.GlobalAveragePooling2D):
-        a = tf.reduce_mean(a, axis=[1, 2])
+      elif _is_pooling(layer):
+        a = _pool(layer, a)
       else:
         a = tf.reshape(a, [tf.shape(a)[0], -1])
     raise AssertionError('the last layer is a Dense (checked by _stackable)')
@@ -404,3 +396,16 @@ class CohortTrainer:
     return [ClientOutput(sub_updates=sub_updates[k], num_examples=counts[k] * self._local_epochs,
                          loss_sum=loss_sum[k], correct=correct[k], nonfinite=nonfinite[k])
             for k in range(len(clients))]
+
+
+def _is_pooling(layer) -> bool:
+  return isinstance(layer, _POOLS + (tf.keras.layers.GlobalAveragePooling2D,))
+
+
+def _pool(layer, a: tf.Tensor) -> tf.Tensor:
+  """A Keras pooling layer's op on NHWC activations, as Keras runs it."""
+  if isinstance(layer, tf.keras.layers.AveragePooling2D):
+    return tf.nn.avg_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
+  if isinstance(layer, tf.keras.layers.MaxPool2D):
+    return tf.nn.max_pool2d(a, layer.pool_size, layer.strides, layer.padding.upper())
+  return tf.reduce_mean(a, axis=[1, 2])
