@@ -230,8 +230,8 @@ def _fingerprint(config, policy, sampling_spec, partition, unit) -> dict[str, An
   }
   if config.dataset == 'pacs':
     # What was asked of which PACS (never the credentials): another query is other data.
-    fingerprint['dataset']['pacs'] = {k: config.pacs[k] for k in (
-        'url', 'modalities', 'study_date', 'study_list_file')}
+    fingerprint['dataset']['pacs'] = {k: config.pacs.get(k, '') for k in (
+        'url', 'protocol', 'called_ae', 'modalities', 'study_date', 'study_list_file')}
   difficulty = config.get('phantom_difficulty', phantoms.DEFAULT_DIFFICULTY)
   if config.dataset == 'phantoms' and difficulty != phantoms.DEFAULT_DIFFICULTY:
     # Only when set: run directories from before the field existed still resume.
