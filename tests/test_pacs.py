@@ -126,6 +126,7 @@ def test_a_resumed_run_must_ask_the_same_pacs_the_same_query():
   assert dataset_section(url='https://other.example.org/dicom-web') != base
   assert dataset_section(modalities='CT') != base
   assert dataset_section(study_date='20200101-20201231') != base
+  assert dataset_section(called_ae='OTHER_PACS') != base
   assert 'secret' not in repr(base)
 
 
