@@ -69,16 +69,19 @@ def _assert_same(a, b):
 # --- Packing and refusals (no execution) --------------------------------------------------------
 
 
-def test_pack_keeps_order_pads_with_masked_zero_rows():
+def test_pack_keeps_order_and_leaves_out_zero_sub_updates():
   rng = np.random.default_rng(0)
   w, b = rng.normal(size=(7, 6, 3)), rng.normal(size=(7, 6, 2))
+  w[[1, 4], 2], b[[1, 4], 2] = 0.0, 0.0  # Clients 1 and 4 hold no AbdomenCT image.
+  w[6, 2] = 0.0  # Client 6: its AbdomenCT sub-update is not all zero (b is).
   blocks = block.pack(_client_values(w, b), 3)
-  assert len(blocks) == 3
-  np.testing.assert_array_equal(blocks[2][block.BLOCK_MASK], [1.0, 0.0, 0.0])
-  assert all(np.all(blk[block.BLOCK_MASK] == 1.0) for blk in blocks[:2])
-  rows = np.concatenate([blk[block.BLOCK_UPDATES]['CXR']['w'] for blk in blocks])
-  np.testing.assert_array_equal(rows[:7], w[:, CATS.index('CXR')].astype(np.float32))
-  np.testing.assert_array_equal(rows[7:], 0.0)
+  assert [int(blk[block.BLOCK_CLIENTS]) for blk in blocks] == [3, 3, 1]
+  rows = [blk[block.BLOCK_ROWS]['AbdomenCT'].tolist() for blk in blocks]
+  assert rows == [[0, 2], [0, 2], [0]]
+  np.testing.assert_array_equal(blocks[1][block.BLOCK_UPDATES]['AbdomenCT']['w'],
+                                w[[3, 5], 2].astype(np.float32))
+  cxr = np.concatenate([blk[block.BLOCK_UPDATES]['CXR']['b'] for blk in blocks])
+  np.testing.assert_array_equal(cxr, b[:, CATS.index('CXR')].astype(np.float32))
   assert block.pack([], 3) == []
 
 
@@ -89,12 +92,10 @@ def test_refuses_block_sizes_that_are_not_positive_integers(size):
 
 
 def test_block_type_and_its_refusals():
-  value_type = block.block_type(_client_type(3), 4)
-  assert value_type[block.BLOCK_MASK] == tff.TensorType(np.float32, [4])
-  assert value_type[block.BLOCK_UPDATES]['Hand']['w'] == tff.TensorType(np.float32, [4, 3])
+  value_type = block.block_type(_client_type(3))
+  assert value_type[block.BLOCK_ROWS]['Hand'] == tff.TensorType(np.int32, [None])
+  assert value_type[block.BLOCK_UPDATES]['Hand']['w'] == tff.TensorType(np.float32, [None, 3])
   factory = block.BlockClassAwareFactory(_noiseless_queries(4.0), 4)
-  with pytest.raises(TypeError, match='block of 4 clients'):
-    factory.create(block.block_type(_client_type(3), 5))
   with pytest.raises(TypeError, match='block struct'):
     factory.create(_client_type(3))
   with pytest.raises(PolicyError, match='SumAggregationDPQuery'):
@@ -116,7 +117,7 @@ class TestEquivalence:
     clip = class_aware.AdaptiveClipSettings(0.2, 0.7, 0.3)
     per_client = class_aware.ClassAwareFactory.dp(splits, clip, WEIGHTS).create(_client_type(3))
     blocks = block.BlockClassAwareFactory.dp(splits, clip, WEIGHTS, clients_per_block=4).create(
-        block.block_type(_client_type(3), 4))
+        block.block_type(_client_type(3)))
     assert blocks.initialize.type_signature.result.is_equivalent_to(
         per_client.initialize.type_signature.result)
     assert blocks.next.type_signature.result.state.is_equivalent_to(
@@ -128,20 +129,20 @@ class TestEquivalence:
   @pytest.mark.parametrize('clients_per_block', [4, 16])
   def test_noiseless_rounds_equal_per_client_rounds(self, clients_per_block):
     """Three rounds (adaptive clips move, a category frozen in the last): update, state,
-    measurements and clip norms equal those of the per-client process, blocks padded or not."""
+    measurements and clip norms equal those of the per-client process, one block or several."""
     rng = np.random.default_rng(clients_per_block)
     num_clients, size = 10, 5
     queries = _noiseless_queries(float(num_clients))
     per_client = _per_client_process(queries, size)
     blocks = block.BlockClassAwareFactory(queries, clients_per_block, WEIGHTS).create(
-        block.block_type(_client_type(size), clients_per_block))
+        block.block_type(_client_type(size)))
     state_a, state_b = per_client.initialize(), blocks.initialize()
     for round_num in range(3):
       # Norms from 0.05 to 3: some clients clipped, some not, zero rows among them.
       w = rng.normal(size=(num_clients, 6, size)) * rng.uniform(0.02, 1.2, (num_clients, 6, 1))
       b = rng.normal(size=(num_clients, 6, 2)) * 0.1
-      w[:3, 1:] = 0.0
-      b[:3, 1:] = 0.0
+      w[:4, 1:] = 0.0  # Zero sub-updates, not sent: a first block of 4 with no row of them.
+      b[:4, 1:] = 0.0
       if round_num == 2:
         state_a = class_aware.with_released_categories(state_a, ['HeadCT', 'CXR', 'Hand'])
         state_b = class_aware.with_released_categories(state_b, ['HeadCT', 'CXR', 'Hand'])
@@ -164,7 +165,7 @@ class TestEquivalence:
               for i, c in enumerate(CATS)}
     per_client = class_aware.ClassAwareFactory.dp(splits).create(_client_type(2))
     blocks = block.BlockClassAwareFactory.dp(splits, clients_per_block=4).create(
-        block.block_type(_client_type(2), 4))
+        block.block_type(_client_type(2)))
     rng = np.random.default_rng(5)
     values = _client_values(rng.normal(size=(6, 6, 2)), rng.normal(size=(6, 6, 2)))
     for released in (CATS, ('BreastMRI', 'Hand')):
@@ -185,7 +186,7 @@ class TestEquivalence:
     splits = {c: calibration.adaptive_clip_split(z[c], m, count_stddev[c]) for c in CATS}
     clip = class_aware.AdaptiveClipSettings(initial_l2_norm_clip=0.5)
     process = block.BlockClassAwareFactory.dp(splits, clip, clients_per_block=2).create(
-        block.block_type(_client_type(size), 2))
+        block.block_type(_client_type(size)))
     state = class_aware.with_released_categories(process.initialize(), [category])
     zeros = np.zeros((num_clients, 6, size))
     output = process.next(state, block.pack(_client_values(zeros, zeros[..., :2]), 2))

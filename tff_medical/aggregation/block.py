@@ -1,11 +1,12 @@
 """Class-aware DP aggregation over blocks of clients: ClassAwareFactory.dp without a per-client toll.
 
 ClassAwareFactory.dp makes each sampled client one TFF client value; TFF's C++ worker then pays
-milliseconds and about a megabyte per client (issue 16). Here one TFF client value carries a
-block of up to `clients_per_block` clients (a leading block dimension, zero-padded, with a 0/1
-mask), and inside the client computation every row, that is every client, goes through its
-category query's own preprocess_record (TF Privacy: clip to the current clip norm, count whether
-it was unclipped) before the rows are summed. The server part is TFF's DifferentiallyPrivateFactory
+milliseconds and about a megabyte per client (issue 16), and the bytes it is sent dominate the
+rest. Here one TFF client value carries a block of up to `clients_per_block` clients, only their
+sub-updates that are not all zero (a one-image client has one of six), and inside the client
+computation every row, that is every client, goes through its category query's own
+preprocess_record (TF Privacy: clip to the current clip norm, count whether it was unclipped)
+before the rows are summed. The server part is TFF's DifferentiallyPrivateFactory
 step by step (derive_sample_params, a sum, get_noised_result, derive_metrics, the DP event), with
 the same queries (class_aware.category_query) and the same state, so class_aware.dp_events,
 clip_norms, with_released_categories and the ledger read it unchanged, and a checkpoint of either
@@ -28,19 +29,19 @@ from tff_medical import categories
 from tff_medical.aggregation import category_struct
 from tff_medical.errors import PolicyError
 
-BLOCK_MASK = 'mask'
+BLOCK_CLIENTS = 'clients'
+BLOCK_ROWS = 'rows'
 BLOCK_UPDATES = 'updates'
 
 STATE_INNER = category_struct.STATE_INNER
 STATE_RELEASED = category_struct.STATE_RELEASED
 
 
-def _with_leading_dim(type_spec, size: int):
-  """`type_spec` with every tensor given a leading dimension of `size`."""
+def _map_tensor_types(fn, type_spec):
   if isinstance(type_spec, tff.TensorType):
-    return tff.TensorType(type_spec.dtype, [size] + list(type_spec.shape))
+    return fn(type_spec)
   if isinstance(type_spec, tff.StructType):
-    elements = [(name, _with_leading_dim(t, size))
+    elements = [(name, _map_tensor_types(fn, t))
                 for name, t in tff.structure.iter_elements(type_spec)]
     container = getattr(type_spec, 'python_container', None)
     if container is None:
@@ -49,29 +50,33 @@ def _with_leading_dim(type_spec, size: int):
   raise TypeError(f'a block holds tensors and structs of tensors. Found {type_spec}.')
 
 
-def _without_leading_dim(type_spec, size: int):
-  if isinstance(type_spec, tff.TensorType):
-    if len(type_spec.shape) < 1 or type_spec.shape[0] != size:
-      raise TypeError(f'every tensor of a block must have leading dimension {size}. '
-                      f'Found {type_spec}.')
-    return tff.TensorType(type_spec.dtype, list(type_spec.shape)[1:])
-  if isinstance(type_spec, tff.StructType):
-    elements = [(name, _without_leading_dim(t, size))
-                for name, t in tff.structure.iter_elements(type_spec)]
-    container = getattr(type_spec, 'python_container', None)
-    if container is None:
-      return tff.StructType(elements)
-    return tff.StructWithPythonType(elements, container)
-  raise TypeError(f'a block holds tensors and structs of tensors. Found {type_spec}.')
+def _rows_of(tensor_type):
+  return tff.TensorType(tensor_type.dtype, [None] + list(tensor_type.shape))
 
 
-def block_type(client_type, clients_per_block: int) -> tff.StructWithPythonType:
-  """The TFF client value type of a block: {mask: float32[B], updates: client_type with [B, ...]}."""
-  _check_block_size(clients_per_block)
+def _row_of(tensor_type):
+  if len(tensor_type.shape) < 1 or tensor_type.shape[0] is not None:
+    raise TypeError(f'every update tensor of a block must have leading dimension None. '
+                    f'Found {tensor_type}.')
+  return tff.TensorType(tensor_type.dtype, list(tensor_type.shape)[1:])
+
+
+def block_type(client_type) -> tff.StructWithPythonType:
+  """The TFF client value type of a block of clients (what `pack` makes).
+
+  clients: how many clients the block holds (int32); rows: {category: int32[None]}, the block
+  rows (clients) whose sub-update of that category is not all zero; updates: {category: that
+  sub-update's tensors with a leading dimension, one entry per listed row}. The zero sub-updates
+  (categories a client has no image of) are not sent: the computation puts them back as zero rows
+  before the query sees them, so every client is still a record of every category.
+  """
   category_struct.check_category_struct(client_type)
   return tff.StructWithPythonType([
-      (BLOCK_MASK, tff.TensorType(np.float32, [clients_per_block])),
-      (BLOCK_UPDATES, _with_leading_dim(client_type, clients_per_block)),
+      (BLOCK_CLIENTS, tff.TensorType(np.int32)),
+      (BLOCK_ROWS, tff.StructWithPythonType(
+          [(c, tff.TensorType(np.int32, [None])) for c in categories.CATEGORY_IDS],
+          collections.OrderedDict)),
+      (BLOCK_UPDATES, _map_tensor_types(_rows_of, client_type)),
   ], collections.OrderedDict)
 
 
@@ -81,43 +86,39 @@ def _check_block_size(clients_per_block) -> None:
     raise PolicyError(f'clients_per_block must be a positive integer. Found {clients_per_block!r}.')
 
 
-def _client_type_of_block(value_type) -> tuple[Any, int]:
-  """(one client's {category: sub-update} type, B) of a block type; TypeError for any other."""
+def _client_type_of_block(value_type):
+  """One client's {category: sub-update} type of a block type; TypeError for any other."""
+  names = [BLOCK_CLIENTS, BLOCK_ROWS, BLOCK_UPDATES]
   if not isinstance(value_type, tff.StructType) or [
-      name for name, _ in tff.structure.iter_elements(value_type)] != [BLOCK_MASK, BLOCK_UPDATES]:
-    raise TypeError(f'value_type must be a block struct ({BLOCK_MASK}, {BLOCK_UPDATES}); see '
-                    f'block_type. Found {value_type}.')
-  mask_type = value_type[BLOCK_MASK]
-  if (not isinstance(mask_type, tff.TensorType) or mask_type.dtype != np.float32
-      or len(mask_type.shape) != 1 or mask_type.shape[0] is None):
-    raise TypeError(f'the block mask must be float32[B]. Found {mask_type}.')
-  size = int(mask_type.shape[0])
-  client_type = _without_leading_dim(value_type[BLOCK_UPDATES], size)
+      name for name, _ in tff.structure.iter_elements(value_type)] != names:
+    raise TypeError(f'value_type must be a block struct {names}; see block_type. '
+                    f'Found {value_type}.')
+  if value_type[BLOCK_CLIENTS] != tff.TensorType(np.int32):
+    raise TypeError(f'a block\'s {BLOCK_CLIENTS} must be int32. Found {value_type[BLOCK_CLIENTS]}.')
+  client_type = _map_tensor_types(_row_of, value_type[BLOCK_UPDATES])
   category_struct.check_category_struct(client_type)
-  return client_type, size
+  return client_type
 
 
 def pack(client_values: Sequence[Any], clients_per_block: int) -> list[collections.OrderedDict]:
-  """Client values ({category: sub-update} nests, one a client) as blocks of `clients_per_block`.
-
-  The last block is padded with zero rows whose mask is 0; the order of the clients is kept.
-  """
+  """Client values ({category: sub-update} nests, one a client) as blocks of up to
+  `clients_per_block` clients, in order; all-zero sub-updates are left out (see block_type)."""
   _check_block_size(clients_per_block)
   blocks = []
   for start in range(0, len(client_values), clients_per_block):
-    rows = list(client_values[start:start + clients_per_block])
-    padding = clients_per_block - len(rows)
-    mask = np.zeros([clients_per_block], np.float32)
-    mask[:len(rows)] = 1.0
-
-    def stack(*arrays, padding=padding):
-      arrays = [np.asarray(a, np.float32) for a in arrays]
-      if padding:
-        arrays += [np.zeros_like(arrays[0])] * padding
-      return np.stack(arrays)
-
+    clients = list(client_values[start:start + clients_per_block])
+    rows, updates = collections.OrderedDict(), collections.OrderedDict()
+    for c in categories.CATEGORY_IDS:
+      subs = [tf.nest.map_structure(lambda a: np.asarray(a, np.float32), client[c])
+              for client in clients]
+      kept = [k for k, sub in enumerate(subs)
+              if any(np.any(a != 0) for a in tf.nest.flatten(sub))]
+      rows[c] = np.array(kept, np.int32)
+      updates[c] = tf.nest.map_structure(
+          lambda *arrays: np.stack([arrays[k] for k in kept]) if kept
+          else np.zeros((0,) + arrays[0].shape, np.float32), *subs)
     blocks.append(collections.OrderedDict([
-        (BLOCK_MASK, mask), (BLOCK_UPDATES, tf.nest.map_structure(stack, *rows))]))
+        (BLOCK_CLIENTS, np.int32(len(clients))), (BLOCK_ROWS, rows), (BLOCK_UPDATES, updates)]))
   return blocks
 
 
@@ -163,10 +164,7 @@ class BlockClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     return self._clients_per_block
 
   def create(self, value_type) -> tff.templates.AggregationProcess:
-    client_type, size = _client_type_of_block(value_type)
-    if size != self._clients_per_block:
-      raise TypeError(f'value_type must be a block of {self._clients_per_block} clients. '
-                      f'Found {size}.')
+    client_type = _client_type_of_block(value_type)
     update_type = category_struct.check_category_struct(client_type)
     cats = categories.CATEGORY_IDS
     queries, weights, num = self._queries, self._weights, categories.NUM_CATEGORIES
@@ -189,28 +187,49 @@ class BlockClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
         [(c, derive_params[c].type_signature.result) for c in cats], collections.OrderedDict)
 
     update_specs = type_conversions.type_to_tf_tensor_specs(update_type)
+    flat_specs = tf.nest.flatten(update_specs)
+    sizes = [int(np.prod(spec.shape)) for spec in flat_specs]
+    # A client's sub-update as one vector: the same record for the query (its clip and norm are
+    # over all the record's tensors together), and a fifth of the ops a row.
+    flat_record_spec = tf.TensorSpec([sum(sizes)], flat_specs[0].dtype)
+
+    def unflatten_sample_state(query, flat_state):
+      """A sample state over flat records, in the form the per-client process sums."""
+      leaves = []
+      for leaf, zero_leaf in zip(tf.nest.flatten(flat_state),
+                                 tf.nest.flatten(query.initial_sample_state(flat_record_spec))):
+        if zero_leaf.shape == flat_record_spec.shape:  # A record's sum, not a count.
+          parts = tf.split(leaf, sizes)
+          leaves += [tf.reshape(part, spec.shape) for part, spec in zip(parts, flat_specs)]
+        else:
+          leaves.append(leaf)
+      return tf.nest.pack_sequence_as(query.initial_sample_state(update_specs), leaves)
 
     @tff.tensorflow.computation(params_type, value_type)
     def block_records(params, block):
-      mask = block[BLOCK_MASK]
-      updates = {c: category_struct.to_nest(block[BLOCK_UPDATES][c]) for c in cats}
+      size = block[BLOCK_CLIENTS]
+      rows = []
+      for c in cats:
+        sent = tf.nest.flatten(category_struct.to_nest(block[BLOCK_UPDATES][c]))
+        flat = tf.concat([tf.reshape(t, [-1, n]) for t, n in zip(sent, sizes)], axis=1)
+        indices = tf.expand_dims(block[BLOCK_ROWS][c], 1)
+        # Every client of the block a row; the ones not sent are the zero sub-updates.
+        rows.append(tf.scatter_nd(indices, flat, tf.stack([size, sum(sizes)])))
 
       # One client (row) at a time, as the per-client process runs each client: the query's own
       # preprocess_record (clip to the current norm, unclipped indicator), then its
-      # accumulate_preprocessed_record; a padded row (mask 0) adds zeros.
+      # accumulate_preprocessed_record.
       def body(i, sums):
         new_sums = []
-        for c, total in zip(cats, sums):
-          row = tf.nest.map_structure(lambda t, i=i: t[i], updates[c])
-          record = queries[c].preprocess_record(params[c], row)
-          record = tf.nest.map_structure(lambda r, i=i: r * tf.cast(mask[i], r.dtype), record)
+        for c, category_rows, total in zip(cats, rows, sums):
+          record = queries[c].preprocess_record(params[c], category_rows[i])
           new_sums.append(queries[c].accumulate_preprocessed_record(total, record))
         return i + 1, tuple(new_sums)
 
-      initial = tuple(queries[c].initial_sample_state(update_specs) for c in cats)
-      _, sums = tf.while_loop(lambda i, _: i < tf.shape(mask)[0], body,
-                              (tf.constant(0), initial))
-      return collections.OrderedDict(zip(cats, sums))
+      initial = tuple(queries[c].initial_sample_state(flat_record_spec) for c in cats)
+      _, sums = tf.while_loop(lambda i, _: i < size, body, (tf.constant(0), initial))
+      return collections.OrderedDict(
+          (c, unflatten_sample_state(queries[c], total)) for c, total in zip(cats, sums))
 
     record_type = block_records.type_signature.result
     for c in cats:
