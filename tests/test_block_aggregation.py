@@ -197,3 +197,58 @@ class TestEquivalence:
     variance_ratio = np.mean(noise**2) / expected_std**2
     assert low < variance_ratio < high, (variance_ratio, low, high)
     assert abs(np.mean(noise)) < 4 * expected_std / np.sqrt(size)
+
+
+# --- The learning process -----------------------------------------------------------------------
+
+
+def _tiny_model():
+  from tff_medical.models import cnn  # pylint: disable=g-import-not-at-top
+  return cnn.build_cnn((2,), seed=0, input_pooling=8, head='gap')
+
+
+def test_process_refuses_mismatched_block_settings():
+  from tff_medical.training import process  # pylint: disable=g-import-not-at-top
+  optimizer = tff.learning.optimizers.build_sgdm(1.0)
+  blocks = block.BlockClassAwareFactory(_noiseless_queries(4.0), 4)
+  with pytest.raises(PolicyError, match='clients_per_block must be given exactly with'):
+    process.build_class_aware_process(_tiny_model, blocks, optimizer)
+  with pytest.raises(PolicyError, match='clients_per_block must be given exactly with'):
+    process.build_class_aware_process(_tiny_model, blocks, optimizer, clients_per_block=8)
+  with pytest.raises(PolicyError, match='clients_per_block must be given exactly with'):
+    process.build_class_aware_process(_tiny_model, class_aware.ClassAwareFactory.non_private(),
+                                      optimizer, clients_per_block=4)
+
+
+@pytest.mark.usefixtures('tff_context')
+def test_block_learning_process_equals_per_client_process():
+  """A noiseless round of the whole learning process: same new model and aggregator state."""
+  from tff_medical.training import process  # pylint: disable=g-import-not-at-top
+  num_clients = 9
+  queries = _noiseless_queries(float(num_clients))
+  factories = collections.OrderedDict(
+      (c, tff.aggregators.DifferentiallyPrivateFactory(q)) for c, q in queries.items())
+  optimizer = tff.learning.optimizers.build_sgdm(1.0)
+  per_client = process.build_class_aware_process(
+      _tiny_model, class_aware.ClassAwareFactory(factories, WEIGHTS, is_dp=True), optimizer)
+  blocks = process.build_class_aware_process(
+      _tiny_model, block.BlockClassAwareFactory(queries, 4, WEIGHTS), optimizer,
+      clients_per_block=4)
+  shapes = [w.shape for w in _tiny_model().trainable_weights]
+  rng = np.random.default_rng(7)
+  structs = []
+  for k in range(num_clients):  # One image a client: one category's sub-update is not zero.
+    hot = k % 6
+    structs.append(process.as_sub_update_structs(
+        [[rng.normal(size=s).astype(np.float32) * 0.3 if i == hot else np.zeros(s, np.float32)
+          for s in shapes] for i in range(6)]))
+  out_a = per_client.next(per_client.initialize(), process.client_values(structs, None))
+  out_b = blocks.next(blocks.initialize(), process.client_values(structs, 4))
+  assert len(process.client_values(structs, 4)) == 3
+  _assert_same(out_b.state.global_model_weights.trainable,
+               out_a.state.global_model_weights.trainable)
+  _assert_same(out_b.state.aggregator, out_a.state.aggregator)
+  moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+      out_b.state.global_model_weights.trainable,
+      per_client.initialize().global_model_weights.trainable)]
+  assert max(moved) > 1e-4

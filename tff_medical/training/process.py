@@ -7,14 +7,16 @@ per-category DP aggregation and the server update.
 """
 
 import collections
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_medical import categories
+from tff_medical.aggregation import block
 from tff_medical.aggregation.class_aware import ClassAwareFactory
+from tff_medical.errors import PolicyError
 from tff_medical.models import cnn
 
 INPUT_SPEC = (
@@ -45,6 +47,7 @@ def build_class_aware_process(
     build_keras_model: Callable[[], tf.keras.Model],
     aggregator_factory: ClassAwareFactory,
     server_optimizer: tff.learning.optimizers.Optimizer,
+    clients_per_block: Optional[int] = None,
 ) -> tff.learning.templates.LearningProcess:
   """DP-FedAvg over per-category sub-updates when the factory is DP, plain FedAvg otherwise.
 
@@ -52,11 +55,23 @@ def build_class_aware_process(
   LearningAlgorithmState), except that the client data is each client's sub-update struct:
   TFF's ClientWorkProcess only admits sequences of raw examples, whose per-client serialization
   is what the in-process training avoids.
+
+  With `clients_per_block`, the factory must be a block.BlockClassAwareFactory of that block
+  size, and each TFF client value is a block of clients (`client_values` packs them): the same
+  mechanism and state, without TFF's per-client cost.
   """
+  is_block = isinstance(aggregator_factory, block.BlockClassAwareFactory)
+  if (clients_per_block is not None or is_block) and not (
+      is_block and aggregator_factory.clients_per_block == clients_per_block):
+    raise PolicyError('clients_per_block must be given exactly with a BlockClassAwareFactory of '
+                      f'the same block size. Found {clients_per_block!r} with '
+                      f'{type(aggregator_factory).__name__}.')
   model_fn = keras_model_fn(build_keras_model)
   with tf.Graph().as_default():
     weights_type = tff.learning.models.weights_type_from_model(model_fn())
   update_type = sub_update_type(weights_type)
+  if clients_per_block is not None:
+    update_type = block.block_type(update_type)
 
   @tff.tensorflow.computation
   def initial_model_weights_fn():
@@ -118,3 +133,10 @@ def as_sub_update_structs(sub_updates: list[list[np.ndarray]]) -> collections.Or
   """LocalTrainer's [category][variable] arrays as the struct the process takes a client."""
   return collections.OrderedDict(
       (c, list(sub_updates[i])) for i, c in enumerate(categories.CATEGORY_IDS))
+
+
+def client_values(structs: Sequence[Any], clients_per_block: Optional[int]) -> list[Any]:
+  """What the process's next takes a round: the structs, or blocks of them (see above)."""
+  if clients_per_block is None:
+    return list(structs)
+  return block.pack(structs, clients_per_block)
