@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.audit.canary_norm_multiple = 2.0  # Canary norm / the category's clip norm (> 1).
   config.audit.confidence = 0.95  # Of the bootstrap interval of each empirical epsilon.
   config.audit.bootstrap = 200  # Resamples of the canaries for that interval.
+  # privacy_unit 'example': the site whose canary examples are audited ('' = the first site).
+  config.audit.example_site = ''
   # Outputs.
   config.eval_every = 5
   config.checkpoints_to_keep = 3
@@ -232,9 +234,15 @@ def _validate_audit(config: ml_collections.ConfigDict) -> None:
     return
   _require(config.dp is True, 'audit.enabled needs dp true (the audit checks the DP '
            'mechanism\'s claim). Found dp False.')
-  _require(config.get('privacy_unit', 'client') == 'client',
-           'audit.enabled needs privacy_unit \'client\' (example-level canaries are not built '
-           f'yet). Found {config.get("privacy_unit")!r}.')
+  if config.get('privacy_unit', 'client') == 'example':
+    # The site audit reads the site's own release; a stacked client-level mechanism is audited
+    # by a client-level run.
+    _require(not config.example_dp.get('stack_client_level', False),
+             'audit.enabled with privacy_unit \'example\' needs example_dp.stack_client_level '
+             'false. Found true.')
+    site = audit.get('example_site', '')
+    _require(isinstance(site, str), f'audit.example_site must be a site id or empty. '
+             f'Found {site!r}.')
   _require(config.get('dp_mechanism', DP_MECHANISMS[0]) == 'per_category_noise',
            'audit.enabled needs dp_mechanism \'per_category_noise\'. '
            f'Found {config.get("dp_mechanism")!r}.')

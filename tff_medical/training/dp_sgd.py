@@ -186,6 +186,12 @@ class ExampleOutput(ClientOutput):
   batch_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
+def _clip_factors(norms, labels, clip_by_label):
+  """min(1, C_{c(i)} / |g_i|): clip = inf (clipping off) gives 1; clip = 0 (frozen) gives 0."""
+  clip = tf.gather(clip_by_label, labels)
+  return tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), tf.ones_like(norms))
+
+
 class DPSGDTrainer:
   """Example-level DP-SGD with per-category clip norms (Scale), compiled once for all sites.
 
@@ -216,8 +222,12 @@ class DPSGDTrainer:
                                 tf.float32), tf.TensorSpec([None], tf.int32)]
     scalars = [tf.TensorSpec([NUM_CATEGORIES], tf.float32), tf.TensorSpec([], tf.float32)]
     self._release_fn = tf.function(self._release, input_signature=batch_spec + scalars)
+    # Extra records (audit canaries, see `train`): flat gradients and their labels.
+    extra_spec = [tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)]
     self._step_fn = tf.function(
-        self._step, input_signature=batch_spec + scalars + [tf.TensorSpec([], tf.float32)] * 2)
+        self._step,
+        input_signature=batch_spec + scalars + [tf.TensorSpec([], tf.float32)] * 2 + extra_spec)
+    self._sizes = [int(np.prod(v.shape)) for v in self._variables]
 
   @property
   def keras_model(self) -> tf.keras.Model:
@@ -242,19 +252,24 @@ class DPSGDTrainer:
     jacobians, losses, probabilities = tf.vectorized_map(per_example, (x, y))
     batch = tf.shape(y)[0]
     squared = tf.add_n([tf.reduce_sum(tf.reshape(g, [batch, -1])**2, axis=1) for g in jacobians])
-    norms = tf.sqrt(squared)
-    clip = tf.gather(clip_by_label, y)
-    # clip = inf (clipping off) gives factor 1; clip = 0 (frozen) gives 0.
-    factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), tf.ones_like(norms))
+    factors = _clip_factors(tf.sqrt(squared), y, clip_by_label)
     summed = [tf.tensordot(factors, g, axes=1) for g in jacobians]
     return summed, losses, probabilities
+
+  def _extra_sum(self, gradients, labels, clip_by_label):
+    """Extra records' gradients clipped by the same rule as the batch's, summed per variable."""
+    factors = _clip_factors(tf.norm(gradients, axis=1), labels, clip_by_label)
+    flat = tf.tensordot(factors, gradients, axes=1)
+    return [tf.reshape(part, tf.shape(v)) for part, v in
+            zip(tf.split(flat, self._sizes), self._variables)]
 
   def _release(self, x, y, clip_by_label, noise_stddev):
     """The step's released value: clipped sum plus one N(0, noise_stddev^2) draw (tests)."""
     summed, _, _ = self._clipped_sum(x, y, clip_by_label)
     return [s + noise_stddev * self._generator.normal(tf.shape(s)) for s in summed]
 
-  def _step(self, x, y, clip_by_label, noise_stddev, expected_batch_size, learning_rate):
+  def _step(self, x, y, clip_by_label, noise_stddev, expected_batch_size, learning_rate,
+            extra_gradients, extra_labels):
     if tf.shape(y)[0] > 0:
       summed, losses, probabilities = self._clipped_sum(x, y, clip_by_label)
       predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
@@ -267,8 +282,9 @@ class DPSGDTrainer:
       summed = [tf.zeros_like(v) for v in self._variables]
       loss_sum = tf.zeros([NUM_CATEGORIES])
       correct = tf.zeros([NUM_CATEGORIES])
-    for variable, s in zip(self._variables, summed):
-      noised = s + noise_stddev * self._generator.normal(tf.shape(s))
+    extra = self._extra_sum(extra_gradients, extra_labels, clip_by_label)
+    for variable, s, e in zip(self._variables, summed, extra):
+      noised = s + e + noise_stddev * self._generator.normal(tf.shape(s))
       variable.assign_sub(learning_rate * noised / expected_batch_size)
     return loss_sum, correct
 
@@ -291,12 +307,28 @@ class DPSGDTrainer:
     self._step_fn(tf.constant(x, tf.float32), tf.constant(y, tf.int32),
                   tf.constant(clip_by_label, tf.float32), tf.constant(noise_stddev, tf.float32),
                   tf.constant(expected_batch_size, tf.float32),
-                  tf.constant(self._learning_rate, tf.float32))
+                  tf.constant(self._learning_rate, tf.float32), *self._no_extra())
     return [v.numpy() for v in self._variables]
+
+  def _no_extra(self):
+    return tf.zeros([0, sum(self._sizes)], tf.float32), tf.zeros([0], tf.int32)
+
+  def _extra(self, extra_records, step: int):
+    if extra_records is None:
+      return self._no_extra()
+    gradients, labels = extra_records(step)
+    gradients = np.asarray(gradients, np.float32).reshape(-1, sum(self._sizes))
+    labels = np.asarray(labels, np.int32)
+    if len(labels) != len(gradients) or np.any((labels < 0) | (labels >= NUM_CATEGORIES)):
+      raise PolicyError(f'extra records need one category label (0 to {NUM_CATEGORIES - 1}) per '
+                        f'gradient. Found {len(gradients)} gradients, labels {labels!r}.')
+    return tf.constant(gradients), tf.constant(labels)
 
   def train(self, initial_weights: list[np.ndarray], x: np.ndarray, y: np.ndarray, *,
             plan: SitePlan, released: Sequence[str] = categories.CATEGORY_IDS,
-            sampling_seed=0) -> ExampleOutput:
+            sampling_seed=0,
+            extra_records: Optional[Callable[[int], tuple[np.ndarray, np.ndarray]]] = None
+           ) -> ExampleOutput:
     """`local_steps` DP-SGD steps from `initial_weights` on the site's (x, y); one update.
 
     Args:
@@ -307,6 +339,11 @@ class DPSGDTrainer:
       released: Categories still within budget at this site; the others' examples get clip 0.
       sampling_seed: Seeds the Poisson batches (a seed sequence, e.g. (secret, round, site)),
         so that a resumed run repeats them; it must be secret (see docs/PRIVACY.md).
+      extra_records: For audit runs only (training/example_canaries.py): step index -> (flat
+        per-record gradients (k, d), their category labels (k,)), records that join that
+        step's batch as given gradients: clipped by their category's C_c and summed with the
+        batch's before the step's one noise draw. Not counted as examples or in the metrics;
+        the events (what the ledger records) are unchanged.
     """
     y = np.asarray(y)
     if len(y) != plan.examples:
@@ -326,12 +363,13 @@ class DPSGDTrainer:
     correct = np.zeros(NUM_CATEGORIES)
     sampled = np.zeros(NUM_CATEGORIES, np.int64)
     batch_sizes = []
-    for _ in range(self._local_steps):
+    for step in range(self._local_steps):
       # Poisson sampling: each example independently with probability q = b / n.
       chosen = np.flatnonzero(rng.random(plan.examples) < plan.rate)
       batch_sizes.append(len(chosen))
       losses, hits = self._step_fn(tf.constant(x[chosen], tf.float32),
-                                   tf.constant(y[chosen], tf.int32), *constants)
+                                   tf.constant(y[chosen], tf.int32), *constants,
+                                   *self._extra(extra_records, step))
       loss_sum += losses.numpy()
       correct += hits.numpy()
       sampled += np.bincount(y[chosen], minlength=NUM_CATEGORIES)

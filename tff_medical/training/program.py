@@ -37,6 +37,7 @@ from tff_medical.training import cohort
 from tff_medical.training import canaries
 from tff_medical.training import config as config_lib
 from tff_medical.training import dp_sgd
+from tff_medical.training import example_canaries
 from tff_medical.training import example_level
 from tff_medical.training import local_training
 from tff_medical.training import privacy_unit
@@ -169,6 +170,7 @@ class _ExampleUnit(privacy_unit.ExampleLevel):
     self.ledger = self._new_ledger()
     self.trainer = dp_sgd.DPSGDTrainer(lambda: build_keras_model(config),
                                        config.client.learning_rate, config.example_dp.local_steps)
+    self.site_audit = None  # An audit run's canary examples (example_canaries.SiteAudit).
     self.plan_restored()
 
   def _new_ledger(self, state=None) -> example_level.RunLedger:
@@ -201,10 +203,15 @@ class _ExampleUnit(privacy_unit.ExampleLevel):
       site_id = data.partition.client_ids[position]
       site_released = self.ledger.site_releasable(site_id)
       if site_released:  # A site with every category exhausted sends nothing.
+        audited = self.site_audit is not None and site_id == self.site_audit.site_id
         outputs[site_id] = self.trainer.train(
             initial, *data.client(site_id), plan=self.ledger.plans[site_id],
             released=site_released,
-            sampling_seed=self.ledger.sampling_seed(round_num, int(position)))
+            sampling_seed=self.ledger.sampling_seed(round_num, int(position)),
+            extra_records=(self.site_audit.extra_records(
+                round_num, self.ledger.plans[site_id], site_released) if audited else None))
+        if audited:
+          self.site_audit.site_trained(outputs[site_id], site_released)
     return outputs
 
   def record(self, aggregator_state, outputs: dict[str, Any]) -> None:
@@ -312,8 +319,13 @@ def _run(config, run_dir: str, *, progress: bool, on_round, stop_after_rounds) -
       'sampling': spec.to_json_dict(), 'run_id': run_id,
       'audit_run': canaries.enabled(config)})
   record.start(unit.ledger, last_record)
-  canary_audit = canaries.ProgramAudit.maybe(config, run_dir, sampler,
-                                             state.global_model_weights.trainable, round_num)
+  if example_level.is_example(config):  # Canary examples at one site.
+    canary_audit = unit.site_audit = example_canaries.SiteAudit.for_run(
+        config, run_dir, sampler, state.global_model_weights.trainable, round_num,
+        data.partition.client_ids, unit.ledger.plans)
+  else:
+    canary_audit = canaries.ProgramAudit.maybe(config, run_dir, sampler,
+                                               state.global_model_weights.trainable, round_num)
   keras_model = build_keras_model(config)
   stop_reason, rounds_this_call = run_record.COMPLETED, 0
   bar = _progress_bar(config.total_rounds, round_num) if progress else None
