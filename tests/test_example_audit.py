@@ -175,3 +175,29 @@ def test_example_audit_fails_only_the_broken_category(tmp_path, monkeypatch, bro
     assert card['empirical_audit']['deployable'] is False
     assert card['empirical_audit']['passed'] is True
     assert '| Hand |' in empirical_audit.markdown_table(report)
+
+
+def test_canary_vectors_are_the_sub_update_directions():
+  audit = canaries.CanaryAudit([(3, 4), (5,)], sampler_seed=1, rate=0.1, per_category=20,
+                               norm_multiple=3.0)
+  vectors = audit.vectors('CXR', np.array([4, 7]), clip_norm=0.5)
+  for row, canary in zip(vectors, (4, 7)):
+    pieces = audit.sub_updates('CXR', canary, 0.5)[categories.LABEL_OF['CXR']]
+    np.testing.assert_allclose(row, np.concatenate([p.ravel() for p in pieces]), rtol=1e-6)
+    assert np.linalg.norm(row) == pytest.approx(1.5, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('tff_context')
+def test_example_audit_run_resumes_with_its_canary_statistics(tmp_path):
+  from tff_medical.training import program  # pylint: disable=g-import-not-at-top
+  run_dir = str(tmp_path / 'run')
+  config = lambda: _audit_config(total_rounds=3, eval_every=3)
+  assert program.run(config(), run_dir, stop_after_rounds=2).rounds_completed == 2
+  assert not os.path.exists(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  program.run(config(), run_dir)
+  report = _read_json(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
+  assert all(e['mechanism']['rounds'] == 3 for e in report['categories'].values())
+  os.remove(os.path.join(run_dir, canaries.STATE_FILE))
+  with pytest.raises(ConfigError, match='canary statistics'):
+    program.run(_audit_config(total_rounds=4, eval_every=4), run_dir)

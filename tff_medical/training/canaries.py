@@ -142,6 +142,11 @@ class CanaryAudit:
     draws = rng.random((categories.NUM_CATEGORIES, self.per_category)) < self._rate
     return {c: np.flatnonzero(draws[i]) for i, c in enumerate(categories.CATEGORY_IDS)}
 
+  def vectors(self, category_id: str, canaries_: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Inserted canaries `canaries_` of `category_id`, flat, each norm_multiple x clip_norm."""
+    return self._seen[category_id][np.asarray(canaries_, np.int64)] * np.float32(
+        self.norm_multiple * float(clip_norm))
+
   def sub_updates(self, category_id: str, canary: int, clip_norm: float) -> list[list[np.ndarray]]:
     """Canary `canary` of `category_id`: LocalTrainer's [category][variable] sub-update layout."""
     vector = self._seen[category_id][canary].astype(np.float64) * (

@@ -86,15 +86,10 @@ class SiteAudit(canaries.ProgramAudit):
       sampled = self.canaries.sampled(key)
       gradients, labels = [], []
       for c in categories.CATEGORY_IDS:
-        index = categories.LABEL_OF[c]
-        for canary in sampled[c]:
-          self._sampled[c].append(int(canary))
-          pieces = self.canaries.sub_updates(c, int(canary), clip_norms[c])[index]
-          gradients.append(np.concatenate([p.ravel() for p in pieces]))
-          labels.append(index)
-      if not gradients:
-        return np.zeros((0, self.canaries.dim), np.float32), np.zeros([0], np.int32)
-      return np.stack(gradients), np.array(labels, np.int32)
+        self._sampled[c].extend(int(k) for k in sampled[c])
+        gradients.append(self.canaries.vectors(c, sampled[c], clip_norms[c]))
+        labels.append(np.full(len(sampled[c]), categories.LABEL_OF[c], np.int32))
+      return np.concatenate(gradients), np.concatenate(labels)
 
     return records
 
