@@ -95,6 +95,17 @@ addition, the published model's round deltas and total delta, where the other ca
 also covers the canary. A broken noise or clip in one category shows in its sub-aggregate even
 when the combined model hides it.
 
+At example level (privacy_unit 'example', tff_medical/training/example_canaries.py) the canaries
+are examples at one site (audit.example_site; the first by default): per category c, each
+canary's per-example gradient is a fixed random unit direction at the same multiple of C_c, so
+that the step clips it to C_c, and it joins each DP-SGD step's batch with the site's Poisson rate
+q, drawn from a secret; it is an extra record of the step's clipped sum, noised by the step's one
+draw, and the accounting and ledger are unchanged. The statistic is read on what leaves the site,
+its round update (max over the rounds it took part in, and the sum of its updates: the table's
+"sub-aggregate" is then the site's update), and the claim
+is that site's epsilon for c from the example ledger (tests/test_example_audit.py: c's multiplier
+divided by 10 behind the ledger's back fails c and only c).
+
 The fit shares one (pooled) standard deviation between the two Gaussians: a canary adds a fixed
 vector to a Gaussian mechanism's output, which moves its statistic's mean, not its spread. The
 epsilon is then that of a Gaussian mechanism with the fitted shift as sensitivity
