@@ -198,6 +198,10 @@ def test_example_audit_run_resumes_with_its_canary_statistics(tmp_path):
   program.run(config(), run_dir)
   report = _read_json(os.path.join(run_dir, run_files.EMPIRICAL_AUDIT_FILE))
   assert all(e['mechanism']['rounds'] == 3 for e in report['categories'].values())
+  # Another site's canaries cannot continue these statistics.
+  with pytest.raises(ConfigError, match='privacy'):
+    program.run(_audit_config(total_rounds=4, eval_every=4,
+                              **{'audit.example_site': 'client_1'}), run_dir)
   os.remove(os.path.join(run_dir, canaries.STATE_FILE))
   with pytest.raises(ConfigError, match='canary statistics'):
     program.run(_audit_config(total_rounds=4, eval_every=4), run_dir)

@@ -184,9 +184,12 @@ class _ExampleUnit(privacy_unit.ExampleLevel):
 
   def fingerprint_privacy(self) -> dict[str, Any]:
     # update_l2_bound is for the cross-silo secure sum only (and runs from before it resume).
-    return dict(privacy_unit.client_dp_settings(self._config), privacy_unit='example',
-                example_dp={k: v for k, v in self._config.example_dp.to_dict().items()
-                            if k != 'update_l2_bound'})
+    settings = dict(privacy_unit.client_dp_settings(self._config), privacy_unit='example',
+                    example_dp={k: v for k, v in self._config.example_dp.to_dict().items()
+                                if k != 'update_l2_bound'})
+    if canaries.enabled(self._config):  # The canary statistics are of one site's examples.
+      settings['audit_site'] = self._config.audit.get('example_site', '')
+    return settings
 
   def restore(self, restored) -> None:
     self.restore_plan(restored)
