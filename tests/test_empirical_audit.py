@@ -18,6 +18,8 @@ from tff_medical.errors import PolicyError
 from tff_medical.privacy import empirical_audit
 from tff_medical.training import canaries
 
+from helpers import smoke_config  # pylint: disable=g-bad-import-order
+
 DELTA = 1e-5
 
 
@@ -255,32 +257,10 @@ def tapped_state_type(factory):
 
 
 def _audit_config(**overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'smoke.py')
-  spec = importlib.util.spec_from_file_location('smoke', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.num_per_category = 40
-  config.num_clients = 100
-  config.clients_per_round = 10
-  config.total_rounds = 3
-  config.eval_every = 3
-  config.model.conv_filters = (4,)
-  config.clip.max_count_noise_fraction = 1.0
-  config.export = False
-  config.audit.enabled = True
-  config.audit.canaries_per_category = 20
-  config.audit.bootstrap = 50
-  for key, value in overrides.items():
-    node = config
-    *path_, leaf = key.split('.')
-    for part in path_:
-      node = node[part]
-    node[leaf] = value
-  return config
+  """helpers.smoke_config with a small audit: 3 rounds, 20 canaries a category."""
+  return smoke_config(**{'total_rounds': 3, 'eval_every': 3, 'audit.enabled': True,
+                         'audit.canaries_per_category': 20, 'audit.bootstrap': 50,
+                         **overrides})
 
 
 def _read_json(path):
