@@ -27,6 +27,7 @@ from tensorflow_federated.python.core.impl.types import type_conversions
 
 from tff_medical import categories
 from tff_medical.aggregation import category_struct
+from tff_medical.aggregation import class_aware
 from tff_medical.errors import PolicyError
 
 BLOCK_CLIENTS = 'clients'
@@ -150,7 +151,6 @@ class BlockClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
   def dp(cls, splits, clip=category_struct.AdaptiveClipSettings(), combination_weights=None, *,
          clients_per_block: int) -> 'BlockClassAwareFactory':
     """The queries of ClassAwareFactory.dp(splits, clip, combination_weights), over blocks."""
-    from tff_medical.aggregation import class_aware  # pylint: disable=g-import-not-at-top
     queries = class_aware.category_queries(splits, clip)
     return cls(collections.OrderedDict((c, queries[c]) for c in categories.CATEGORY_IDS),
                clients_per_block, combination_weights)
