@@ -74,6 +74,7 @@ from tff_medical import categories
 from tff_medical.data import dicom
 from tff_medical.data import limits as limits_lib
 from tff_medical.data import source
+from tff_medical import errors
 from tff_medical.errors import ConfigError
 from tff_medical.errors import DataError
 from tff_medical import fileio
@@ -258,13 +259,7 @@ class PacsSettings:
 
 
 def _parse_auth(value) -> Auth:
-  if isinstance(value, Auth):
-    return value
-  try:
-    return Auth(value)
-  except ValueError:
-    raise ConfigError(f'pacs.auth must be one of {", ".join(a.value for a in Auth)}. '
-                      f'Found {value!r}.') from None
+  return errors.parse_enum(Auth, value, 'pacs.auth', ConfigError)
 
 
 def _is_loopback(host: str) -> bool:

@@ -131,6 +131,19 @@ class CanaryAudit:
     self._initial: Optional[np.ndarray] = None
     self._state = {c: self._empty() for c in categories.CATEGORY_IDS}
 
+  @classmethod
+  def for_run(cls, config, run_dir: str, initial_trainable, seed: int, rate: float,
+              round_num: int) -> 'CanaryAudit':
+    """A run's canaries: new at round 0, else its statistics so far from run_dir."""
+    audit = cls([np.shape(w) for w in initial_trainable], seed, rate,
+                per_category=config.audit.canaries_per_category,
+                norm_multiple=config.audit.canary_norm_multiple)
+    if round_num:
+      audit.load(run_dir, round_num)
+    else:
+      audit.start(initial_trainable)
+    return audit
+
   def _empty(self) -> _CategoryState:
     k = self.per_category
     return _CategoryState(np.full(k, -np.inf), np.full(k, -np.inf), np.zeros(self.dim),
@@ -264,13 +277,8 @@ class ProgramAudit:
   def __init__(self, config, run_dir: str, sampler, initial_trainable, round_num: int):
     self._config = config
     self._run_dir = run_dir
-    self.canaries = CanaryAudit([np.shape(w) for w in initial_trainable], sampler.seed,
-                                sampler.rate, per_category=config.audit.canaries_per_category,
-                                norm_multiple=config.audit.canary_norm_multiple)
-    if round_num:
-      self.canaries.load(run_dir, round_num)
-    else:
-      self.canaries.start(initial_trainable)
+    self.canaries = CanaryAudit.for_run(config, run_dir, initial_trainable, sampler.seed,
+                                        sampler.rate, round_num)
     self._sampled: dict[str, np.ndarray] = {}
 
   @classmethod

@@ -49,14 +49,8 @@ class SiteAudit(canaries.ProgramAudit):
     self._run_dir = run_dir
     self.site_id = site_id
     self._local_steps = int(local_steps)
-    self.canaries = canaries.CanaryAudit(
-        [np.shape(w) for w in initial_trainable], sampler.seed, rate,
-        per_category=config.audit.canaries_per_category,
-        norm_multiple=config.audit.canary_norm_multiple)
-    if round_num:
-      self.canaries.load(run_dir, round_num)
-    else:
-      self.canaries.start(initial_trainable)
+    self.canaries = canaries.CanaryAudit.for_run(config, run_dir, initial_trainable,
+                                                 sampler.seed, rate, round_num)
     self._sampled: dict[str, np.ndarray] = {}
     self._site_update = None
     self._site_released: tuple[str, ...] = ()
