@@ -15,7 +15,6 @@ path restores into the other. Equivalence with ClassAwareFactory.dp: tests/test_
 
 import collections
 from collections.abc import Mapping, Sequence
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -138,13 +137,8 @@ class BlockClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
         # Only a sum query's records may be summed inside a block before the federated sum.
         raise PolicyError(f'queries[{c}] must be a tfp.SumAggregationDPQuery. Found {query!r}.')
     _check_block_size(clients_per_block)
-    weights = combination_weights or {c: 1.0 for c in categories.CATEGORY_IDS}
-    if list(weights) != list(categories.CATEGORY_IDS) or not all(
-        math.isfinite(w) and w >= 0 for w in weights.values()):
-      raise PolicyError('combination_weights must give a non-negative weight to each category '
-                        f'in order. Found {dict(weights)!r}.')
     self._queries = dict(queries)
-    self._weights = np.array([weights[c] for c in categories.CATEGORY_IDS], np.float32)
+    self._weights = category_struct.combination_weight_vector(combination_weights)
     self._clients_per_block = int(clients_per_block)
 
   @classmethod

@@ -8,7 +8,7 @@ import collections
 from collections.abc import Mapping, Sequence
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow_federated as tff
@@ -41,6 +41,20 @@ class AdaptiveClipSettings:
                         f'Found {self.target_unclipped_quantile!r}.')
     if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
       raise PolicyError(f'learning_rate must be non-negative. Found {self.learning_rate!r}.')
+
+
+def combination_weight_vector(combination_weights: Optional[Mapping[str, float]]) -> np.ndarray:
+  """Each category's weight in the combined update, in category order (default: all 1).
+
+  Raises:
+    PolicyError: a category missing, out of order, negative or not finite.
+  """
+  weights = combination_weights or {c: 1.0 for c in categories.CATEGORY_IDS}
+  if list(weights) != list(categories.CATEGORY_IDS) or not all(
+      math.isfinite(w) and w >= 0 for w in weights.values()):
+    raise PolicyError('combination_weights must give a non-negative weight to each category '
+                      f'in order. Found {dict(weights)!r}.')
+  return np.array([weights[c] for c in categories.CATEGORY_IDS], np.float32)
 
 
 def check_category_struct(value_type) -> tff.Type:

@@ -5,7 +5,6 @@ How the categories are kept apart, translated for TFF and frozen: docs/PRIVACY.m
 
 import collections
 from collections.abc import Mapping
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -45,13 +44,8 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
     if list(category_factories) != list(categories.CATEGORY_IDS):
       raise PolicyError(f'category_factories must have keys {list(categories.CATEGORY_IDS)} in '
                         f'that order. Found {list(category_factories)}.')
-    weights = combination_weights or {c: 1.0 for c in categories.CATEGORY_IDS}
-    if list(weights) != list(categories.CATEGORY_IDS) or not all(
-        math.isfinite(w) and w >= 0 for w in weights.values()):
-      raise PolicyError('combination_weights must give a non-negative weight to each category '
-                        f'in order. Found {dict(weights)!r}.')
     self._factories = dict(category_factories)
-    self._weights = np.array([weights[c] for c in categories.CATEGORY_IDS], np.float32)
+    self._weights = category_struct.combination_weight_vector(combination_weights)
     self._is_dp = is_dp
 
   @classmethod
