@@ -94,3 +94,15 @@ def random_weights_cnn():
       rng.normal(scale=1.0 if w.ndim > 1 else 0.2, size=w.shape).astype(np.float32)
       for w in keras_model.get_weights()])
   return keras_model
+
+
+def assert_gaussian_noise(noise, expected_std: float) -> None:
+  """`noise` looks like i.i.d. N(0, expected_std^2): its sample variance within the two-sided
+  99.9% chi-square interval, its mean within 4 standard errors."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  noise = np.asarray(noise, np.float64).ravel()
+  low, high = stats.chi2.ppf([0.0005, 0.9995], df=noise.size) / noise.size
+  variance_ratio = np.mean(noise**2) / expected_std**2
+  assert low < variance_ratio < high, (variance_ratio, low, high)
+  assert abs(np.mean(noise)) < 4 * expected_std / np.sqrt(noise.size)

@@ -295,10 +295,6 @@ class BlockClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
         measurements[c] = tff.federated_zip(collections.OrderedDict(
             dp_query_metrics=tff.federated_map(derive_metrics[c], new_query_state),
             dp=tff.federated_value((), tff.SERVER)))
-      combined = tff.federated_map(combine, (tff.federated_zip(results), released))
-      new_state = tff.federated_zip(collections.OrderedDict([
-          (STATE_INNER, tff.federated_zip(new_inner)), (STATE_RELEASED, released)]))
-      return tff.templates.MeasuredProcessOutput(
-          state=new_state, result=combined, measurements=tff.federated_zip(measurements))
+      return category_struct.round_output(new_inner, results, measurements, combine, released)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)

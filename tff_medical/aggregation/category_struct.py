@@ -57,6 +57,17 @@ def combination_weight_vector(combination_weights: Optional[Mapping[str, float]]
   return np.array([weights[c] for c in categories.CATEGORY_IDS], np.float32)
 
 
+def round_output(new_inner, results, measurements, combine, released
+                 ) -> tff.templates.MeasuredProcessOutput:
+  """A class-aware aggregation's round (inside its federated computation): the categories'
+  states, their combined update and their measurements."""
+  combined = tff.federated_map(combine, (tff.federated_zip(results), released))
+  new_state = tff.federated_zip(collections.OrderedDict([
+      (STATE_INNER, tff.federated_zip(new_inner)), (STATE_RELEASED, released)]))
+  return tff.templates.MeasuredProcessOutput(
+      state=new_state, result=combined, measurements=tff.federated_zip(measurements))
+
+
 def check_category_struct(value_type) -> tff.Type:
   """The sub-update type of a {category: sub-update} struct; TypeError for any other type."""
   if not isinstance(value_type, tff.StructType) or [

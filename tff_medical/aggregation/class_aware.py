@@ -159,11 +159,7 @@ class ClassAwareFactory(tff.aggregators.UnweightedAggregationFactory):
                                                    (old_state, output.state, released))
         results[category_id] = output.result
         measurements[category_id] = output.measurements
-      combined = tff.federated_map(combine, (tff.federated_zip(results), released))
-      new_state = tff.federated_zip(collections.OrderedDict([
-          (STATE_INNER, tff.federated_zip(new_inner)), (STATE_RELEASED, released)]))
-      return tff.templates.MeasuredProcessOutput(
-          state=new_state, result=combined, measurements=tff.federated_zip(measurements))
+      return category_struct.round_output(new_inner, results, measurements, combine, released)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
