@@ -86,7 +86,12 @@ def main(argv):
     runtime.shutdown()
   results['scaling'] = scaling.run_scaling(spec.scaling_plan, _SCALING_CONFIG.value, log=log)
   results['privacy_utility'] = privacy_utility.run_study(spec.study_plan, log=log)
-  results['overhead'] = overhead.run_overhead(_SCALING_CONFIG.value, spec.overhead_rounds, log=log)
+  runtime.install_execution_context()
+  try:
+    results['overhead'] = overhead.run_overhead(_SCALING_CONFIG.value, spec.overhead_rounds,
+                                                log=log)
+  finally:
+    runtime.shutdown()
   results['load_average_end'] = round_time.load_average()
   results['wall_seconds'] = time.perf_counter() - started
   results['date_utc'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())

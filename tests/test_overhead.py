@@ -35,7 +35,8 @@ def test_the_page_says_plainly_when_no_gpu_was_measured():
 
 
 @pytest.mark.slow
-def test_a_tiny_run_times_every_commit_step():
+def test_a_tiny_run_times_every_commit_step(tff_context):
+  del tff_context
   figures = overhead.run_overhead(smoke_config(), rounds=2, log=lambda _: None,
                                   warmup_rounds=1)
   assert figures['rounds'] == 2 and len(figures['round_seconds']) == 2

@@ -5,7 +5,6 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from tff_medical import runtime
 from tff_medical.training import entry
 from tff_medical.training import program
 
@@ -40,14 +39,11 @@ def run_overhead(config, rounds: int, log: Callable[[str], None] = print,
         round_seconds.append(record['audit']['round_seconds'])
       page.refresh(live=True)
 
-    runtime.install_execution_context()
-    try:
-      program.run(config, run_dir, on_round=on_round, stop_after_rounds=warmup_rounds)
-      started = time.perf_counter()
-      result = program.run(config, run_dir, on_round=on_round)
-      wall = time.perf_counter() - started
-    finally:
-      runtime.shutdown()
+    # The caller installs TFF's execution context (bench.py; the tests' session context).
+    program.run(config, run_dir, on_round=on_round, stop_after_rounds=warmup_rounds)
+    started = time.perf_counter()
+    result = program.run(config, run_dir, on_round=on_round)
+    wall = time.perf_counter() - started
   round_median = statistics.median(round_seconds)
   steps = {step: result.commit_seconds.get(step, 0.0) / rounds for step in STEPS}
   overhead = sum(steps.values())
